@@ -1,0 +1,152 @@
+"""The request book of one run: arrivals, admission order, finishes, preemption, resource release, outputs.
+
+Host-only and torch-free. The pipeline calls it between device launches; every release is deferred to the
+request's last batch (see `pools`), so in-flight batches can still touch what they were given.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+
+from .pools import DeferredPool
+from .requests import RequestState, Status
+from .scheduling import BatchEntry
+from .types import FinishReason, Output, TokenEvent
+
+
+class RequestBook:
+    def __init__(self, requests: Sequence[RequestState], *, num_blocks: int, num_rows: int,
+                 on_finish: Callable[[Output], None] | None = None) -> None:
+        self.states = list(requests)
+        self.blocks = DeferredPool(num_blocks - 1, first=1, name="block")  # block 0 is the trash block
+        self.rows = DeferredPool(num_rows, name="row")
+        self._arrivals = [(r.arrival_time, r.index, r) for r in self.states if r.status is Status.WAITING]
+        heapq.heapify(self._arrivals)
+        self.waiting: list[RequestState] = []  # arrived, no row; ordered by (arrival, index)
+        self.running: list[RequestState] = []  # holds a row; admission order
+        self.outputs: dict[int, Output] = {}
+        self._admitted = 0
+        self._on_finish = on_finish
+        self.num_preemptions = 0
+        self.cancelled: set[str] = set()
+        for r in self.states:
+            if r.status is Status.FINISHED:  # failed validation before the run
+                self._record(r)
+
+    # ---- arrivals and lists
+    def admit_arrivals(self, now: float) -> None:
+        arrived = False
+        while self._arrivals and self._arrivals[0][0] <= now:
+            self.waiting.append(heapq.heappop(self._arrivals)[2])
+            arrived = True
+        if arrived:
+            self.waiting.sort(key=lambda r: (r.arrival_time, r.index))
+
+    def next_arrival(self) -> float | None:
+        return self._arrivals[0][0] if self._arrivals else None
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.states) - len(self.outputs)
+
+    def schedulable(self) -> tuple[list[RequestState], list[RequestState]]:
+        running = [r for r in self.running if r.status is Status.RUNNING and r.num_remaining > 0]
+        waiting = [r for r in self.waiting if r.is_schedulable]
+        return running, waiting
+
+    def on_scheduled(self, entries: Sequence[BatchEntry], batch: int) -> list[RequestState]:
+        """After `SchedulingState.add` committed: move admitted requests, detect final tokens. Returns the
+        requests admitted in this batch (their rows need binding)."""
+        admitted = []
+        for e in entries:
+            req = e.req
+            if e.admitted:
+                self.waiting.remove(req)
+                self.running.append(req)
+                req.admit_order = self._admitted
+                self._admitted += 1
+                admitted.append(req)
+            if e.samples and (req.num_generated >= req.max_new_tokens or req.total_len >= req.max_len):
+                req.status = Status.FINISHING  # its last token is in flight: nothing more to schedule
+                self._release(req, batch)
+        return admitted
+
+    # ---- lifecycle
+    def _release(self, req: RequestState, last_batch: int) -> None:
+        if req.blocks:
+            self.blocks.release(req.blocks, last_batch, req)
+            req.blocks = []
+            req.block_last_use = []
+        if req.row is not None:
+            self.rows.release([req.row], last_batch, req)
+            req.row = None
+        if req in self.running:
+            self.running.remove(req)
+
+    def preempt(self, req: RequestState) -> None:
+        """Give up `req`'s blocks and row; it re-prefills its prompt and outputs once its pending tokens land."""
+        self._release(req, req.last_batch)
+        req.status = Status.WAITING
+        req.num_computed = 0
+        req.num_preemptions += 1
+        req.admit_order = -1
+        self.num_preemptions += 1
+        self.waiting.append(req)
+        self.waiting.sort(key=lambda r: (r.arrival_time, r.index))
+
+    def finish(self, req: RequestState, reason: FinishReason, now: float, error: str | None = None) -> None:
+        if req.status is Status.FINISHED:
+            return
+        self._release(req, req.last_batch)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        req.finish_time = now
+        self._record(req)
+
+    def _record(self, req: RequestState) -> None:
+        out = Output(
+            request_id=req.request_id, prompt_ids=req.request.prompt_ids,
+            token_ids=tuple(req.tokens[req.prompt_len :]), finish_reason=req.finish_reason or "error",
+            error=req.error, token_times=tuple(req.token_times), arrival_time=req.arrival_time,
+            finish_time=req.finish_time, num_preemptions=req.num_preemptions)
+        self.outputs[req.index] = out
+        if self._on_finish is not None:
+            self._on_finish(out)
+
+    def apply_cancellations(self, now: float) -> None:
+        if not self.cancelled:
+            return
+        for req in self.states:
+            if req.request_id in self.cancelled and req.status is not Status.FINISHED:
+                self.finish(req, "cancelled", now)
+        self.cancelled.clear()
+
+    def apply_token(self, entry: BatchEntry, token: int, now: float) -> TokenEvent | None:
+        """Deliver one sampled token to its request (or drop it if the request already ended)."""
+        req = entry.req
+        req.num_pending -= 1
+        if req.status is Status.FINISHED:  # stopped or cancelled earlier: later in-flight tokens are dropped
+            return None
+        req.tokens.append(token)
+        req.token_times.append(now)
+        index = req.num_output - 1
+        reason: FinishReason | None = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif req.num_output >= req.max_new_tokens or len(req.tokens) >= req.max_len:
+            reason = "length"
+        if reason is not None:
+            self.finish(req, reason, now)
+        return TokenEvent(req.request_id, token, index, now, reason)
+
+    def results(self) -> list[Output]:
+        return [self.outputs[i] for i in sorted(self.outputs)]
+
+    def check_released(self) -> None:
+        """At the end of a run every block and row must be back (a leak check, cheap)."""
+        if self.blocks.num_owned or self.rows.num_owned:
+            raise AssertionError(f"leak: blocks owned {self.blocks.owners()}, rows owned {self.rows.owners()}")

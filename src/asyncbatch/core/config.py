@@ -1,0 +1,474 @@
+"""Configuration: frozen attrs values, read from YAML in exactly one place (`load_yaml`).
+
+Every component family is a `ComponentSpec`: a registered name plus that component's own config, structured and
+validated at load time. Unknown keys, unknown names and wrong types fail here, naming the dotted key and listing
+the valid choices, before any model is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from .errors import ConfigError
+from .types import SamplingParams
+
+# ---------------------------------------------------------------- structuring
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"{value!r} is not allowed", [str(a) for a in args])
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and attrs.has(tp):
+        if isinstance(value, tp):
+            return value
+        return structure(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def structure(cls: type, data: Any, key: str) -> Any:
+    """Build attrs class `cls` from a mapping, checking keys and types; errors name `key.field`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(key, f"expected a mapping of {cls.__name__} fields, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    hook = getattr(cls, "__structure_field__", None)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise ConfigError(f"{key}.{name}" if key else name, "unknown key", list(fields))
+        sub = f"{key}.{name}" if key else name
+        if hook is not None:
+            handled, value = hook(name, value, sub)
+            if handled:
+                kwargs[name] = value
+                continue
+        kwargs[name] = _convert(hints[name], value, sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key or cls.__name__, str(exc)) from exc
+
+
+def unstructure(value: Any) -> Any:
+    """The inverse of `structure`: plain dicts, lists and scalars, suitable for YAML/JSON."""
+    if isinstance(value, ComponentSpec):
+        out = {"name": value.name}
+        if value.config is not None:
+            out.update(unstructure(value.config))
+        return out
+    if attrs.has(type(value)):
+        return {f.name: unstructure(getattr(value, f.name)) for f in attrs.fields(type(value)) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [unstructure(v) for v in value]
+    if isinstance(value, dict):
+        return {k: unstructure(v) for k, v in value.items()}
+    return value
+
+
+def _positive(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(attribute.name, f"must be > 0, got {value}")
+
+
+def _fraction(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(attribute.name, f"must be in (0, 1], got {value}")
+
+
+# ---------------------------------------------------------------- components
+
+
+@attrs.frozen
+class ComponentSpec:
+    """A registered component chosen by name, with its own validated config (None if it takes none)."""
+
+    name: str
+    config: Any = None
+
+    @classmethod
+    def resolve(cls, family: str, value: Any, key: str, host: Any = None) -> ComponentSpec:
+        """YAML `name` or `{name: ..., **params}` -> spec, checked against the `family` registry."""
+        if isinstance(value, ComponentSpec):
+            return value
+        if isinstance(value, str):
+            name, params = value, {}
+        elif isinstance(value, dict):
+            params = dict(value)
+            if "name" not in params:
+                raise ConfigError(f"{key}.name", "missing: every component needs a name")
+            name = params.pop("name")
+            if not isinstance(name, str):
+                raise ConfigError(f"{key}.name", f"expected a string, got {name!r}")
+        else:
+            raise ConfigError(key, f"expected a component name or a mapping with 'name', got {value!r}")
+        if host is None:
+            from .plugin_host import get_plugin_host  # noqa: PLC0415
+
+            host = get_plugin_host()
+        component = host.registry(family).get(name, key)
+        return cls(name, component.make_config(params, key))
+
+
+def _spec_field(family: str, default: str) -> Any:
+    return attrs.field(default=default, metadata={"family": family})
+
+
+# ---------------------------------------------------------------- engine
+
+
+@attrs.frozen
+class ModelConfig:
+    """Where the model comes from: a random-weight `preset` (built from a config) or a local pretrained `path`."""
+
+    preset: str | None = "tiny"
+    path: str | None = None
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    overrides: dict = attrs.Factory(dict)
+    tokenizer: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.preset is None) == (self.path is None):
+            raise ConfigError("model", "give exactly one of 'preset' (random weights) or 'path' (local checkpoint)")
+
+
+@attrs.frozen
+class CacheConfig:
+    """Paged KV cache geometry. `num_blocks: null` sizes the cache from free device memory (CUDA) or
+    `cpu_cache_tokens` (CPU)."""
+
+    block_size: int = attrs.field(default=16, validator=_positive)
+    num_blocks: int | None = attrs.field(default=None, validator=_positive)
+    memory_fraction: float = attrs.field(default=0.85, validator=_fraction)
+    cpu_cache_tokens: int = attrs.field(default=65536, validator=_positive)
+    max_model_len: int | None = attrs.field(default=None, validator=_positive)
+
+
+@attrs.frozen
+class BatchConfig:
+    """Per-batch budgets, shared by the scheduler (as its budget) and the buffers (as their size).
+
+    `token_buckets` are the padded token counts a batch is rounded up to, so that graph keys repeat; every engine
+    uses the same padding, so that all combinations compute the same numbers. Empty = automatic buckets.
+    """
+
+    max_tokens: int = attrs.field(default=2048, validator=_positive)
+    max_seqs: int = attrs.field(default=256, validator=_positive)
+    token_buckets: tuple[int, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_seqs > self.max_tokens:
+            raise ConfigError("batch.max_seqs", f"must be <= batch.max_tokens ({self.max_tokens}), got {self.max_seqs}")
+        if any(b <= 0 for b in self.token_buckets) or list(self.token_buckets) != sorted(set(self.token_buckets)):
+            raise ConfigError("batch.token_buckets", f"must be strictly increasing positive ints, got {self.token_buckets}")
+
+    def buckets(self) -> tuple[int, ...]:
+        if self.token_buckets:
+            top = [b for b in self.token_buckets if b < self.max_tokens]
+            return (*top, self.max_tokens)
+        out, b = [], 1
+        while b < self.max_tokens:
+            out.append(b)
+            nxt = b * 2
+            if b >= 16 and b + b // 2 < self.max_tokens:
+                out.append(b + b // 2)
+            b = nxt
+        out.append(self.max_tokens)
+        return tuple(sorted(set(out)))
+
+    def pad_tokens(self, n: int) -> int:
+        for b in self.buckets():
+            if b >= n:
+                return b
+        raise ValueError(f"{n} tokens exceed batch.max_tokens={self.max_tokens}")
+
+
+_ENGINE_FAMILIES = {
+    "runtime": "runtime",
+    "scheduler": "scheduler",
+    "buffers": "buffer_policy",
+    "streams": "stream_topology",
+    "graphs": "graph_policy",
+    "attention": "attention_backend",
+}
+
+
+@attrs.frozen
+class EngineConfig:
+    """Everything needed to build an `Engine`: the model, the four strategy families, runtime and attention."""
+
+    model: ModelConfig = ModelConfig()
+    runtime: ComponentSpec = ComponentSpec("auto")
+    scheduler: ComponentSpec = ComponentSpec("fifo")
+    buffers: ComponentSpec = ComponentSpec("double")
+    streams: ComponentSpec = ComponentSpec("three")
+    graphs: ComponentSpec = ComponentSpec("per_slot")
+    attention: ComponentSpec = ComponentSpec("auto")
+    cache: CacheConfig = CacheConfig()
+    batch: BatchConfig = BatchConfig()
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, host: Any = None, key: str = "") -> EngineConfig:
+        """Structure and validate an engine mapping (the `engine:` section of an experiment file)."""
+        if not isinstance(data, dict):
+            raise ConfigError(key or "engine", f"expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        specs: dict[str, ComponentSpec] = {}
+        defaults = {f.name: f.default for f in attrs.fields(cls)}
+        for field, family in _ENGINE_FAMILIES.items():
+            sub = f"{key}.{field}" if key else field
+            value = data.pop(field) if field in data else defaults[field].name
+            specs[field] = ComponentSpec.resolve(family, value, sub, host)
+        base = structure(_EngineScalars, data, key)
+        return cls(**attrs.asdict(base, recurse=False), **specs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, host: Any = None) -> EngineConfig:
+        """Read an engine file, or the `engine:` section of an experiment file (validating the whole file)."""
+        data = load_yaml(path)
+        if "engine" in data:
+            return ExperimentConfig.from_dict(data, host=host).engine
+        return cls.from_dict(data, host=host)
+
+    def to_dict(self) -> dict[str, Any]:
+        return unstructure(self)
+
+    def with_defaults_resolved(self, host: Any = None) -> EngineConfig:
+        """Fill default component configs (defaults are stored as bare names) from the registry."""
+        specs = {}
+        for field, family in _ENGINE_FAMILIES.items():
+            spec: ComponentSpec = getattr(self, field)
+            if spec.config is None:
+                specs[field] = ComponentSpec.resolve(family, spec.name, field, host)
+        return attrs.evolve(self, **specs)
+
+
+@attrs.frozen
+class _EngineScalars:
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    batch: BatchConfig = BatchConfig()
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- experiments
+
+
+@attrs.frozen
+class OutputConfig:
+    """Where a run writes results. `trace: true` also writes a Chrome/Perfetto trace of CPU phases and streams."""
+
+    dir: str = "results"
+    trace: bool = False
+    plots: bool = True
+    progress: bool = True
+
+
+@attrs.frozen
+class ExperimentConfig:
+    """A YAML experiment: engine, workload, default sampling, and an optional sweep matrix over any keys."""
+
+    name: str = "experiment"
+    engine: EngineConfig = EngineConfig()
+    workload: ComponentSpec = ComponentSpec("synthetic")
+    sampling: SamplingParams = SamplingParams()
+    sweep: dict = attrs.Factory(dict)
+    output: OutputConfig = OutputConfig()
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, host: Any = None) -> ExperimentConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("", f"an experiment is a mapping, got {type(data).__name__}")
+        data = copy.deepcopy(data)
+        known = {f.name for f in attrs.fields(cls)}
+        for k in data:
+            if k not in known:
+                raise ConfigError(k, "unknown key", list(known))
+        engine = EngineConfig.from_dict(data.pop("engine", {}), host=host, key="engine")
+        workload = ComponentSpec.resolve("workload", data.pop("workload", "synthetic"), "workload", host)
+        sampling = structure(SamplingParams, data.pop("sampling", {}), "sampling")
+        try:
+            sampling.validate()
+        except Exception as exc:
+            raise ConfigError("sampling", str(exc)) from exc
+        rest = structure(_ExperimentScalars, data, "")
+        exp = cls(engine=engine, workload=workload, sampling=sampling, **attrs.asdict(rest, recurse=False))
+        exp.sweep_cells(host=host)  # validate every sweep cell now, before any model is built
+        return exp
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, overrides: list[str] = (), host: Any = None) -> ExperimentConfig:
+        data = load_yaml(path)
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, host=host)
+
+    def to_dict(self) -> dict[str, Any]:
+        return unstructure(self)
+
+    def sweep_cells(self, host: Any = None) -> list[tuple[dict[str, Any], ExperimentConfig]]:
+        """Expand the sweep matrix: one (assignment, config) per cell, each validated; no sweep -> one cell."""
+        if not isinstance(self.sweep, dict):
+            raise ConfigError("sweep", "expected a mapping of dotted key -> list of values")
+        if not self.sweep:
+            return [({}, self)]
+        base = self.to_dict()
+        base.pop("sweep")
+        keys = list(self.sweep)
+        for k in keys:
+            values = self.sweep[k]
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.{k}", f"expected a non-empty list of values, got {values!r}")
+            _check_path(base, k, host)
+        cells: list[tuple[dict[str, Any], ExperimentConfig]] = []
+        import itertools
+
+        for combo in itertools.product(*(self.sweep[k] for k in keys)):
+            assignment = dict(zip(keys, combo))
+            data = copy.deepcopy(base)
+            for k, v in assignment.items():
+                _set_path(data, k, v)
+            try:
+                cells.append((assignment, ExperimentConfig.from_dict(data, host=host)))
+            except ConfigError as exc:
+                raise ConfigError(f"sweep cell {assignment}", str(exc)) from exc
+        return cells
+
+
+@attrs.frozen
+class _ExperimentScalars:
+    name: str = "experiment"
+    sweep: dict = attrs.Factory(dict)
+    output: OutputConfig = OutputConfig()
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- YAML and overrides
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The one place asyncbatch reads YAML."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    with path.open() as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: `3`, `0.5`, `true`, `[1, 2]`, `double`."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `dotted.key=value` override in place."""
+    if "=" not in item:
+        raise ConfigError(item, "overrides look like dotted.key=value")
+    key, text = item.split("=", 1)
+    _set_path(data, key.strip(), parse_value(text))
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and i >= 1:  # `engine.buffers: double` -> {name: double}
+            child = {"name": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is {child!r}, not a mapping; cannot set {dotted}")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_path(base: dict[str, Any], dotted: str, host: Any) -> None:
+    """A sweep key must name an existing config field (component params are checked per cell)."""
+    parts = dotted.split(".")
+    probe = copy.deepcopy(base)
+    node: Any = probe
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            continue
+        if isinstance(node, dict) and i == len(parts) - 1 and parts[i - 1] == "overrides":
+            break  # model.overrides is free-form: the model config validates it
+        raise ConfigError(f"sweep.{dotted}", f"no such key {'.'.join(parts[: i + 1])!r}",
+                          list(node) if isinstance(node, dict) else None)

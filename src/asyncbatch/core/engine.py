@@ -1,0 +1,321 @@
+"""`Engine`: the public entry point, and the one place where strategies are composed into a pipeline."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import attrs
+
+from .attention_api import AttentionContext
+from .book import RequestBook
+from .config import EngineConfig
+from .errors import ConfigError, RequestError, UnsupportedError
+from .layout import HostBatchWriter, SlotLayout, StepShape
+from .models import build_model, model_geometry, prepare_model
+from .pipeline import Pipeline, PipelineDebug
+from .plugin_host import PluginHost, get_plugin_host
+from .requests import RequestState, Status
+from .runtime.base import Runtime
+from .stats import RunSummary, StepStats
+from .step import StepBody
+from .types import Output, Request, SamplingParams, TokenEvent
+
+log = logging.getLogger("asyncbatch")
+
+
+@attrs.frozen
+class RunResult:
+    outputs: list[Output]
+    summary: RunSummary
+    steps: list[StepStats]
+
+
+def _derive_seed(engine_seed: int, index: int) -> int:
+    x = (engine_seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & ((1 << 64) - 1)
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+class Engine:
+    """Continuous batching over a transformers causal LM, composed from the configured strategies."""
+
+    def __init__(self, model: Any, config: EngineConfig, *, tokenizer: Any = None, host: PluginHost | None = None,
+                 runtime: Runtime | None = None, debug: PipelineDebug = PipelineDebug()) -> None:
+        import torch
+
+        self.host = host or get_plugin_host()
+        self.config = config = config.with_defaults_resolved(self.host)
+        self.model = prepare_model(model)
+        self.tokenizer = tokenizer
+        geo = self.geometry = model_geometry(model)
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        self.runtime = runtime or self._build_runtime(device)
+        if self.runtime.device.type != device.type:
+            raise ConfigError("engine.runtime", f"runtime {self.runtime.name!r} runs on {self.runtime.device} but "
+                                                f"the model is on {device}")
+        self.scheduler = self._build("scheduler", config.scheduler)
+        buffers = self._build("buffer_policy", config.buffers)
+        topology = self._build("stream_topology", config.streams)
+        graph_spec = config.graphs
+        if self.runtime.graph_support == "none" and graph_spec.name != "eager":
+            log.info("runtime %r has no graphs: graph policy %r falls back to 'eager'", self.runtime.name,
+                     graph_spec.name)
+            graph_spec = attrs.evolve(graph_spec, name="eager", config=None)
+        graphs = self._build("graph_policy", graph_spec)
+        if not self.runtime.is_asynchronous and (buffers.num_slots > 1 or len(topology.streams) > 1):
+            log.info("runtime %r runs every op at once in program order: buffers %r and streams %r give the same "
+                     "tokens but no overlap here", self.runtime.name, config.buffers.name, config.streams.name)
+        self.backend = self._build_attention(device, dtype, geo["head_dim"])
+
+        cache = config.cache
+        bs = cache.block_size
+        num_blocks = self._num_blocks(device, dtype, geo)
+        limits = [geo["max_positions"], (num_blocks - 1) * bs]
+        if cache.max_model_len is not None:
+            limits.append(cache.max_model_len)
+        self.max_len = min(limits)
+        self.num_blocks = num_blocks
+        max_blocks = -(-self.max_len // bs)
+        shape = (num_blocks, bs, geo["kv_heads"], geo["head_dim"])
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])]
+        rows = config.batch.max_seqs
+        layout = SlotLayout(config.batch.max_tokens, config.batch.max_seqs, max_blocks)
+        self.writer = HostBatchWriter(layout, rows, bs)
+        self.last_token = self.runtime.device_buffer(rows + 1, torch.int32)
+        attn = AttentionContext(self.backend, self.k_cache, self.v_cache)
+        body = StepBody(self.model, layout, attn, self.last_token, bs)
+        self.pipeline = Pipeline(runtime=self.runtime, topology=topology, buffers=buffers, graphs=graphs,
+                                 scheduler=self.scheduler, backend=self.backend, body=body, layout=layout,
+                                 writer=self.writer, batch=config.batch, block_size=bs, debug=debug)
+        self.graphs = graphs
+        self._book: RequestBook | None = None
+        self._lock = threading.Lock()
+        self.last_result: RunResult | None = None
+        log.info("engine: runtime=%s scheduler=%s buffers=%s streams=%s graphs=%s attention=%s; %d KV blocks of %d "
+                 "tokens, max_len %d", self.runtime.name, config.scheduler.name, config.buffers.name,
+                 config.streams.name, graph_spec.name, self.attention_name, num_blocks, bs, self.max_len)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, host: PluginHost | None = None, runtime: Runtime | None = None,
+                    debug: PipelineDebug = PipelineDebug()) -> Engine:
+        """Build the model described by `config.model`, then the engine around it."""
+        host = host or get_plugin_host()
+        config = config.with_defaults_resolved(host)
+        model, tokenizer = build_model(config.model, host)
+        return cls(model, config, tokenizer=tokenizer, host=host, runtime=runtime, debug=debug)
+
+    @classmethod
+    def from_model(cls, model: Any, config: EngineConfig | None = None, *, tokenizer: Any = None,
+                   host: PluginHost | None = None, runtime: Runtime | None = None,
+                   debug: PipelineDebug = PipelineDebug()) -> Engine:
+        """Wrap an already-loaded transformers causal LM (`config.model` is ignored)."""
+        return cls(model, config or EngineConfig(), tokenizer=tokenizer, host=host, runtime=runtime, debug=debug)
+
+    def _build(self, family: str, spec: Any) -> Any:
+        component = self.host.registry(family).get(spec.name, family)
+        config = spec.config if spec.config is not None else component.make_config({}, family)
+        return component.factory(config)
+
+    def _build_runtime(self, device: Any) -> Runtime:
+        spec = self.config.runtime
+        if spec.name == "auto":
+            name = "cuda" if device.type == "cuda" else "cpu"
+            component = self.host.registry("runtime").get(name)
+            return component.factory(component.make_config({}, "engine.runtime"), device=str(device))
+        component = self.host.registry("runtime").get(spec.name, "engine.runtime")
+        return component.factory(spec.config, device=str(device))
+
+    def _build_attention(self, device: Any, dtype: Any, head_dim: int) -> Any:
+        spec = self.config.attention
+        registry = self.host.registry("attention_backend")
+        if spec.name != "auto":
+            backend = self._build("attention_backend", spec)
+            backend.check(device, dtype, head_dim, self.config.cache.block_size)
+            self.attention_name = spec.name
+            return backend
+        ranked = sorted((c for c in registry if getattr(c.factory, "auto_priority", None) is not None),
+                        key=lambda c: -c.factory.auto_priority)
+        reasons = []
+        for component in ranked:
+            backend = component.factory(component.make_config({}, "engine.attention"))
+            try:
+                backend.check(device, dtype, head_dim, self.config.cache.block_size)
+            except UnsupportedError as exc:
+                reasons.append(f"{component.name}: {exc}")
+                continue
+            self.attention_name = component.name
+            log.info("attention auto -> %s%s", component.name, f" (skipped: {'; '.join(reasons)})" if reasons else "")
+            return backend
+        raise UnsupportedError("no attention backend can run here: " + "; ".join(reasons))
+
+    def _num_blocks(self, device: Any, dtype: Any, geo: dict[str, int]) -> int:
+        import torch
+
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            if cache.num_blocks < 2:
+                raise ConfigError("engine.cache.num_blocks", "needs at least 2 (block 0 is reserved for padding)")
+            return cache.num_blocks
+        per_block = 2 * geo["layers"] * cache.block_size * geo["kv_heads"] * geo["head_dim"] * dtype.itemsize
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(2, int(free * cache.memory_fraction) // per_block)
+        return max(2, cache.cpu_cache_tokens // cache.block_size + 1)
+
+    # ------------------------------------------------------------------ requests
+    def _encode(self, prompt: Any) -> Any:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("text prompts need a tokenizer (engine.model.tokenizer or a checkpoint with one); "
+                                "pass token-id lists instead")
+            return self.tokenizer.encode(prompt)
+        return prompt
+
+    def _state(self, request: Request, index: int) -> RequestState:
+        req = RequestState(request, index, self.max_len,
+                           request.params.seed if request.params.seed is not None
+                           else _derive_seed(self.config.seed, index))
+        try:
+            self._validate(request)
+        except RequestError as exc:
+            req.status = Status.FINISHED
+            req.finish_reason = "error"
+            req.error = str(exc)
+        return req
+
+    def _validate(self, request: Request) -> None:
+        vocab = self.geometry["vocab"]
+        ids = request.prompt_ids
+        if len(ids) == 0:
+            raise RequestError("empty prompt: a request needs at least one prompt token")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise RequestError(f"prompt token {t!r} at position {i} is outside the vocabulary [0, {vocab})")
+        request.params.validate()
+        for t in request.params.stop_token_ids:
+            if t >= vocab:
+                raise RequestError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_len:
+            raise RequestError(f"prompt of {len(ids)} tokens leaves no room to generate: at most {self.max_len - 1} "
+                               f"prompt tokens fit (model context {self.geometry['max_positions']}, KV cache "
+                               f"{(self.num_blocks - 1) * self.config.cache.block_size} tokens)")
+
+    def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                      *, request_ids: Sequence[str] | None = None,
+                      arrival_times: Sequence[float] | None = None) -> list[Request]:
+        """Pair prompts with parameters (one shared, or one per prompt). Call-level mistakes raise here."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError("prompts must be a list of prompts (token-id lists or strings)")
+        n = len(prompts)
+        if params is None:
+            params = SamplingParams()
+        plist = [params] * n if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != n:
+            raise ValueError(f"got {n} prompts but {len(plist)} SamplingParams")
+        ids = list(request_ids) if request_ids is not None else [str(i) for i in range(n)]
+        if len(ids) != n or len(set(ids)) != n:
+            raise ValueError("request_ids must be unique, one per prompt")
+        times = list(arrival_times) if arrival_times is not None else [0.0] * n
+        out = []
+        for i in range(n):
+            p = self._encode(prompts[i])
+            prompt = tuple(p) if isinstance(p, (list, tuple)) else p
+            if not isinstance(prompt, tuple):
+                raise TypeError(f"prompt {i} must be a list of token ids or a string, got {type(p).__name__}")
+            out.append(Request(ids[i], prompt, plist[i], times[i]))
+        return out
+
+    # ------------------------------------------------------------------ running
+    def run(self, requests: Sequence[Request], *, on_token: Callable[[TokenEvent], None] | None = None) -> RunResult:
+        """Serve `requests` (arrival times honoured) until all end. Outputs come back in input order."""
+        with self._lock:
+            states = [self._state(r, i) for i, r in enumerate(requests)]
+            host = self.host
+            notify_finish = host.has_lifecycle_impls("asyncbatch_request_finished")
+            notify_step = host.has_lifecycle_impls("asyncbatch_step_finished")
+            errors_before = len(host.hook_errors)
+            book = RequestBook(states, num_blocks=self.num_blocks, num_rows=self.config.batch.max_seqs,
+                               on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
+                               if notify_finish else None)
+            self._book = book
+            rt = self.runtime
+            rt.reset_timeline()
+            start = rt.now()
+            try:
+                steps = self.pipeline.run(
+                    book, on_token=on_token,
+                    on_step=(lambda s: host.notify("asyncbatch_step_finished", stats=s)) if notify_step else None)
+            finally:
+                self._book = None
+            wall = rt.now() - start
+            book.check_released()
+            outputs = [self._texted(o) for o in book.results()]
+            busy = rt.compute_busy()
+            summary = RunSummary.build(outputs, steps, wall, busy_fraction=busy and busy.get("busy_fraction"),
+                                       preemptions=book.num_preemptions,
+                                       hook_errors=len(host.hook_errors) - errors_before)
+            if host.has_lifecycle_impls("asyncbatch_run_finished"):
+                host.notify("asyncbatch_run_finished", summary=summary)
+            self.last_result = RunResult(outputs, summary, steps)
+            return self.last_result
+
+    def _texted(self, out: Output) -> Output:
+        if self.tokenizer is None or out.text is not None:
+            return out
+        return attrs.evolve(out, text=self.tokenizer.decode(list(out.token_ids), skip_special_tokens=True))
+
+    def generate(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 request_ids: Sequence[str] | None = None,
+                 on_token: Callable[[TokenEvent], None] | None = None) -> list[Output]:
+        """Complete every prompt; returns one `Output` per prompt, in input order."""
+        return self.run(self.make_requests(prompts, params, request_ids=request_ids), on_token=on_token).outputs
+
+    def stream(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+               request_ids: Sequence[str] | None = None) -> Iterator[TokenEvent]:
+        """Yield tokens as the host learns them (the engine runs in a background thread)."""
+        requests = self.make_requests(prompts, params, request_ids=request_ids)
+        events: queue.Queue = queue.Queue()
+        done = object()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.run(requests, on_token=events.put)
+            except BaseException as exc:  # re-raised in the consumer's thread
+                failure.append(exc)
+            finally:
+                events.put(done)
+
+        thread = threading.Thread(target=work, name="asyncbatch-engine", daemon=True)
+        thread.start()
+        while (item := events.get()) is not done:
+            yield item
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request of the current run (thread-safe); it ends with finish reason `cancelled`."""
+        book = self._book
+        if book is not None:
+            book.cancelled.add(request_id)
+
+    def warmup(self, max_tokens: int | None = None) -> int:
+        """Capture decode graphs for every token bucket up to `max_tokens`, largest first. Returns the count."""
+        cap = getattr(self.graphs.config, "max_capture_tokens", 0) if hasattr(self.graphs, "config") else 0
+        limit = min(max_tokens or cap, self.config.batch.max_seqs)
+        shapes = []
+        for t in self.config.batch.buckets():
+            if t > limit:
+                break
+            kv = 1 if self.backend.needs_kv_blocks else 0
+            shapes.append(StepShape(t, min(t, self.config.batch.max_seqs), 1, kv, "greedy", True))
+        shapes = [s for s in shapes if self.graphs.uses_graph(s)]
+        return self.pipeline.warmup(shapes) if shapes else 0

@@ -1,0 +1,157 @@
+"""The strategy interfaces. Each is small; each docstring is the contract between the engine and implementers.
+
+Implementations receive their own frozen config (``cls(config, **runtime_objects)``) and nothing wider. They never
+import each other; only the engine composes them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .layout import StepShape
+    from .requests import RequestState
+    from .scheduling import SchedulingState
+
+ROLES: tuple[str, ...] = ("h2d", "compute", "d2h")
+
+
+class Scheduler(ABC):
+    """Chooses which requests, and how many tokens of each, go into the next batch.
+
+    Called by the engine on the host thread, once per batch, while earlier batches may still be running on the
+    device. It sees requests whose newest token may not be known yet (it is pending on the device); it does not
+    need to care: `SchedulingState.add` accounts for pending tokens, KV blocks and rows. A scheduler must not
+    import torch, touch streams or events, block, or mutate requests other than through `state.add`. Any
+    scheduler therefore runs unchanged under every buffer policy, stream topology and graph policy.
+    """
+
+    @abstractmethod
+    def schedule(self, state: SchedulingState) -> None:
+        """Fill the batch by calling `state.add(request, num_tokens)` for requests in `state.running` (admitted)
+        and `state.waiting` (arrived, not admitted). `add` returns False when something does not fit."""
+
+    def preemption_victim(self, candidates: Sequence[RequestState]) -> RequestState:
+        """Which running request gives up its KV blocks when the cache is full (it is recomputed later).
+
+        Called by the engine only with a non-empty list. The default preempts the most recently admitted one,
+        so the oldest request always makes progress.
+        """
+        return max(candidates, key=lambda r: r.admit_order)
+
+
+class BufferPolicy(ABC):
+    """How many input/output slots exist, so how far the host may run ahead of the device.
+
+    Each slot holds one batch's host inputs, device inputs, device outputs and host outputs. The engine prepares
+    batch k into slot `slot_for(k)` and updates batch k - `num_slots` + 1 after launching k, so the host runs up to
+    `num_slots - 1` batches ahead. One slot is the synchronous loop.
+    """
+
+    @property
+    @abstractmethod
+    def num_slots(self) -> int:
+        """Number of slots (>= 1). Constant for the engine's lifetime."""
+
+    def slot_for(self, batch_index: int) -> int:
+        """The slot batch `batch_index` uses. Must cycle through all slots in order (the event edges assume
+        that batch k reuses the slot of batch k - num_slots)."""
+        return batch_index % self.num_slots
+
+
+class StreamTopology(ABC):
+    """Maps the roles `h2d`, `compute`, `d2h` onto device streams.
+
+    Called once when the engine is built. Correctness never depends on the mapping: every edge between ops is an
+    event, so sharing a stream only removes concurrency.
+    """
+
+    @property
+    @abstractmethod
+    def streams(self) -> tuple[str, ...]:
+        """The distinct stream names to create."""
+
+    @abstractmethod
+    def stream_for(self, role: str) -> str:
+        """The stream that runs `role` (one of `ROLES`)."""
+
+
+class GraphContext(ABC):
+    """What the engine gives a graph policy: the compute body, slot buffers, and capture."""
+
+    @abstractmethod
+    def body(self, slot_buffers: Any, shape: StepShape) -> None:
+        """Run one step eagerly: read device inputs of `slot_buffers`, write its device outputs."""
+
+    @abstractmethod
+    def slot_buffers(self, slot: int) -> Any:
+        """The device buffers of `slot`."""
+
+    @abstractmethod
+    def new_buffers(self) -> Any:
+        """Allocate one more device buffer set (same layout as a slot's)."""
+
+    @abstractmethod
+    def copy_buffers(self, src: Any, dst: Any, *, inputs: bool) -> None:
+        """Device-to-device copy of inputs (or outputs) between buffer sets, on the current stream."""
+
+    @abstractmethod
+    def capture(self, fn: Callable[[], None]) -> Any:
+        """Capture `fn` into a graph in the shared pool; returns a handle with `replay()`, or None if the
+        runtime has no graphs (the policy must then run eagerly)."""
+
+
+class GraphPolicy(ABC):
+    """Whether and how the compute step is captured as a graph.
+
+    `run` is called inside the compute op of every batch, on the compute stream. It must produce exactly what
+    `ctx.body(ctx.slot_buffers(slot), shape)` would. A captured graph bakes in buffer addresses and the Python
+    scalars of `shape`, so graphs must be keyed by the whole shape (and slot, where addresses differ).
+    """
+
+    @abstractmethod
+    def bind(self, ctx: GraphContext) -> None:
+        """Called once by the engine before the first step."""
+
+    @abstractmethod
+    def run(self, slot: int, shape: StepShape) -> bool:
+        """Execute the step for `slot`; return True if it replayed a graph."""
+
+    def uses_graph(self, shape: StepShape) -> bool:
+        """Whether `run` would capture or replay a graph for this shape. Called on the host before launch (graph
+        replays sharing the pool must be ordered by an event)."""
+        return False
+
+    def resources(self, slot: int) -> list[tuple[Any, str]]:
+        """Extra shared buffers a step touches (e.g. the graph pool), for the `sim` checker."""
+        return []
+
+    def num_graphs(self) -> int:
+        return 0
+
+
+class AttentionBackend(ABC):
+    """Paged attention over the KV cache, called once per layer per step from inside the model.
+
+    Must first write the step's new K/V into the cache at `meta.slot_mapping`, then compute, for every token t
+    with `meta.token_seq[t] >= 0`, causal attention over positions `<= meta.positions[t]` of its sequence (found
+    through `meta.block_table`), honouring `sliding_window`. Padded tokens may produce anything finite. Must be
+    capturable in a graph given the same `meta` addresses: no host synchronisation, no data-dependent shapes
+    beyond the scalars in `meta`.
+    """
+
+    #: Whether the launch depends on the padded context length (then `StepShape.kv_blocks` is part of graph keys).
+    needs_kv_blocks: bool = False
+    #: Rank for `attention: auto` (highest available wins); None never takes part in `auto`.
+    auto_priority: int | None = None
+
+    @abstractmethod
+    def forward(self, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float,
+                sliding_window: int | None) -> Any:
+        """q [T, Hq, D], k/v [T, Hkv, D], caches [num_blocks, block_size, Hkv, D] -> output [T, Hq, D]."""
+
+    def check(self, device: Any, dtype: Any, head_dim: int, block_size: int) -> None:
+        """Called once at engine build. Raise `UnsupportedError` with the reason if this backend cannot run
+        here (no such device, dtype, head size or KV block size); the message is shown to the user."""

@@ -1,0 +1,362 @@
+"""The step loop, written once for every combination of strategies.
+
+For batch k in slot s = k mod S:  prep[k] (host) -> h2d[k] -> comp[k] -> d2h[k] -> upd[k] (host).
+The host runs `prep[k]; launch[k]; upd[k-S+1]`, so up to S-1 batches are in flight while it prepares the next.
+Every ordering between ops is a declared event (`EDGES`); see DESIGN.md for the table and why each exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from .book import RequestBook
+from .config import BatchConfig
+from .interfaces import AttentionBackend, BufferPolicy, GraphPolicy, Scheduler, StreamTopology
+from .layout import HostBatchWriter, SlotLayout, StepShape
+from .requests import Status
+from .runtime.base import Event, Runtime
+from .scheduling import BatchEntry, SchedulingState
+from .stats import StepStats
+from .step import DeviceBuffers, EngineGraphContext, Slot, StepBody
+
+EDGES: tuple[str, ...] = (
+    "h2d->comp", "comp->d2h", "d2h->upd", "comp->comp", "h2d->prep",
+    "comp->h2d", "d2h->comp", "upd->d2h", "reuse", "pool",
+)
+
+
+@attrs.frozen
+class PipelineDebug:
+    """Test-only switches that break the pipeline on purpose, to prove the invariant tests can fail.
+
+    `disabled_edges` drops event edges by name (`EDGES`). `split_launch` issues d2h[k] only after upd[k-S] (the
+    host then runs S batches ahead), a loop shape in which no slot edge is implied by another.
+    """
+
+    disabled_edges: frozenset = frozenset()
+    split_launch: bool = False
+
+
+@attrs.define(eq=False)
+class InFlight:
+    batch: int
+    slot: int
+    entries: list[BatchEntry]
+    shape: StepShape
+    accesses: list
+    uses_graph: bool
+    schedule_s: float
+    prepare_s: float
+    wait_s: float
+    h2d: Event | None = None
+    comp: Event | None = None
+    d2h: Event | None = None
+    launch_s: float = 0.0
+    replayed: bool = False
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Pipeline:
+    """Owns slots, streams and the loop; composed by the engine from strategy instances."""
+
+    def __init__(self, *, runtime: Runtime, topology: StreamTopology, buffers: BufferPolicy, graphs: GraphPolicy,
+                 scheduler: Scheduler, backend: AttentionBackend, body: StepBody, layout: SlotLayout,
+                 writer: HostBatchWriter, batch: BatchConfig, block_size: int,
+                 debug: PipelineDebug = PipelineDebug()) -> None:
+        import torch
+
+        self.rt = runtime
+        self.topology = topology
+        self.num_slots = buffers.num_slots
+        self.buffers = buffers
+        self.graphs = graphs
+        self.scheduler = scheduler
+        self.backend = backend
+        self.layout = layout
+        self.writer = writer
+        self.batch_cfg = batch
+        self.block_size = block_size
+        self.debug = debug
+        runtime.setup_streams(topology.streams)
+        self.stream = {role: topology.stream_for(role) for role in ("h2d", "compute", "d2h")}
+        i32 = torch.int32
+
+        def make_buffers() -> DeviceBuffers:
+            return DeviceBuffers(runtime.device_buffer(layout.numel, i32),
+                                 runtime.device_buffer(layout.max_seqs, i32))
+
+        self.slots = [Slot(i, runtime.host_buffer(layout.numel, i32), runtime.host_buffer(layout.max_seqs, i32),
+                           make_buffers()) for i in range(self.num_slots)]
+        self.graph_ctx = EngineGraphContext(body, self.slots, make_buffers,
+                                            lambda fn: runtime.capture(fn, self.stream["compute"]))
+        graphs.bind(self.graph_ctx)
+        self._events: dict[int, InFlight] = {}
+        self._last_pool: Event | None = None
+
+    # ------------------------------------------------------------------ loop
+    def run(self, book: RequestBook, *, on_token: Callable | None = None,
+            on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
+        S = self.num_slots
+        keep = S - 1
+        inflight: deque[InFlight] = deque()
+        steps: list[StepStats] = []
+        self._events.clear()
+        self._last_pool = None
+        k = 0
+
+        def update_oldest() -> None:
+            steps.append(self._update(inflight.popleft(), book, on_token, on_step))
+
+        while book.unfinished:
+            now = self.rt.now()
+            book.admit_arrivals(now)
+            book.apply_cancellations(now)
+            rec = self._prepare(k, book)
+            if rec is None:
+                if inflight:
+                    update_oldest()
+                elif book.next_arrival() is not None:
+                    self._idle_until(book.next_arrival())
+                elif not self._break_deadlock(book):
+                    raise RuntimeError(f"no progress possible with {book.unfinished} unfinished requests: "
+                                       f"running={book.running} waiting={book.waiting}")
+                continue
+            self._launch(rec, inflight, keep, update_oldest)
+            k += 1
+        while inflight:
+            update_oldest()
+        self.rt.synchronize()
+        return steps
+
+    def _idle_until(self, t: float) -> None:
+        delay = t - self.rt.now()
+        if delay > 0:
+            time.sleep(min(delay, 0.05))
+        if hasattr(self.rt, "advance_to"):
+            self.rt.advance_to(t)
+
+    def _break_deadlock(self, book: RequestBook) -> bool:
+        running = [r for r in book.running if r.status is Status.RUNNING]
+        if not running:
+            return False
+        book.preempt(self.scheduler.preemption_victim(running))
+        return True
+
+    # ------------------------------------------------------------------ prep
+    def _make_room(self, book: RequestBook) -> None:
+        """Preempt until every running decode can get the block its next token needs."""
+        bs = self.block_size
+        running = [r for r in book.running if r.status is Status.RUNNING]
+
+        def need() -> int:
+            return sum(1 for r in running if r.is_decode and -(-(r.num_computed + 1) // bs) > len(r.blocks))
+
+        while running and book.blocks.num_free < need():
+            victim = self.scheduler.preemption_victim(running)
+            book.preempt(victim)
+            running.remove(victim)
+
+    def _prepare(self, k: int, book: RequestBook) -> InFlight | None:
+        s = self.buffers.slot_for(k)
+        t0 = time.perf_counter()
+        prev = self._events.get(k - self.num_slots)
+        if prev is not None and "h2d->prep" not in self.debug.disabled_edges:
+            self.rt.host_wait(prev.h2d, reason="h2d[k-S] -> prep[k]")
+        t1 = time.perf_counter()
+        tracks = self.rt.tracks_accesses
+        with self.rt.host_phase("prep", batch=k, accesses=[(("host_in", s), "w", None)] if tracks else ()):
+            book.blocks.begin_batch(k)
+            book.rows.begin_batch(k)
+            self._make_room(book)
+            running, waiting = book.schedulable()
+            state = SchedulingState(k, running, waiting, max_tokens=self.batch_cfg.max_tokens,
+                                    max_seqs=self.layout.max_seqs, blocks=book.blocks, rows=book.rows,
+                                    block_size=self.block_size)
+            self.scheduler.schedule(state)
+            entries = state.entries
+            if not entries:
+                return None
+            t2 = time.perf_counter()
+            writer = self.writer
+            for e in entries:
+                req = e.req
+                if e.admitted:
+                    p = req.params
+                    writer.bind_row(e.row, p.temperature, p.top_k, p.top_p, req.seed)
+                if e.new_blocks:
+                    writer.add_blocks(e.row, len(req.blocks) - len(e.new_blocks), e.new_blocks)
+            shape = self._shape(entries)
+            uses_graph = self.graphs.uses_graph(shape)
+            accesses = self._comp_accesses(s, entries, uses_graph) if tracks else []
+            writer.write(self.slots[s].host_in, entries, shape)
+            book.on_scheduled(entries, k)
+        t3 = time.perf_counter()
+        return InFlight(k, s, entries, shape, accesses, uses_graph, schedule_s=t2 - t1, prepare_s=t3 - t2,
+                        wait_s=t1 - t0)
+
+    def _shape(self, entries: list[BatchEntry]) -> StepShape:
+        cfg = self.batch_cfg
+        T = sum(e.num_tokens for e in entries)
+        B = len(entries)
+        t_pad = cfg.pad_tokens(T)
+        b_pad = min(cfg.pad_tokens(B), self.layout.max_seqs)
+        decode = T == B
+        max_q = 1 if decode else min(_pow2(max(e.num_tokens for e in entries)), t_pad)
+        kv = 0
+        if self.backend.needs_kv_blocks:
+            most = max(-(-(e.start + e.num_tokens) // self.block_size) for e in entries)
+            kv = min(_pow2(most), self.layout.max_blocks)
+        mode = "greedy"
+        for e in entries:
+            p = e.req.params
+            if e.samples and not p.is_greedy:
+                mode = "filter" if p.needs_filter else ("sample" if mode == "greedy" else mode)
+        return StepShape(t_pad, b_pad, max_q, kv, mode, decode)
+
+    def _comp_accesses(self, s: int, entries: list[BatchEntry], uses_graph: bool) -> list:
+        bs = self.block_size
+        acc: list = [(("dev_in", s), "r", None), (("dev_out", s), "w", None)]
+        for e in entries:
+            rid = e.req.request_id
+            if e.carries:
+                acc.append((("row", e.row), "r", rid))
+            if e.samples:
+                acc.append((("row", e.row), "w", rid))
+            first_written = e.start // bs
+            last = -(-(e.start + e.num_tokens) // bs)
+            for i, b in enumerate(e.req.blocks[:last]):
+                acc.append((("kv", b), "w" if i >= first_written else "r", rid))
+        if uses_graph:
+            acc.extend((res, mode, None) for res, mode in self.graphs.resources(s))
+        return acc
+
+    # ------------------------------------------------------------------ launch
+    def _launch(self, rec: InFlight, inflight: deque, keep: int, update_oldest: Callable[[], None]) -> None:
+        rt, k, s = self.rt, rec.batch, rec.slot
+        off = self.debug.disabled_edges
+        slot = self.slots[s]
+        prev = self._events.get(k - self.num_slots)
+        tracks = rt.tracks_accesses
+        t0 = time.perf_counter()
+
+        def h2d() -> None:
+            slot.device.inputs.copy_(slot.host_in, non_blocking=True)
+
+        rec.h2d = rt.launch("h2d", self.stream["h2d"], h2d,
+                            waits=[prev.comp if prev and "comp->h2d" not in off else None],
+                            accesses=[(("host_in", s), "r", None), (("dev_in", s), "w", None)] if tracks else (),
+                            batch=k)
+        waits = [rec.h2d if "h2d->comp" not in off else None,
+                 prev.d2h if prev and "d2h->comp" not in off else None]
+        if "comp->comp" not in off:
+            waits.extend(self._comp_event(e.prev_batch) for e in rec.entries)
+        if "reuse" not in off:
+            waits.extend(self._comp_event(m) for e in rec.entries for m in e.reuse_after)
+        if rec.uses_graph and "pool" not in off:
+            waits.append(self._last_pool)
+        graphs, shape = self.graphs, rec.shape
+
+        def comp() -> None:
+            rec.replayed = graphs.run(s, shape)
+
+        rec.comp = rt.launch("comp", self.stream["compute"], comp, waits=_dedup(waits), accesses=rec.accesses,
+                             batch=k, info={"tokens": shape.tokens, "graph": rec.uses_graph})
+        if rec.uses_graph:
+            self._last_pool = rec.comp
+        self._events[k] = rec
+        self._events.pop(k - 2 * self.num_slots - 2, None)
+
+        def d2h() -> None:
+            slot.host_out.copy_(slot.device.outputs, non_blocking=True)
+
+        def launch_d2h() -> None:
+            rec.d2h = rt.launch("d2h", self.stream["d2h"], d2h,
+                                waits=[rec.comp if "comp->d2h" not in off else None],
+                                accesses=[(("dev_out", s), "r", None), (("host_out", s), "w", None)] if tracks else (),
+                                batch=k)
+            inflight.append(rec)
+
+        if self.debug.split_launch:
+            if "upd->d2h" in off:
+                launch_d2h()
+                rec.launch_s = time.perf_counter() - t0
+                while len(inflight) > keep + 1:
+                    update_oldest()
+            else:
+                rec.launch_s = time.perf_counter() - t0
+                while len(inflight) > keep:
+                    update_oldest()
+                launch_d2h()
+            return
+        launch_d2h()
+        rec.launch_s = time.perf_counter() - t0
+        while len(inflight) > keep:
+            update_oldest()
+
+    def _comp_event(self, batch: int) -> Event | None:
+        # Batches older than the retained window were updated by the host before this prep, which waited on
+        # their d2h (itself after their comp): the order is already implied.
+        rec = self._events.get(batch) if batch >= 0 else None
+        return rec.comp if rec is not None else None
+
+    # ------------------------------------------------------------------ update
+    def _update(self, rec: InFlight, book: RequestBook, on_token: Callable | None,
+                on_step: Callable[[StepStats], None] | None) -> StepStats:
+        rt = self.rt
+        t0 = time.perf_counter()
+        if "d2h->upd" not in self.debug.disabled_edges:
+            rt.host_wait(rec.d2h, reason="d2h[k] -> upd[k]")
+        t1 = time.perf_counter()
+        s = rec.slot
+        with rt.host_phase("upd", batch=rec.batch,
+                           accesses=[(("host_out", s), "r", None)] if rt.tracks_accesses else ()):
+            tokens = self.slots[s].host_out[: len(rec.entries)].tolist()
+            now = rt.now()
+            for e, tok in zip(rec.entries, tokens):
+                if e.samples:
+                    event = book.apply_token(e, tok, now)
+                    if event is not None and on_token is not None:
+                        on_token(event)
+        t2 = time.perf_counter()
+        stats = StepStats(
+            batch=rec.batch, slot=s, num_seqs=len(rec.entries), num_tokens=sum(e.num_tokens for e in rec.entries),
+            num_decode=sum(1 for e in rec.entries if e.num_tokens == 1 and e.start > 0),
+            padded_tokens=rec.shape.tokens, graph_replay=rec.replayed, schedule_s=rec.schedule_s,
+            prepare_s=rec.prepare_s, launch_s=rec.launch_s, wait_s=rec.wait_s + (t1 - t0), update_s=t2 - t1,
+            compute_s=rt.op_seconds(rec.comp))
+        if on_step is not None:
+            on_step(stats)
+        return stats
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self, shapes: list[StepShape]) -> int:
+        """Run (and so capture, under a graph policy) each shape on padding-only inputs, largest first."""
+        count = 0
+        for s in range(self.num_slots):
+            slot = self.slots[s]
+            for shape in sorted(shapes, key=lambda x: (x.tokens, x.seqs, x.kv_blocks), reverse=True):
+                self.writer.write(slot.host_in, [], shape)
+                h2d = self.rt.launch("h2d", self.stream["h2d"],
+                                     lambda slot=slot: slot.device.inputs.copy_(slot.host_in, non_blocking=True))
+                ev = self.rt.launch("warmup", self.stream["compute"],
+                                    lambda s=s, shape=shape: self.graphs.run(s, shape), waits=[h2d])
+                self.rt.host_wait(ev)
+                count += 1
+        self.rt.synchronize()
+        return count
+
+
+def _dedup(events: list[Event | None]) -> list[Event]:
+    seen: dict[int, Event] = {}
+    for e in events:
+        if e is not None:
+            seen[e.op_id] = e
+    return list(seen.values())

@@ -1,0 +1,96 @@
+"""One registry per component family, keyed by the name used in YAML.
+
+Registries are filled only through the `asyncbatch_register_*` hooks (see `hookspecs`); built-ins use the same
+hooks as third-party plugins. A component is a factory (usually a class) plus its frozen attrs config class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError, UnknownComponent
+
+FAMILIES: tuple[str, ...] = (
+    "scheduler",
+    "buffer_policy",
+    "stream_topology",
+    "graph_policy",
+    "attention_backend",
+    "runtime",
+    "model_preset",
+    "workload",
+)
+
+
+@attrs.frozen
+class Component:
+    """A registered component: `factory(config, **runtime_objects)` builds it from its own config only."""
+
+    family: str
+    name: str
+    factory: Callable[..., Any]
+    config_cls: type | None
+    plugin: str
+    description: str = ""
+
+    def make_config(self, params: dict[str, Any], key: str) -> Any:
+        """Build this component's config from YAML parameters, naming `key` in every error."""
+        if self.config_cls is None:
+            if params:
+                raise ConfigError(f"{key}.{next(iter(params))}", f"{self.family} {self.name!r} takes no parameters")
+            return None
+        from .config import structure  # noqa: PLC0415  (config imports registry)
+
+        return structure(self.config_cls, params, key)
+
+
+class Registry:
+    """Name -> Component for one family. Duplicate names are refused; a miss lists the registered names."""
+
+    def __init__(self, family: str) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
+        self.family = family
+        self._items: dict[str, Component] = {}
+
+    def register(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        *,
+        plugin: str,
+        config: type | None = None,
+        description: str = "",
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.family} names must be non-empty strings, got {name!r} from plugin {plugin!r}")
+        if name in self._items:
+            other = self._items[name].plugin
+            raise ValueError(f"{self.family} {name!r} registered twice: by plugin {other!r} and by {plugin!r}")
+        if config is None:
+            config = getattr(factory, "Config", None)
+        if config is not None and not attrs.has(config):
+            raise TypeError(f"{self.family} {name!r}: config must be an attrs class, got {config!r}")
+        doc = description or (factory.__doc__ or "").strip().split("\n")[0]
+        self._items[name] = Component(self.family, name, factory, config, plugin, doc)
+
+    def get(self, name: str, key: str | None = None) -> Component:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UnknownComponent(self.family, name, list(self._items), key) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[Component]:
+        return iter(self._items[n] for n in self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

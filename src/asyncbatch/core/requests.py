@@ -1,0 +1,108 @@
+"""Host-side state of one request. Mutated only by the engine; schedulers read it through `RequestView`."""
+
+from __future__ import annotations
+
+import enum
+
+from .types import FinishReason, Request, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # arrived, holds no row and no blocks (new, or preempted)
+    RUNNING = "running"  # holds a row and blocks; schedulable while it still needs tokens
+    FINISHING = "finishing"  # its last token is scheduled; waits for in-flight results
+    FINISHED = "finished"
+
+
+class RequestState:
+    """Tokens fed, tokens pending on the device, blocks, row, and timings of one request.
+
+    Token accounting: `known` tokens are the prompt plus the outputs the host has read; `num_pending` more were
+    sampled by in-flight batches and live only on the device (in `last_token[row]` for the newest). Tokens
+    `[num_computed, total_len)` still have to be fed to the model.
+    """
+
+    __slots__ = (
+        "request", "index", "tokens", "prompt_len", "num_pending", "num_computed", "blocks", "block_last_use",
+        "row", "row_last_use", "status", "finish_reason", "error", "token_times", "last_batch", "admit_order",
+        "max_new_tokens", "max_len", "stop_ids", "seed", "num_preemptions", "finish_time", "cancel_requested",
+    )
+
+    def __init__(self, request: Request, index: int, max_len: int, seed: int) -> None:
+        self.request = request
+        self.index = index
+        self.tokens: list[int] = list(request.prompt_ids)  # prompt + outputs read by the host
+        self.prompt_len = len(request.prompt_ids)
+        self.num_pending = 0
+        self.num_computed = 0
+        self.blocks: list[int] = []
+        self.block_last_use: list[int] = []  # per block: last batch of its previous owner (for the reuse edge)
+        self.row: int | None = None
+        self.row_last_use = -1
+        self.status = Status.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+        self.token_times: list[float] = []
+        self.last_batch = -1
+        self.admit_order = -1
+        self.max_new_tokens = request.params.max_new_tokens
+        self.max_len = max_len
+        self.stop_ids = frozenset(request.params.stop_token_ids)
+        self.seed = seed
+        self.num_preemptions = 0
+        self.finish_time = 0.0
+        self.cancel_requested = False
+
+    # ---- read-only view (the scheduler's contract)
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def arrival_time(self) -> float:
+        return self.request.arrival_time
+
+    @property
+    def priority(self) -> int:
+        return self.request.params.priority
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def num_generated(self) -> int:
+        """Outputs read plus outputs still pending on the device."""
+        return len(self.tokens) - self.prompt_len + self.num_pending
+
+    @property
+    def total_len(self) -> int:
+        return len(self.tokens) + self.num_pending
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens still to feed before the next token can be sampled."""
+        return self.total_len - self.num_computed
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_remaining > 1 or self.num_computed == 0
+
+    @property
+    def is_decode(self) -> bool:
+        return not self.is_prefill
+
+    @property
+    def is_schedulable(self) -> bool:
+        if self.status is Status.RUNNING:
+            return self.num_remaining > 0
+        # A preempted request re-enters only once its in-flight tokens are known (it re-prefills them).
+        return self.status is Status.WAITING and self.num_pending == 0
+
+    def __repr__(self) -> str:
+        return (f"Req({self.request_id}, {self.status.value}, computed={self.num_computed}, "
+                f"pending={self.num_pending}, out={self.num_output})")

@@ -1,0 +1,241 @@
+"""The `sim` runtime: records ops, executes them later in any order their declared dependencies allow.
+
+Real tensors flow (on the CPU), so a missing dependency shows up twice: as a conflict reported by the
+happens-before checker, naming the ops, streams and buffer, and as wrong tokens. With a cost model it also keeps
+virtual time, so a pipeline's GPU busy fraction can be studied without a GPU.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, Protocol
+
+import attrs
+
+from .base import Access, Event, ImmediateGraph, Runtime, Span
+from .hb import HappensBefore
+
+
+class Chooser(Protocol):
+    """Picks among n alternatives; hypothesis supplies one backed by `data.draw`."""
+
+    def choose(self, n: int) -> int: ...
+
+
+class RandomChooser:
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, n: int) -> int:
+        return self._rng.randrange(n)
+
+
+@attrs.frozen
+class CostModel:
+    """Per-op durations in milliseconds, for virtual time. `gpu_per_token_ms` adds to compute per batch token."""
+
+    cpu_prep_ms: float = 1.0
+    cpu_update_ms: float = 0.5
+    launch_eager_ms: float = 2.0
+    launch_graph_ms: float = 0.05
+    gpu_compute_ms: float = 10.0
+    gpu_per_token_ms: float = 0.0
+    h2d_ms: float = 0.05
+    d2h_ms: float = 0.02
+
+    def op_ms(self, name: str, info: dict) -> float:
+        if name == "comp":
+            return self.gpu_compute_ms + self.gpu_per_token_ms * info.get("tokens", 0)
+        return {"h2d": self.h2d_ms, "d2h": self.d2h_ms}.get(name, 0.0)
+
+    def host_ms(self, name: str, info: dict) -> float:
+        if name == "prep":
+            return self.cpu_prep_ms
+        if name == "upd":
+            return self.cpu_update_ms
+        if name == "launch":
+            return self.launch_graph_ms if info.get("graph") else self.launch_eager_ms
+        return 0.0
+
+
+@attrs.frozen
+class SimRuntimeConfig:
+    """`order`: `random` lets the chooser pick any ready op (exploration); `timed` runs the op that can start
+    first in virtual time (a discrete-event simulation). `fifo_streams`: whether a stream orders its ops without
+    events (CUDA does; the default checks the stronger contract that the engine declares every edge)."""
+
+    order: Literal["random", "timed"] = "random"
+    fifo_streams: bool = False
+    check: bool = True
+    seed: int = 0
+    cost: CostModel = CostModel()
+
+
+@attrs.define(eq=False)
+class _Op:
+    node: int
+    name: str
+    stream: str
+    fn: Callable[[], None]
+    preds: tuple[int, ...]
+    issue_time: float
+    batch: int
+    info: dict
+    done: bool = False
+    start: float = 0.0
+    end: float = 0.0
+
+
+class SimRuntime(Runtime):
+    """Deferred, reorderable execution with a happens-before checker and virtual time."""
+
+    name = "sim"
+    Config = SimRuntimeConfig
+    is_asynchronous = True
+    graph_support = "emulated"
+    tracks_accesses = True
+
+    def __init__(self, config: SimRuntimeConfig | None = None, *, device: str = "cpu",
+                 chooser: Chooser | None = None) -> None:
+        super().__init__()
+        import torch
+
+        self.config = config or SimRuntimeConfig()
+        self._device = torch.device(device)
+        self.chooser: Chooser = chooser or RandomChooser(self.config.seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.hb = HappensBefore()
+        self._ops: dict[int, _Op] = {}
+        self._pending: list[_Op] = []
+        self._last_on_stream: dict[str, int] = {}
+        self._stream_free: dict[str, float] = {}
+        self._host_cursor = self.hb.add_node("start", "host", -1, [])
+        self._host_time = 0.0
+        self.spans = []
+        self.executed: list[tuple[str, int]] = []
+
+    @property
+    def device(self) -> Any:
+        return self._device
+
+    @property
+    def conflicts(self) -> list:
+        return self.hb.conflicts
+
+    # ---- issue
+    def launch(self, name: str, stream: str, fn: Callable[[], None], *, waits: Sequence[Event | None] = (),
+               accesses: Sequence[Access] = (), batch: int = -1, info: dict | None = None) -> Event:
+        info = info or {}
+        self._host_time += self.config.cost.host_ms("launch", info) if name == "comp" else 0.0
+        preds = [self._host_cursor, *(e.op_id for e in waits if e is not None)]
+        if self.config.fifo_streams and stream in self._last_on_stream:
+            preds.append(self._last_on_stream[stream])
+        node = self.hb.add_node(name, stream, batch, preds)
+        if self.config.check and accesses:
+            self.hb.access(node, list(accesses))
+        op = _Op(node, name, stream, fn, self.hb.preds[node], self._host_time, batch, info)
+        self._ops[node] = op
+        self._pending.append(op)
+        self._last_on_stream[stream] = node
+        self._progress()
+        return Event(node, name, stream, op)
+
+    def host_wait(self, event: Event | None, *, reason: str = "") -> None:
+        if event is None:
+            return
+        target = self._ops.get(event.op_id)
+        while target is not None and not target.done:
+            self._execute_one()
+        self._host_cursor = self.hb.add_node("wait", "host", -1, [self._host_cursor, event.op_id])
+        if target is not None:
+            self._host_time = max(self._host_time, target.end)
+
+    @contextmanager
+    def host_phase(self, name: str, *, batch: int = -1, accesses: Sequence[Access] = (),
+                   info: dict | None = None) -> Iterator[None]:
+        node = self.hb.add_node(name, "host", batch, [self._host_cursor])
+        self._host_cursor = node
+        if self.config.check and accesses:
+            self.hb.access(node, list(accesses))
+        start = self._host_time
+        yield
+        self._host_time += self.config.cost.host_ms(name, info or {})
+        self.spans.append(Span("host", name, start / 1e3, self._host_time / 1e3, batch))
+        self._progress()
+
+    def capture(self, fn: Callable[[], None], stream: str) -> ImmediateGraph:
+        return ImmediateGraph(fn)
+
+    def synchronize(self) -> None:
+        while self._pending:
+            self._execute_one()
+        self._host_cursor = self.hb.add_node("sync", "host", -1,
+                                             [self._host_cursor, *self._last_on_stream.values()])
+        ends = [op.end for op in self._ops.values()]
+        self._host_time = max([self._host_time, *ends])
+
+    # ---- execution
+    def _ready(self) -> list[_Op]:
+        ops = self._ops
+        return [op for op in self._pending if all(p not in ops or ops[p].done for p in op.preds)]
+
+    def _progress(self) -> None:
+        """Let the device run ahead by a chosen number of ops (random order only)."""
+        if self.config.order != "random":
+            return
+        ready = self._ready()
+        steps = self.chooser.choose(len(ready) + 1) if ready else 0
+        for _ in range(steps):
+            if not self._pending:
+                break
+            self._execute_one()
+
+    def _earliest_start(self, op: _Op) -> float:
+        ops = self._ops
+        t = max([op.issue_time, *(ops[p].end for p in op.preds if p in ops)])
+        return max(t, self._stream_free.get(op.stream, 0.0))
+
+    def _execute_one(self) -> None:
+        ready = self._ready()
+        if not ready:
+            raise RuntimeError("sim deadlock: ops are pending but none is ready "
+                               f"({', '.join(f'{o.name}[{o.batch}]' for o in self._pending)})")
+        if self.config.order == "timed":
+            op = min(ready, key=lambda o: (self._earliest_start(o), o.node))
+        else:
+            op = ready[self.chooser.choose(len(ready))]
+        op.start = self._earliest_start(op)
+        op.end = op.start + self.config.cost.op_ms(op.name, op.info)
+        self._stream_free[op.stream] = op.end
+        op.fn()
+        op.done = True
+        self._pending.remove(op)
+        self.executed.append((op.name, op.batch))
+        self.spans.append(Span(op.stream, op.name, op.start / 1e3, op.end / 1e3, op.batch, dict(op.info)))
+
+    # ---- virtual time
+    def advance_to(self, t: float) -> None:
+        """Idle the host until virtual time `t` seconds (online arrivals)."""
+        self._host_time = max(self._host_time, t * 1e3)
+
+    def op_seconds(self, event: Event | None) -> float | None:
+        op = self._ops.get(event.op_id) if event is not None else None
+        return (op.end - op.start) / 1e3 if op is not None and op.done else None
+
+    def now(self) -> float:
+        return self._host_time / 1e3
+
+    def compute_busy(self) -> dict[str, float] | None:
+        comp = [s for s in self.spans if s.name == "comp"]
+        if not comp:
+            return None
+        busy = sum(s.end - s.start for s in comp)
+        span = max(s.end for s in comp) - min(s.start for s in comp)
+        return {"busy_s": busy, "span_s": span, "busy_fraction": busy / span if span > 0 else 1.0}
+
+    def reset_timeline(self) -> None:
+        self.reset()

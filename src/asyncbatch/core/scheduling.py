@@ -1,0 +1,145 @@
+"""What a scheduler sees and the one way it adds work: `SchedulingState.add`. Pure Python, no torch.
+
+`add` commits on accept: it admits the request (a row), allocates the KV blocks the chunk needs, and advances the
+request's accounting. It refuses (returns False, changes nothing) when a budget, a row or blocks are lacking, so a
+scheduler can never overcommit. Blocks the running decodes need for their next token are reserved: admitting new
+work cannot starve requests already running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+from .pools import DeferredPool
+from .requests import RequestState, Status
+
+
+@attrs.define(slots=True)
+class BatchEntry:
+    """One request's share of a batch: `num_tokens` tokens from position `start`; `samples` if it yields a token."""
+
+    req: RequestState
+    num_tokens: int
+    start: int
+    samples: bool
+    row: int
+    new_blocks: list[int]
+    prev_batch: int  # the request's previous batch: it wrote the KV and pending token this one reads
+    reuse_after: set[int]  # batches that last used the blocks/row this entry received (reuse waits on them)
+    admitted: bool  # took a row in this batch
+    carries: bool = False  # its newest input token is pending on the device
+
+
+class SchedulingState:
+    """Built by the engine for one batch; passed to `Scheduler.schedule`.
+
+    `running` holds admitted requests that still need tokens, in admission order; `waiting` holds arrived
+    requests without a row (new or preempted), in arrival order. Both are read-only to the scheduler.
+    """
+
+    def __init__(
+        self,
+        batch_index: int,
+        running: Sequence[RequestState],
+        waiting: Sequence[RequestState],
+        *,
+        max_tokens: int,
+        max_seqs: int,
+        blocks: DeferredPool,
+        rows: DeferredPool,
+        block_size: int,
+    ) -> None:
+        self.batch_index = batch_index
+        self.running = tuple(running)
+        self.waiting = tuple(waiting)
+        self.token_budget = max_tokens
+        self.seq_budget = max_seqs
+        self.block_size = block_size
+        self._blocks = blocks
+        self._rows = rows
+        self.entries: list[BatchEntry] = []
+        self._added: set[int] = set()
+        self.num_refused = 0
+        self._reserve = sum(self.blocks_needed(r, 1) for r in self.running if r.is_decode)
+        self._admit_counter = 0
+
+    # ---- queries
+    def blocks_needed(self, req: RequestState, num_tokens: int) -> int:
+        bs = self.block_size
+        return max(0, -(-(req.num_computed + num_tokens) // bs) - len(req.blocks))
+
+    def max_chunk(self, req: RequestState) -> int:
+        """The most tokens of `req` that fit the token budget now (0 if none)."""
+        return min(req.num_remaining, self.token_budget)
+
+    @property
+    def free_blocks(self) -> int:
+        return self._blocks.num_free
+
+    @property
+    def free_rows(self) -> int:
+        return self._rows.num_free
+
+    def is_added(self, req: RequestState) -> bool:
+        return id(req) in self._added
+
+    def can_add(self, req: RequestState, num_tokens: int) -> bool:
+        if id(req) in self._added or not req.is_schedulable:
+            return False
+        if num_tokens < 1 or num_tokens > req.num_remaining:
+            return False
+        if num_tokens > self.token_budget or self.seq_budget < 1:
+            return False
+        need = self.blocks_needed(req, num_tokens)
+        if req.status is Status.WAITING:
+            if self._rows.num_free < 1:
+                return False
+            # Admit only what can finish its prompt without eating the running decodes' reserve.
+            whole = self.blocks_needed(req, req.num_remaining)
+            return whole <= self._blocks.num_free - self._reserve
+        own = self.blocks_needed(req, 1) if req.is_decode else 0  # its own share of the reserve
+        return need <= self._blocks.num_free - (self._reserve - own)
+
+    # ---- the one mutation
+    def add(self, req: RequestState, num_tokens: int) -> bool:
+        """Put `num_tokens` of `req` into this batch. Returns False (and changes nothing) if it does not fit."""
+        if not self.can_add(req, num_tokens):
+            self.num_refused += 1
+            return False
+        k = self.batch_index
+        waits: set[int] = set()
+        admitted = req.status is Status.WAITING
+        if admitted:
+            ((row, last),) = self._rows.allocate(1, req)
+            req.row, req.row_last_use = row, last
+            req.status = Status.RUNNING
+            if last >= 0:
+                waits.add(last)
+        if req.is_decode:
+            self._reserve -= self.blocks_needed(req, 1)
+        got = self._blocks.allocate(self.blocks_needed(req, num_tokens), req) or []
+        new_blocks = [b for b, _ in got]
+        for b, last in got:
+            req.blocks.append(b)
+            req.block_last_use.append(last)
+            if last >= 0:
+                waits.add(last)
+        prev_batch = req.last_batch if not admitted else -1
+        start = req.num_computed
+        carries = start + num_tokens > len(req.tokens)
+        samples = num_tokens == req.num_remaining
+        req.num_computed += num_tokens
+        if samples:
+            req.num_pending += 1
+        req.last_batch = k
+        self.entries.append(BatchEntry(req, num_tokens, start, samples, req.row, new_blocks, prev_batch, waits, admitted, carries))
+        self._added.add(id(req))
+        self.token_budget -= num_tokens
+        self.seq_budget -= 1
+        return True
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_tokens for e in self.entries)

@@ -1,0 +1,104 @@
+"""Per-step statistics and the run summary: frozen values handed to lifecycle hooks and written to results."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+
+from .types import Output
+
+
+@attrs.frozen
+class StepStats:
+    """One batch, as seen when the host updated it. Times in seconds; `compute_s` is device time if measured."""
+
+    batch: int
+    slot: int
+    num_seqs: int
+    num_tokens: int
+    num_decode: int
+    padded_tokens: int
+    graph_replay: bool
+    schedule_s: float
+    prepare_s: float
+    launch_s: float
+    wait_s: float
+    update_s: float
+    compute_s: float | None = None
+
+    @property
+    def host_s(self) -> float:
+        """Host work per step that overlap can hide: scheduling, input preparation, launch and update."""
+        return self.schedule_s + self.prepare_s + self.launch_s + self.update_s
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+@attrs.frozen
+class RunSummary:
+    """Throughput and latency of one run. Latencies in seconds; None where there was nothing to measure."""
+
+    num_requests: int
+    finish_reasons: dict
+    generated_tokens: int
+    prompt_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    steps: int
+    ttft_p50: float | None
+    ttft_p99: float | None
+    itl_p50: float | None
+    itl_p99: float | None
+    e2e_p50: float | None
+    e2e_p99: float | None
+    host_step_ms: float | None
+    schedule_ms: float | None
+    prepare_ms: float | None
+    update_ms: float | None
+    compute_step_ms: float | None
+    compute_busy_fraction: float | None
+    preemptions: int
+    hook_errors: int = 0
+
+    @classmethod
+    def build(cls, outputs: Sequence[Output], steps: Sequence[StepStats], wall_s: float, *,
+              busy_fraction: float | None, preemptions: int, hook_errors: int = 0) -> RunSummary:
+        reasons: dict[str, int] = {}
+        for o in outputs:
+            reasons[o.finish_reason] = reasons.get(o.finish_reason, 0) + 1
+        gen = sum(len(o.token_ids) for o in outputs)
+        ttft = [o.ttft for o in outputs if o.ttft is not None]
+        itl = [x for o in outputs for x in o.inter_token_latencies]
+        e2e = [o.latency for o in outputs if o.finish_reason != "error"]
+        computes = [s.compute_s for s in steps if s.compute_s is not None]
+        ms = 1e3
+        return cls(
+            num_requests=len(outputs), finish_reasons=reasons, generated_tokens=gen,
+            prompt_tokens=sum(len(o.prompt_ids) for o in outputs), wall_s=wall_s,
+            tokens_per_s=gen / wall_s if wall_s > 0 else 0.0, steps=len(steps),
+            ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
+            itl_p50=percentile(itl, 50), itl_p99=percentile(itl, 99),
+            e2e_p50=percentile(e2e, 50), e2e_p99=percentile(e2e, 99),
+            host_step_ms=_scale(_mean([s.host_s for s in steps]), ms),
+            schedule_ms=_scale(_mean([s.schedule_s for s in steps]), ms),
+            prepare_ms=_scale(_mean([s.prepare_s for s in steps]), ms),
+            update_ms=_scale(_mean([s.update_s for s in steps]), ms),
+            compute_step_ms=_scale(_mean(computes), ms),
+            compute_busy_fraction=busy_fraction, preemptions=preemptions, hook_errors=hook_errors)
+
+
+def _scale(x: float | None, k: float) -> float | None:
+    return None if x is None else x * k

@@ -1,0 +1,1 @@
+"""Built-in plugins: component registration, model presets, workloads, metrics and trace export."""

@@ -1,0 +1,122 @@
+"""Built-in schedulers. Pure Python: no torch, no streams, no events (they run under every pipeline)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import attrs
+
+from ..core.interfaces import Scheduler
+from ..core.requests import RequestState
+from ..core.scheduling import SchedulingState
+
+
+def _add_prefills(state: SchedulingState, requests: Iterable[RequestState], chunked: bool, *,
+                  stop_at_first_refusal: bool) -> None:
+    for req in requests:
+        if state.token_budget == 0 or state.seq_budget == 0:
+            return
+        n = state.max_chunk(req) if chunked else req.num_remaining
+        if n > 0 and state.add(req, n):
+            continue
+        if stop_at_first_refusal:
+            return  # keep arrival order: later requests must not overtake one that does not fit yet
+
+
+def _add_decodes(state: SchedulingState, requests: Iterable[RequestState]) -> None:
+    for req in requests:
+        if state.seq_budget == 0 or state.token_budget == 0:
+            return
+        if req.is_decode:
+            state.add(req, 1)
+
+
+@attrs.frozen
+class FifoConfig:
+    """`chunked_prefill`: split prompts that exceed the remaining token budget across batches."""
+
+    chunked_prefill: bool = True
+
+
+class Fifo(Scheduler):
+    """Decode first, then unfinished prefills, then new requests in arrival order (chunked prefill)."""
+
+    Config = FifoConfig
+
+    def __init__(self, config: FifoConfig | None = None) -> None:
+        self.config = config or FifoConfig()
+
+    def schedule(self, state: SchedulingState) -> None:
+        _add_decodes(state, state.running)
+        _add_prefills(state, (r for r in state.running if r.is_prefill), self.config.chunked_prefill,
+                      stop_at_first_refusal=False)
+        _add_prefills(state, state.waiting, self.config.chunked_prefill, stop_at_first_refusal=True)
+
+
+@attrs.frozen
+class PrefillFirstConfig:
+    chunked_prefill: bool = True
+
+
+class PrefillFirst(Scheduler):
+    """Prefills (unfinished, then new in arrival order) before decodes: lower time to first token."""
+
+    Config = PrefillFirstConfig
+
+    def __init__(self, config: PrefillFirstConfig | None = None) -> None:
+        self.config = config or PrefillFirstConfig()
+
+    def schedule(self, state: SchedulingState) -> None:
+        _add_prefills(state, (r for r in state.running if r.is_prefill), self.config.chunked_prefill,
+                      stop_at_first_refusal=False)
+        _add_prefills(state, state.waiting, self.config.chunked_prefill, stop_at_first_refusal=True)
+        _add_decodes(state, state.running)
+
+
+@attrs.frozen
+class ShortestFirstConfig:
+    chunked_prefill: bool = True
+
+
+class ShortestFirst(Scheduler):
+    """Decode first; new requests by fewest prompt tokens first (shortest job first for prefill)."""
+
+    Config = ShortestFirstConfig
+
+    def __init__(self, config: ShortestFirstConfig | None = None) -> None:
+        self.config = config or ShortestFirstConfig()
+
+    def schedule(self, state: SchedulingState) -> None:
+        _add_decodes(state, state.running)
+        _add_prefills(state, (r for r in state.running if r.is_prefill), self.config.chunked_prefill,
+                      stop_at_first_refusal=False)
+        by_length = sorted(state.waiting, key=lambda r: (r.num_remaining, r.arrival_time))
+        _add_prefills(state, by_length, self.config.chunked_prefill, stop_at_first_refusal=False)
+
+
+@attrs.frozen
+class PriorityConfig:
+    """Higher `SamplingParams.priority` first; ties by arrival. Preemption takes the lowest priority first."""
+
+    chunked_prefill: bool = True
+
+
+class Priority(Scheduler):
+    """Strict priority order over running and waiting requests; lowest priority is preempted first."""
+
+    Config = PriorityConfig
+
+    def __init__(self, config: PriorityConfig | None = None) -> None:
+        self.config = config or PriorityConfig()
+
+    def schedule(self, state: SchedulingState) -> None:
+        ranked = sorted((*state.running, *state.waiting), key=lambda r: (-r.priority, r.arrival_time))
+        for req in ranked:
+            if state.token_budget == 0 or state.seq_budget == 0:
+                return
+            n = 1 if req.is_decode else (state.max_chunk(req) if self.config.chunked_prefill else req.num_remaining)
+            if n > 0:
+                state.add(req, n)
+
+    def preemption_victim(self, candidates: Sequence[RequestState]) -> RequestState:
+        return min(candidates, key=lambda r: (r.priority, -r.admit_order))
