@@ -148,6 +148,11 @@ class Runtime(ABC):
         """Device busy time of the compute stream over the last run, if the runtime can measure it."""
         return None
 
+    def timeline(self) -> list[Span]:
+        """Every recorded interval of the last run (host phases and device ops), in seconds since it began.
+        Set `record_spans = True` before the run; device ops are included where the runtime can time them."""
+        return sorted(self.spans, key=lambda s: s.start)
+
     def reset_timeline(self) -> None:
         self.spans = []
         self._t0 = time.perf_counter()

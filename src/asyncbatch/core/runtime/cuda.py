@@ -136,6 +136,10 @@ class CudaRuntime(Runtime):
             out.append(Span(info.get("stream", "device"), name, t0, t1, batch, info))
         return out
 
+    def timeline(self) -> list[Span]:
+        self.synchronize()
+        return sorted([*self.spans, *self.device_spans()], key=lambda s: s.start)
+
     def compute_busy(self) -> dict[str, float] | None:
         comp = [s for s in self.device_spans() if s.name == "comp"]
         if not comp:

@@ -23,6 +23,7 @@ class Sdpa(AttentionBackend):
 
     Config = SdpaConfig
     needs_kv_blocks = True
+    auto_priority = 0  # the last resort of `auto`: runs anywhere
 
     def __init__(self, config: SdpaConfig | None = None) -> None:
         self.config = config or SdpaConfig()

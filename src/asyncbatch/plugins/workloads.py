@@ -1,0 +1,157 @@
+"""Built-in workloads: synthetic prompt/output lengths, or prompts from a JSONL file; offline or Poisson arrivals.
+
+A workload is built as ``Workload(config, vocab_size=..., seed=...)`` and turns the experiment's default sampling
+parameters into requests with ``requests(sampling, tokenizer=None)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from ..core.errors import ConfigError
+from ..core.types import Request, SamplingParams
+
+
+@attrs.frozen
+class LengthDist:
+    """A token-length distribution: `fixed` (value), `uniform` (min..max), `lognormal` (mean, sigma; clipped to
+    min..max)."""
+
+    dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
+    value: int = 32
+    min: int = 1
+    max: int = 1024
+    mean: float = 64.0
+    sigma: float = 0.5
+
+    def __attrs_post_init__(self) -> None:
+        if self.value < 1 or self.min < 1 or self.max < self.min:
+            raise ConfigError("length", f"need value >= 1 and 1 <= min <= max, got {self}")
+        if self.dist == "lognormal" and (self.mean <= 0 or self.sigma < 0):
+            raise ConfigError("length", f"lognormal needs mean > 0 and sigma >= 0, got {self}")
+
+    def draw(self, rng: random.Random) -> int:
+        if self.dist == "fixed":
+            return self.value
+        if self.dist == "uniform":
+            return rng.randint(self.min, self.max)
+        mu = math.log(self.mean) - self.sigma**2 / 2  # so that the mean is `mean`
+        return max(self.min, min(self.max, round(rng.lognormvariate(mu, self.sigma))))
+
+
+@attrs.frozen
+class Arrival:
+    """`offline`: every request at t=0. `poisson`: exponential gaps at `rate` requests per second."""
+
+    process: Literal["offline", "poisson"] = "offline"
+    rate: float = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.process == "poisson" and self.rate <= 0:
+            raise ConfigError("arrival.rate", f"must be > 0 for poisson arrivals, got {self.rate}")
+
+    def times(self, n: int, rng: random.Random) -> list[float]:
+        if self.process == "offline":
+            return [0.0] * n
+        t, out = 0.0, []
+        for _ in range(n):
+            t += rng.expovariate(self.rate)
+            out.append(t)
+        return out
+
+
+@attrs.frozen
+class SyntheticConfig:
+    """Random prompts of `prompt_len` tokens; each request generates up to `output_len` tokens."""
+
+    num_requests: int = 64
+    prompt_len: LengthDist = LengthDist(dist="uniform", min=16, max=128)
+    output_len: LengthDist = LengthDist(dist="uniform", min=16, max=64)
+    arrival: Arrival = Arrival()
+    seed: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_requests < 1:
+            raise ConfigError("workload.num_requests", f"must be >= 1, got {self.num_requests}")
+
+
+class Synthetic:
+    """Random token prompts with lengths from distributions; offline or Poisson arrivals."""
+
+    Config = SyntheticConfig
+
+    def __init__(self, config: SyntheticConfig, *, vocab_size: int, seed: int = 0) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.seed = config.seed if config.seed is not None else seed
+
+    def requests(self, sampling: SamplingParams, tokenizer: Any = None) -> list[Request]:
+        c = self.config
+        rng = random.Random(self.seed)
+        times = c.arrival.times(c.num_requests, rng)
+        out = []
+        for i in range(c.num_requests):
+            n = c.prompt_len.draw(rng)
+            prompt = [rng.randrange(self.vocab_size) for _ in range(n)]
+            params = attrs.evolve(sampling, max_new_tokens=c.output_len.draw(rng))
+            out.append(Request(f"req-{i}", tuple(prompt), params, times[i]))
+        return out
+
+
+@attrs.frozen
+class JsonlConfig:
+    """One JSON object per line: `{"prompt": "text"}` (needs a tokenizer) or `{"prompt_ids": [1, 2, 3]}`, with
+    optional `max_new_tokens` and `id`. `limit`: use at most this many lines."""
+
+    path: str = "prompts.jsonl"
+    arrival: Arrival = Arrival()
+    limit: int | None = None
+
+
+class JsonlPrompts:
+    """Prompts read from a JSONL file (text or token ids); offline or Poisson arrivals."""
+
+    Config = JsonlConfig
+
+    def __init__(self, config: JsonlConfig, *, vocab_size: int, seed: int = 0) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.seed = seed
+
+    def requests(self, sampling: SamplingParams, tokenizer: Any = None) -> list[Request]:
+        path = Path(self.config.path)
+        if not path.is_file():
+            raise ConfigError("workload.path", f"no such file: {path}")
+        rows = []
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ConfigError("workload.path", f"{path}:{lineno} is not valid JSON: {exc}") from exc
+            if self.config.limit is not None and len(rows) >= self.config.limit:
+                break
+        times = self.config.arrival.times(len(rows), random.Random(self.seed))
+        out = []
+        for i, row in enumerate(rows):
+            if "prompt_ids" in row:
+                prompt = tuple(row["prompt_ids"])
+            elif "prompt" in row:
+                if tokenizer is None:
+                    raise ConfigError("workload.path", f"{path} has text prompts but the model has no tokenizer "
+                                                       "(set engine.model.tokenizer, or use prompt_ids)")
+                prompt = tuple(tokenizer.encode(row["prompt"]))
+            else:
+                raise ConfigError("workload.path", f"{path} line {i + 1}: needs 'prompt' or 'prompt_ids'")
+            params = sampling
+            if "max_new_tokens" in row:
+                params = attrs.evolve(sampling, max_new_tokens=row["max_new_tokens"])
+            out.append(Request(str(row.get("id", f"req-{i}")), prompt, params, times[i]))
+        return out
