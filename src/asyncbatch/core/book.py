@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .pools import DeferredPool
 from .requests import RequestState, Status
-from .scheduling import BatchEntry
+from .scheduling import BatchEntry, SchedulingState
 from .types import FinishReason, Output, TokenEvent
 
 
@@ -54,6 +55,39 @@ class RequestBook:
         running = [r for r in self.running if r.status is Status.RUNNING and r.num_remaining > 0]
         waiting = [r for r in self.waiting if r.is_schedulable]
         return running, waiting
+
+    def plan(self, scheduler: Any, batch: int, *, max_tokens: int, max_seqs: int,
+             block_size: int) -> SchedulingState:
+        """Open batch `batch`: free ids whose last use is over, preempt until running decodes fit, then let the
+        scheduler fill a `SchedulingState`. The caller writes inputs, then calls `on_scheduled`."""
+        self.blocks.begin_batch(batch)
+        self.rows.begin_batch(batch)
+        self._make_room(scheduler, block_size)
+        running, waiting = self.schedulable()
+        state = SchedulingState(batch, running, waiting, max_tokens=max_tokens, max_seqs=max_seqs,
+                                blocks=self.blocks, rows=self.rows, block_size=block_size)
+        scheduler.schedule(state)
+        return state
+
+    def _make_room(self, scheduler: Any, block_size: int) -> None:
+        """Preempt (the scheduler picks the victim) until every running decode can get its next block."""
+        running = [r for r in self.running if r.status is Status.RUNNING]
+
+        def need() -> int:
+            return sum(1 for r in running if r.is_decode and -(-(r.num_computed + 1) // block_size) > len(r.blocks))
+
+        while running and self.blocks.num_free < need():
+            victim = scheduler.preemption_victim(running)
+            self.preempt(victim)
+            running.remove(victim)
+
+    def break_deadlock(self, scheduler: Any) -> bool:
+        """Nothing fits and nothing is in flight: preempt one running request (the scheduler's victim)."""
+        running = [r for r in self.running if r.status is Status.RUNNING]
+        if not running:
+            return False
+        self.preempt(scheduler.preemption_victim(running))
+        return True
 
     def on_scheduled(self, entries: Sequence[BatchEntry], batch: int) -> list[RequestState]:
         """After `SchedulingState.add` committed: move admitted requests, detect final tokens. Returns the

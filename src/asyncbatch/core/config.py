@@ -100,7 +100,10 @@ def structure(cls: type, data: Any, key: str) -> Any:
         kwargs[name] = _convert(hints[name], value, sub)
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:
+        # Validators know only their field name: prefix the path of this structure.
+        if key and not exc.key.startswith(key):
+            raise ConfigError(f"{key}.{exc.key.split('.')[-1]}" if exc.key else key, exc.message, exc.valid) from None
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(key or cls.__name__, str(exc)) from exc
@@ -272,6 +275,10 @@ class EngineConfig:
         if not isinstance(data, dict):
             raise ConfigError(key or "engine", f"expected a mapping, got {type(data).__name__}")
         data = dict(data)
+        known = [f.name for f in attrs.fields(cls)]
+        for k in data:
+            if k not in known:
+                raise ConfigError(f"{key}.{k}" if key else k, "unknown key", known)
         specs: dict[str, ComponentSpec] = {}
         defaults = {f.name: f.default for f in attrs.fields(cls)}
         for field, family in _ENGINE_FAMILIES.items():
@@ -448,7 +455,7 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if isinstance(child, str) and i >= 1:  # `engine.buffers: double` -> {name: double}
+        if isinstance(child, str) and (i >= 1 or part == "workload"):  # `buffers: double` -> {name: double}
             child = {"name": child}
         if child is None:
             child = {}

@@ -12,6 +12,7 @@ class ConfigError(AsyncBatchError, ValueError):
 
     def __init__(self, key: str, message: str, valid: list[str] | None = None) -> None:
         self.key = key
+        self.message = message
         self.valid = sorted(valid) if valid is not None else None
         text = f"{key}: {message}" if key else message
         if self.valid is not None:

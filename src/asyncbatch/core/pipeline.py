@@ -18,9 +18,8 @@ from .book import RequestBook
 from .config import BatchConfig
 from .interfaces import AttentionBackend, BufferPolicy, GraphPolicy, Scheduler, StreamTopology
 from .layout import HostBatchWriter, SlotLayout, StepShape
-from .requests import Status
 from .runtime.base import Event, Runtime
-from .scheduling import BatchEntry, SchedulingState
+from .scheduling import BatchEntry
 from .stats import StepStats
 from .step import DeviceBuffers, EngineGraphContext, Slot, StepBody
 
@@ -124,8 +123,8 @@ class Pipeline:
                 if inflight:
                     update_oldest()
                 elif book.next_arrival() is not None:
-                    self._idle_until(book.next_arrival())
-                elif not self._break_deadlock(book):
+                    self.rt.idle_until(book.next_arrival())
+                elif not book.break_deadlock(self.scheduler):
                     raise RuntimeError(f"no progress possible with {book.unfinished} unfinished requests: "
                                        f"running={book.running} waiting={book.waiting}")
                 continue
@@ -136,34 +135,8 @@ class Pipeline:
         self.rt.synchronize()
         return steps
 
-    def _idle_until(self, t: float) -> None:
-        delay = t - self.rt.now()
-        if delay > 0:
-            time.sleep(min(delay, 0.05))
-        if hasattr(self.rt, "advance_to"):
-            self.rt.advance_to(t)
-
-    def _break_deadlock(self, book: RequestBook) -> bool:
-        running = [r for r in book.running if r.status is Status.RUNNING]
-        if not running:
-            return False
-        book.preempt(self.scheduler.preemption_victim(running))
-        return True
 
     # ------------------------------------------------------------------ prep
-    def _make_room(self, book: RequestBook) -> None:
-        """Preempt until every running decode can get the block its next token needs."""
-        bs = self.block_size
-        running = [r for r in book.running if r.status is Status.RUNNING]
-
-        def need() -> int:
-            return sum(1 for r in running if r.is_decode and -(-(r.num_computed + 1) // bs) > len(r.blocks))
-
-        while running and book.blocks.num_free < need():
-            victim = self.scheduler.preemption_victim(running)
-            book.preempt(victim)
-            running.remove(victim)
-
     def _prepare(self, k: int, book: RequestBook) -> InFlight | None:
         s = self.buffers.slot_for(k)
         t0 = time.perf_counter()
@@ -173,15 +146,8 @@ class Pipeline:
         t1 = time.perf_counter()
         tracks = self.rt.tracks_accesses
         with self.rt.host_phase("prep", batch=k, accesses=[(("host_in", s), "w", None)] if tracks else ()):
-            book.blocks.begin_batch(k)
-            book.rows.begin_batch(k)
-            self._make_room(book)
-            running, waiting = book.schedulable()
-            state = SchedulingState(k, running, waiting, max_tokens=self.batch_cfg.max_tokens,
-                                    max_seqs=self.layout.max_seqs, blocks=book.blocks, rows=book.rows,
-                                    block_size=self.block_size)
-            self.scheduler.schedule(state)
-            entries = state.entries
+            entries = book.plan(self.scheduler, k, max_tokens=self.batch_cfg.max_tokens,
+                                max_seqs=self.layout.max_seqs, block_size=self.block_size).entries
             if not entries:
                 return None
             t2 = time.perf_counter()

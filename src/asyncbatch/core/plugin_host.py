@@ -66,16 +66,16 @@ class PluginHost:
             pm.register(importlib.import_module(modname), name=modname)
         if load_entry_points:
             _load_entry_points(pm)
-        for plugin in extra_plugins:
+        for i, plugin in enumerate(extra_plugins):
             name = getattr(plugin, "__name__", None) or type(plugin).__name__
-            pm.register(plugin, name=name if pm.get_plugin(name) is None else None)
+            pm.register(plugin, name=name if pm.get_plugin(name) is None else f"{name}#{i}")
         return cls(pm)
 
     def _fill(self, family: str) -> None:
         hook = getattr(self.pm.hook, _REGISTER_HOOKS[family])
         registry = self.registries[family]
-        # Reverse: pluggy calls the last registered first; built-ins should fill first.
-        for impl in reversed(hook.get_hookimpls()):
+        # get_hookimpls() lists in registration order: built-ins first, so a clash blames the newcomer.
+        for impl in hook.get_hookimpls():
             plugin = impl.plugin_name
 
             def register(name: str, factory: Any, *, config: type | None = None, description: str = "",

@@ -74,7 +74,7 @@ class Registry:
             config = getattr(factory, "Config", None)
         if config is not None and not attrs.has(config):
             raise TypeError(f"{self.family} {name!r}: config must be an attrs class, got {config!r}")
-        doc = description or (factory.__doc__ or "").strip().split("\n")[0]
+        doc = description or " ".join((factory.__doc__ or "").strip().split("\n\n")[0].split())
         self._items[name] = Component(self.family, name, factory, config, plugin, doc)
 
     def get(self, name: str, key: str | None = None) -> Component:

@@ -153,6 +153,12 @@ class Runtime(ABC):
         Set `record_spans = True` before the run; device ops are included where the runtime can time them."""
         return sorted(self.spans, key=lambda s: s.start)
 
+    def idle_until(self, t: float) -> None:
+        """Nothing to run until time `t` (seconds since the run began): the next online arrival."""
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(min(delay, 0.05))
+
     def reset_timeline(self) -> None:
         self.spans = []
         self._t0 = time.perf_counter()

@@ -218,8 +218,8 @@ class SimRuntime(Runtime):
         self.spans.append(Span(op.stream, op.name, op.start / 1e3, op.end / 1e3, op.batch, dict(op.info)))
 
     # ---- virtual time
-    def advance_to(self, t: float) -> None:
-        """Idle the host until virtual time `t` seconds (online arrivals)."""
+    def idle_until(self, t: float) -> None:
+        """Virtual time jumps to the next arrival: nothing sleeps."""
         self._host_time = max(self._host_time, t * 1e3)
 
     def op_seconds(self, event: Event | None) -> float | None:

@@ -1,4 +1,10 @@
-"""Placeholder being replaced by the Triton paged-attention backend (work in progress in this session)."""
+"""Paged attention in Triton: flash-decoding for decode steps, query-tiled causal attention for mixed steps.
+
+No mask tensor and no gathered context: the kernels read each sequence's blocks through the block table and stop
+at its real length, so the launch depends only on the step's padded shape (`needs_kv_blocks = False`: one graph
+serves every context length). The kernels live in `triton_kernels`, imported on first use so that asyncbatch
+imports without triton.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,93 @@ from ...core.errors import UnsupportedError
 from ...core.interfaces import AttentionBackend
 
 
+def _pos(_inst: Any, attribute: Any, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+def _pow2_at_least_16(_inst: Any, attribute: Any, value: int) -> None:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{attribute.name} must be a power of two >= 16, got {value}")
+
+
 @attrs.frozen
 class TritonPagedConfig:
-    """No parameters yet."""
+    """`num_splits`: kv splits per sequence in decode steps (0 = from the batch size and the SM count).
+    `block_n`: context positions per inner-loop chunk. `num_warps`, `num_stages`: Triton launch options of the
+    attention kernel. `waves`: decode programs aimed at per SM when choosing splits."""
+
+    num_splits: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    block_n: int = attrs.field(default=64, validator=_pow2_at_least_16)
+    num_warps: int = attrs.field(default=4, validator=_pos)
+    num_stages: int = attrs.field(default=2, validator=_pos)
+    waves: int = attrs.field(default=4, validator=_pos)
+
+
+MAX_SPLITS = 64
+SM_COUNT_OFF_CUDA = 8  # the interpreter (tests) has no SMs; a small number still exercises the split path
 
 
 class TritonPaged(AttentionBackend):
-    """Triton paged attention (not built yet)."""
+    """Triton paged attention (CUDA; also runs on CPU tensors under TRITON_INTERPRET=1 for testing)."""
 
     Config = TritonPagedConfig
+    needs_kv_blocks = False
     auto_priority = 50
 
     def __init__(self, config: TritonPagedConfig | None = None) -> None:
         self.config = config or TritonPagedConfig()
+        self._sm_count: dict[Any, int] = {}
 
     def check(self, device: Any, dtype: Any, head_dim: int, block_size: int) -> None:
-        raise UnsupportedError("the triton backend is not built yet")
+        import torch
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedError("the triton backend is not built yet")
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise UnsupportedError(f"the triton backend needs a CUDA device, got {device} "
+                                   f"(CUDA available: {torch.cuda.is_available()})")
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise UnsupportedError(f"triton is not importable ({exc}); pip install 'asyncbatch[gpu]'") from None
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise UnsupportedError(f"the triton backend needs float16, bfloat16 or float32, the model is {dtype}")
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+            raise UnsupportedError("the triton backend needs compute capability >= 8.0 for bfloat16")
+        if not 16 <= head_dim <= 256:
+            raise UnsupportedError(f"the triton backend needs 16 <= head_dim <= 256, the model has {head_dim}")
+        if block_size < 1:
+            raise UnsupportedError(f"the triton backend needs a positive KV block size, got {block_size}")
+
+    def num_splits(self, device: Any, num_seqs: int, kv_heads: int, max_blocks: int, block_size: int) -> int:
+        """Decode splits from static quantities only: enough programs to fill the GPU `waves` times over, no more
+        than the chunks of the longest possible context (splits past a sequence's real length exit at once)."""
+        if self.config.num_splits:
+            want = self.config.num_splits
+        else:
+            target = self.config.waves * self._sms(device)
+            want = -(-target // (num_seqs * kv_heads))
+        chunks = -(-(max_blocks * block_size) // self.config.block_n)
+        return max(1, min(want, chunks, MAX_SPLITS))
+
+    def _sms(self, device: Any) -> int:
+        if device not in self._sm_count:
+            import torch
+
+            self._sm_count[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                      if device.type == "cuda" else SM_COUNT_OFF_CUDA)
+        return self._sm_count[device]
+
+    def forward(self, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float,
+                sliding_window: int | None) -> Any:
+        from . import triton_kernels
+
+        triton_kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        num_seqs, max_blocks = meta.block_table.shape
+        splits = 1
+        if meta.max_query == 1:
+            splits = self.num_splits(q.device, num_seqs, k.shape[1], max_blocks, k_cache.shape[1])
+        cfg = self.config
+        return triton_kernels.attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
+                                        splits=splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages)

@@ -1,0 +1,209 @@
+"""Triton kernels of the `triton` attention backend. Imports triton at import time: import this module lazily.
+
+Three kernels, all launched on grids that depend only on tensor shapes and the step's Python scalars (so a step
+can be captured in a CUDA graph); work beyond a sequence's real length exits inside the kernel:
+
+* `_cache_write`: the step's new K and V into their cache slots, one program per token.
+* `_paged_attn`: one program per (sequence, tile of query tokens, kv head, kv split). Its rows are the query
+  heads of a GQA group times the tile's tokens, so K and V are read once per group and `tl.dot` gets >= 16 rows.
+  The context is read in chunks of BLOCK_N positions gathered through the block table, with an online softmax.
+* `_combine_splits`: flash-decoding's reduction of the per-split partial outputs via their log-sum-exp; it also
+  writes zeros for padding tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                 sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+                 HKV: tl.constexpr, HKV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BS: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk = slot // BS
+    off = slot % BS
+    h = tl.arange(0, HKV_P)[:, None]
+    d = tl.arange(0, D_P)[None, :]
+    m = (h < HKV) & (d < D)
+    k = tl.load(k_ptr + t * sk_t + h * sk_h + d, mask=m)
+    tl.store(kc_ptr + blk * skc_b + off * skc_s + h * skc_h + d, k.to(kc_ptr.dtype.element_ty), mask=m)
+    v = tl.load(v_ptr + t * sv_t + h * sv_h + d, mask=m)
+    tl.store(vc_ptr + blk * svc_b + off * svc_s + h * svc_h + d, v.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr,
+                sq_t, sq_h, so_t, so_h, so_s, sl_t, sl_h,
+                skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
+                scale_log2, window, n_q_tiles,
+                G: tl.constexpr, G_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, EVEN_D: tl.constexpr, BS: tl.constexpr,
+                SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
+    # BLOCK_M = BLOCK_Q * G_P rows: row r is query token r // G_P of the tile, head r % G_P of the group
+    pid = tl.program_id(0)
+    s = pid // n_q_tiles
+    qt = pid % n_q_tiles
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    q_begin = tl.load(qs_ptr + s)
+    q_len = tl.load(qs_ptr + s + 1) - q_begin
+    if qt * BLOCK_Q >= q_len:  # padded sequence, or a tile past this sequence's query tokens
+        return
+
+    r = tl.arange(0, BLOCK_M)
+    i = qt * BLOCK_Q + r // G_P
+    g = r % G_P
+    row_ok = (i < q_len) & (g < G)
+    tok = q_begin + i
+    head = h * G + g
+    qpos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
+    # Key range this tile can see; splits share it out in whole chunks.
+    hi = tl.max(tl.where(row_ok, qpos, -1)) + 1
+    if USE_WINDOW:
+        lo = tl.maximum(tl.min(tl.where(row_ok, qpos, hi)) - window + 1, 0)
+    else:
+        lo = hi * 0
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), SPLITS) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, hi)
+
+    d = tl.arange(0, D_P)
+    dmask = d[None, :] < D
+    q_ptrs = q_ptr + tok[:, None] * sq_t + head[:, None] * sq_h + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & dmask, other=0.0)
+
+    # Finite initial max: rows that see nothing in a chunk keep exp2(-inf - m) = 0 instead of NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
+    bt_row = bt_ptr + s * sbt
+    for n0 in range(start, end, BLOCK_N):
+        p = n0 + tl.arange(0, BLOCK_N)
+        kv_ok = p < end
+        blk = tl.load(bt_row + p // BS, mask=kv_ok, other=0).to(tl.int64)
+        off = (p % BS)[:, None]
+        k_ptrs = kc_ptr + blk[:, None] * skc_b + off * skc_s + h * skc_h + d[None, :]
+        v_ptrs = vc_ptr + blk[:, None] * svc_b + off * svc_s + h * svc_h + d[None, :]
+        if EVEN_D:  # a row-only mask keeps the 16-byte vector loads
+            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
+        vis = kv_ok[None, :] & (p[None, :] <= qpos[:, None])
+        if USE_WINDOW:
+            vis = vis & (p[None, :] > qpos[:, None] - window)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        prob = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, 1)
+        if EVEN_D:
+            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # a split with no visible key (or a padded row)
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = out_ptr + tok[:, None] * so_t + head[:, None] * so_h + d[None, :]
+    if PARTIAL:
+        tl.store(o_ptrs + split * so_s, o, mask=row_ok[:, None] & dmask)
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + tok * sl_t + head * sl_h + split, lse, mask=row_ok)
+    else:
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask)
+
+
+@triton.jit
+def _combine_splits(part_ptr, lse_ptr, out_ptr, seq_ptr, sp_t, sp_h, sp_s, sl_t, sl_h, so_t, so_h,
+                    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr):
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    d = tl.arange(0, D_P)
+    out_ptrs = out_ptr + t * so_t + hq * so_h + d
+    if tl.load(seq_ptr + t) < 0:
+        tl.store(out_ptrs, tl.zeros([D_P], tl.float32).to(out_ptr.dtype.element_ty), mask=d < D)
+        return
+    sp = tl.arange(0, SPLITS_P)
+    lse = tl.load(lse_ptr + t * sl_t + hq * sl_h + sp, mask=sp < SPLITS, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))  # a real token sees its own position, so the max is finite
+    parts = tl.load(part_ptr + t * sp_t + hq * sp_h + sp[:, None] * sp_s + d[None, :],
+                    mask=(sp < SPLITS)[:, None] & (d < D)[None, :], other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def write_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
+    """k, v [T, Hkv, D] (any strides with a unit last one) -> caches [num_blocks, block_size, Hkv, D]."""
+    num_tokens, kv_heads, head_dim = k.shape
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    _cache_write[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), HKV=kv_heads, HKV_P=_pow2(kv_heads), D=head_dim, D_P=_pow2(head_dim),
+        BS=k_cache.shape[1], num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+
+
+def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sliding_window: int | None,
+              splits: int, block_n: int, num_warps: int, num_stages: int) -> Any:
+    """Paged causal attention for every real token of the step (the cache already holds this step's K/V).
+
+    `splits` > 1 splits each sequence's context (decode steps only: one query token per sequence)."""
+    num_tokens, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    num_seqs = meta.block_table.shape[0]
+    decode = meta.max_query == 1
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if decode:  # one token per tile: pad the GQA group to the 16 rows tl.dot needs
+        g_p, block_q, n_q_tiles = max(16, _pow2(group)), 1, 1
+    else:
+        g_p = _pow2(group)
+        block_q = max(1, 64 // g_p)
+        n_q_tiles = triton.cdiv(meta.max_query, block_q)
+        splits = 1
+    partial = splits > 1
+    if partial:
+        out = torch.empty(num_tokens, q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
+        lse = torch.empty(num_tokens, q_heads, splits, device=q.device, dtype=torch.float32)
+        so = (out.stride(0), out.stride(1), out.stride(2))
+        sl = (lse.stride(0), lse.stride(1))
+    else:  # rows of padding tokens are never stored, so start from zeros
+        out = torch.zeros(num_tokens, q_heads, head_dim, device=q.device, dtype=q.dtype)
+        lse = out
+        so, sl = (out.stride(0), out.stride(1), 0), (0, 0)
+    bt = meta.block_table
+    d_p = max(16, _pow2(head_dim))
+    # block_n is tuned for 2-byte elements and head_dim <= 128: shrink the chunk for wider rows so that the K and
+    # V chunks stay within shared memory
+    row_bytes = d_p * k_cache.element_size()
+    block_n = max(16, min(block_n, block_n * 256 // row_bytes))
+    _paged_attn[(num_seqs * n_q_tiles, kv_heads, splits)](
+        q, k_cache, v_cache, out, lse, bt, meta.query_start, meta.positions,
+        q.stride(0), q.stride(1), *so, *sl,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), bt.stride(0), scale * 1.4426950408889634, sliding_window or 0, n_q_tiles,
+        G=group, G_P=g_p, BLOCK_Q=block_q, BLOCK_M=block_q * g_p, BLOCK_N=block_n, D=head_dim, D_P=d_p,
+        EVEN_D=d_p == head_dim, BS=k_cache.shape[1], SPLITS=splits, USE_WINDOW=sliding_window is not None, PARTIAL=partial,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # the default; it only affects fp32
+        num_warps=num_warps, num_stages=num_stages)
+    if not partial:
+        return out
+    final = torch.empty(num_tokens, q_heads, head_dim, device=q.device, dtype=q.dtype)
+    _combine_splits[(num_tokens, q_heads)](
+        out, lse, final, meta.token_seq, *so, *sl, final.stride(0), final.stride(1),
+        SPLITS=splits, SPLITS_P=_pow2(splits), D=head_dim, D_P=_pow2(head_dim),
+        num_warps=max(1, min(8, _pow2(splits) * _pow2(head_dim) // 1024)))
+    return final

@@ -1,0 +1,176 @@
+"""Sweeps through the CLI: the comparison table, sweep.csv/json (one row per cell), plots, model reuse.
+
+CPU only; the shipped sweep config runs as is (it must finish well under a minute on a small CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from asyncbatch.cli import main
+from asyncbatch.core.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "configs" / "sweep-buffers.yaml"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG
+
+
+def test_shipped_sweep_config(tmp_path, capsys):
+    cfg = ExperimentConfig.from_yaml(SWEEP)
+    keys = list(cfg.sweep)
+    cells = cfg.sweep_cells()
+    assert len(keys) >= 2 and len(cells) >= 4
+    start = time.perf_counter()
+    code = main(["--log-level", "warning", "run", str(SWEEP), "--out", str(tmp_path), "--no-progress"])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert code == 0
+    assert elapsed < 60
+    rows = _csv_rows(tmp_path / "sweep.csv")
+    assert len(rows) == len(cells)
+    assert list(rows[0])[: len(keys)] == keys
+    # Rows follow the cell order, and every swept value shows up in its row.
+    for row, (assignment, _) in zip(rows, cells, strict=True):
+        for k, v in assignment.items():
+            assert row[k] == str(v)
+        assert float(row["tok_s"]) > 0 and int(row["steps"]) > 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["keys"] == keys and len(data["rows"]) == len(cells) and data["online"] is False
+    # The comparison table: a header with the short key names, one line per cell.
+    lines = out.splitlines()
+    header = next(i for i, x in enumerate(lines) if x.split()[:2] == [k.split(".")[-1] for k in keys])
+    assert len([x for x in lines[header + 2:] if x and x.split()[0] in {"single", "double"}]) == len(cells)
+    assert _is_png(tmp_path / "throughput.png")
+    assert not (tmp_path / "busy.png").exists()  # the cpu runtime cannot measure device busy time
+    assert not (tmp_path / "latency.png").exists()  # offline workload
+    for i, (assignment, cell) in enumerate(cells):
+        (cell_dir,) = (tmp_path / "cells").glob(f"{i:02d}-*")
+        res = json.loads((cell_dir / "results.json").read_text())
+        assert res["assignment"] == assignment
+        assert res["summary"]["generated_tokens"] == sum(o["output_tokens"] for o in res["outputs"])
+        assert ExperimentConfig.from_yaml(cell_dir / "config.yaml") == cell
+    # The top-level config keeps the sweep, so rerunning it reruns the whole sweep.
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sweep"] == cfg.sweep
+    assert (tmp_path / "environment.json").is_file()
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+SIM_RUNTIME = {"name": "sim", "order": "timed", "check": False,
+               "cost": {"cpu_prep_ms": 6.0, "cpu_update_ms": 2.0, "gpu_compute_ms": 28.0, "launch_eager_ms": 0.5}}
+
+
+def test_sim_sweep_plots_busy_and_online_latency(tmp_path, capsys):
+    path = _write(tmp_path, {
+        "name": "sim-online",
+        "engine": {"model": {"preset": "tiny", "dtype": "float32"}, "runtime": SIM_RUNTIME,
+                   "cache": {"num_blocks": 32}, "batch": {"max_tokens": 64, "max_seqs": 8}},
+        "workload": {"name": "synthetic", "num_requests": 4, "prompt_len": {"dist": "fixed", "value": 4},
+                     "output_len": {"dist": "fixed", "value": 6},
+                     "arrival": {"process": "poisson", "rate": 1000.0}},
+        "sweep": {"engine.buffers": ["single", {"name": "n_slot", "num_slots": 3}]},
+    })
+    code = main(["--log-level", "warning", "run", str(path), "--out", str(tmp_path / "o"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = json.loads((tmp_path / "o" / "sweep.json").read_text())["rows"]
+    assert [r["engine.buffers"] for r in rows] == ["single", {"name": "n_slot", "num_slots": 3}]
+    assert rows[0]["busy_fraction"] < rows[1]["busy_fraction"]
+    assert "n_slot(num_slots=3)" in out
+    csv_rows = _csv_rows(tmp_path / "o" / "sweep.csv")
+    assert json.loads(csv_rows[1]["engine.buffers"]) == {"name": "n_slot", "num_slots": 3}
+    for name in ("throughput.png", "busy.png", "latency.png"):
+        assert _is_png(tmp_path / "o" / name), name
+
+
+@pytest.fixture
+def build_counter(monkeypatch):
+    import asyncbatch.core.models as models
+
+    real, calls = models.build_model, []
+
+    def counting(cfg, host):
+        calls.append(cfg)
+        return real(cfg, host)
+
+    monkeypatch.setattr(models, "build_model", counting)
+    return calls
+
+
+SMALL_WORKLOAD = {"name": "synthetic", "num_requests": 2, "prompt_len": {"dist": "fixed", "value": 4},
+                  "output_len": {"dist": "fixed", "value": 2}}
+
+
+def test_cells_share_the_model_unless_its_section_changes(tmp_path, capsys, build_counter):
+    base = {"engine": {"model": {"preset": "tiny", "dtype": "float32"}, "cache": {"num_blocks": 16}},
+            "workload": SMALL_WORKLOAD, "output": {"plots": False}}
+    path = _write(tmp_path, {**base, "sweep": {"engine.buffers": ["single", "double"],
+                                              "engine.scheduler": ["fifo", "prefill_first"]}})
+    assert main(["--log-level", "warning", "run", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert len(build_counter) == 1
+    assert len(_csv_rows(tmp_path / "a" / "sweep.csv")) == 4
+    assert not list((tmp_path / "a").glob("*.png"))  # output.plots: false
+    build_counter.clear()
+    path = _write(tmp_path, {**base, "sweep": {"engine.model.dtype": ["float32", "float64"]}})
+    assert main(["--log-level", "warning", "run", str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert [c.dtype for c in build_counter] == ["float32", "float64"]
+    capsys.readouterr()
+
+
+def test_missing_matplotlib_skips_plots(tmp_path, capsys, monkeypatch):
+    import asyncbatch.plugins.plots as plots
+
+    def no_matplotlib():
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plots, "_pyplot", no_matplotlib)
+    path = _write(tmp_path, {"engine": {"model": {"preset": "tiny", "dtype": "float32"}, "cache": {"num_blocks": 16}},
+                             "workload": SMALL_WORKLOAD, "sweep": {"engine.streams": ["one", "two"]}})
+    assert main(["--log-level", "warning", "run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out
+    assert len(_csv_rows(tmp_path / "o" / "sweep.csv")) == 2
+    assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_trace_per_cell(tmp_path, capsys):
+    path = _write(tmp_path, {"engine": {"model": {"preset": "tiny", "dtype": "float32"}, "cache": {"num_blocks": 16}},
+                             "workload": SMALL_WORKLOAD, "sweep": {"engine.streams": ["one", "three"]},
+                             "output": {"plots": False}})
+    trace = tmp_path / "tr" / "trace.json"
+    assert main(["--log-level", "warning", "run", str(path), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--trace", str(trace)]) == 0
+    capsys.readouterr()
+    names = []
+    for i in range(2):
+        data = json.loads((tmp_path / "tr" / f"trace-{i:02d}.json").read_text())
+        names.append({e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"})
+    assert names == [{"host", "main"}, {"host", "h2d", "compute", "d2h"}]

@@ -1,0 +1,154 @@
+"""The Triton backend against the Sdpa reference on CPU, with Triton's interpreter (float32, small problems).
+
+TRITON_INTERPRET is set only while this module's tests run and the kernel module is loaded afresh under it, so a
+GPU test in the same pytest process still gets compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import attrs
+import pytest
+import torch
+
+_prev = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+finally:
+    if _prev is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _prev
+
+from asyncbatch.core.attention_api import AttentionMetadata  # noqa: E402
+from asyncbatch.core.errors import UnsupportedError  # noqa: E402
+from asyncbatch.strategies import attention as attention_pkg  # noqa: E402
+from asyncbatch.strategies.attention.sdpa import Sdpa  # noqa: E402
+from asyncbatch.strategies.attention.triton_paged import TritonPaged, TritonPagedConfig  # noqa: E402
+
+KERNELS = "asyncbatch.strategies.attention.triton_kernels"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernels():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        path = os.path.join(os.path.dirname(attention_pkg.__file__), "triton_kernels.py")
+        spec = importlib.util.spec_from_file_location(KERNELS, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        mp.setitem(sys.modules, KERNELS, module)
+        mp.setattr(attention_pkg, "triton_kernels", module, raising=False)
+        yield module
+
+
+def make_step(gen, seqs, *, pad_tokens, pad_seqs, block_size, kv_heads, q_heads, head_dim, num_blocks=64):
+    """`seqs`: (context before this step, query tokens) per real sequence. Returns tensors, meta, kv_blocks."""
+    used = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0 is the trash block
+    num_seqs = len(seqs) + pad_seqs
+    need = [-(-(c + n) // block_size) for c, n in seqs]
+    max_blocks = max(need) + 2
+    table = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
+    positions, slots, token_seq, seq_len, cu = [], [], [], [], [0]
+    taken = 0
+    for s, ((ctx, n), nb) in enumerate(zip(seqs, need, strict=True)):
+        table[s, :nb] = used[taken : taken + nb].to(torch.int32)
+        taken += nb
+        for p in range(ctx, ctx + n):
+            positions.append(p)
+            slots.append(int(table[s, p // block_size]) * block_size + p % block_size)
+            token_seq.append(s)
+        seq_len.append(ctx + n)
+        cu.append(cu[-1] + n)
+    assert taken < num_blocks
+    positions += [0] * pad_tokens
+    slots += [0] * pad_tokens
+    token_seq += [-1] * pad_tokens
+    seq_len += [0] * pad_seqs
+    cu += [cu[-1]] * pad_seqs
+    num_tokens = len(positions)
+    i32 = torch.int32
+    max_query = 1 << (max(n for _, n in seqs) - 1).bit_length()
+    meta = AttentionMetadata(
+        positions=torch.tensor(positions, dtype=i32), slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        token_seq=torch.tensor(token_seq, dtype=i32), seq_len=torch.tensor(seq_len, dtype=i32),
+        query_start=torch.tensor(cu, dtype=i32), block_table=table, max_query=max_query, kv_blocks=0,
+        block_size=block_size)
+    # q, k, v as the transposed views the model hands over (non-contiguous)
+    q = torch.randn(q_heads, num_tokens, head_dim, generator=gen).transpose(0, 1)
+    k = torch.randn(kv_heads, num_tokens, head_dim, generator=gen).transpose(0, 1)
+    v = torch.randn(kv_heads, num_tokens, head_dim, generator=gen).transpose(0, 1)
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=gen)
+    v_cache = torch.randn(cache_shape, generator=gen)
+    return (q, k, v, k_cache, v_cache), meta, max(need)
+
+
+def run_both(inputs, meta, kv_blocks, *, window, splits=0, block_n=16):
+    q, k, v, k_cache, v_cache = inputs
+    scale = q.shape[-1] ** -0.5
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    ref_meta = attrs.evolve(meta, kv_blocks=kv_blocks)  # Sdpa gathers this many blocks per sequence
+    ref = Sdpa().forward(q, k, v, kc_ref, vc_ref, ref_meta, scale=scale, sliding_window=window)
+    backend = TritonPaged(TritonPagedConfig(num_splits=splits, block_n=block_n))
+    out = backend.forward(q, k, v, k_cache, v_cache, meta, scale=scale, sliding_window=window)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+    pads = meta.token_seq < 0
+    assert torch.all(out[pads] == 0)
+    err = (out - ref).abs().max().item()
+    assert err < 1e-4, err
+    return out
+
+
+# (context before, query tokens) per sequence; mixed steps include decodes and chunks with prior context
+MIXED = [(0, 5), (17, 1), (40, 9), (3, 1), (31, 16), (10, 37)]  # 37 tokens span several query tiles
+DECODE = [(0, 1), (15, 1), (33, 1), (70, 1), (8, 1)]
+
+
+@pytest.mark.parametrize("block_size,heads,window", [
+    (16, (8, 2), None), (32, (8, 2), None), (16, (8, 2), 7), (32, (4, 2), 7), (32, (4, 2), None),
+    (16, (2, 2), None)])
+def test_mixed_step(block_size, heads, window):
+    gen = torch.Generator().manual_seed(block_size * 100 + heads[0] * 10 + (window or 0))
+    inputs, meta, nb = make_step(gen, MIXED, pad_tokens=3, pad_seqs=2, block_size=block_size,
+                                 q_heads=heads[0], kv_heads=heads[1], head_dim=32)
+    run_both(inputs, meta, nb, window=window)
+
+
+@pytest.mark.parametrize("block_size,splits,window", [(16, 1, None), (32, 0, None), (16, 0, 20), (32, 1, 20)])
+def test_decode_step(block_size, splits, window):
+    """splits=1 writes the output directly; 0 (auto) splits each context and combines the parts."""
+    gen = torch.Generator().manual_seed(block_size + splits * 7 + (window or 0))
+    inputs, meta, nb = make_step(gen, DECODE, pad_tokens=2, pad_seqs=2, block_size=block_size,
+                                 q_heads=8, kv_heads=2, head_dim=32)
+    run_both(inputs, meta, nb, window=window, splits=splits)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_tables(seed):
+    """Random sequence mixes, block tables, head dims (one not a power of two), block and chunk sizes."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    n = int(torch.randint(1, 5, (1,), generator=gen))
+    decode = seed == 0
+    seqs = [(int(torch.randint(0, 60, (1,), generator=gen)), 1 if decode else int(torch.randint(1, 12, (1,),
+            generator=gen))) for _ in range(n)]
+    head_dim = (16, 40, 64)[seed]
+    inputs, meta, nb = make_step(gen, seqs, pad_tokens=seed, pad_seqs=seed % 2, block_size=(16, 64, 128)[seed],
+                                 q_heads=4, kv_heads=2, head_dim=head_dim)
+    run_both(inputs, meta, nb, window=(None, 13, None)[seed], splits=2 if decode else 0,
+             block_n=(16, 32, 64)[seed])
+
+
+def test_check_refuses_cpu_and_missing_triton(monkeypatch):
+    backend = TritonPaged()
+    with pytest.raises(UnsupportedError, match="CUDA"):
+        backend.check(torch.device("cpu"), torch.float32, 64, 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reach the triton check on a CPU machine
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    with pytest.raises(UnsupportedError, match="triton is not importable"):
+        backend.check(torch.device("cuda"), torch.bfloat16, 128, 16)
