@@ -307,15 +307,12 @@ class Engine:
         if book is not None:
             book.cancelled.add(request_id)
 
-    def warmup(self, max_tokens: int | None = None) -> int:
-        """Capture decode graphs for every token bucket up to `max_tokens`, largest first. Returns the count."""
-        cap = getattr(self.graphs.config, "max_capture_tokens", 0) if hasattr(self.graphs, "config") else 0
-        limit = min(max_tokens or cap, self.config.batch.max_seqs)
-        shapes = []
-        for t in self.config.batch.buckets():
-            if t > limit:
-                break
-            kv = 1 if self.backend.needs_kv_blocks else 0
-            shapes.append(StepShape(t, min(t, self.config.batch.max_seqs), 1, kv, "greedy", True))
+    def warmup(self, sizes: Sequence[int] | None = None) -> int:
+        """Capture decode graphs ahead of time, largest first (so the shared pool is sized once): for the padded
+        batch sizes of `sizes`, or for every bucket up to `batch.max_seqs`. Returns how many were captured."""
+        cfg = self.config.batch
+        wanted = {cfg.pad_tokens(n) for n in sizes} if sizes else {t for t in cfg.buckets() if t <= cfg.max_seqs}
+        kv = 1 if self.backend.needs_kv_blocks else 0
+        shapes = [StepShape(t, min(t, cfg.max_seqs), 1, kv, "greedy", True) for t in sorted(wanted)]
         shapes = [s for s in shapes if self.graphs.uses_graph(s)]
         return self.pipeline.warmup(shapes) if shapes else 0

@@ -1,0 +1,315 @@
+"""GPU benchmark: asyncbatch engines against transformers' continuous batching and the bandwidth roofline.
+
+One process, one model (Llama-3-8B shape, bf16, random weights). For each engine: tokens/s, mean decode step
+time, compute-stream busy fraction from CUDA events over the decode phase, NVML utilisation, share of the
+roofline (bytes a decode step must read, weights plus KV, over the device-to-device copy bandwidth measured in
+this run), peak memory, memory of slots and graphs, host time per step, and whether its tokens equal those of the
+reference engine (single/one/eager). A second table scales the default engine over batch sizes.
+
+    python benchmarks/engine_bench.py --out results.json              # engines + batch scaling
+    python benchmarks/engine_bench.py --out hf.json --only-hf --hf-new 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import random
+import threading
+import time
+
+import torch
+
+from asyncbatch import Engine, EngineConfig, SamplingParams
+from asyncbatch.core.config import ModelConfig
+from asyncbatch.core.models import build_model
+from asyncbatch.core.plugin_host import get_plugin_host
+from asyncbatch.plugins.trace import write_chrome_trace
+
+ENGINES = {
+    "single/one/eager": ("single", "one", "eager"),
+    "single/one/per_slot": ("single", "one", "per_slot"),
+    "double/two/per_slot": ("double", "two", "per_slot"),
+    "double/three/per_slot": ("double", "three", "per_slot"),
+    "n_slot3/three/per_slot": ({"name": "n_slot", "num_slots": 3}, "three", "per_slot"),
+    "double/three/eager": ("double", "three", "eager"),
+}
+DEFAULT = "double/three/per_slot"
+REFERENCE = "single/one/eager"
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written over time)."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 20
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+class NvmlSampler:
+    """Mean NVML `utilization.gpu` sampled every 50 ms while active (None where NVML is missing)."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self._nvml = pynvml
+        except Exception:
+            self._nvml = None
+        self.samples: list[int] = []
+
+    def __enter__(self) -> NvmlSampler:
+        self.samples = []
+        self._stop = threading.Event()
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._nvml is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads from weights: all parameters except the input embedding (only B rows of it)."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    return total if tied else total - emb.numel() * emb.element_size()
+
+
+def kv_bytes_per_token(engine) -> int:
+    g = engine.geometry
+    return 2 * g["layers"] * g["kv_heads"] * g["head_dim"] * engine.k_cache[0].element_size()
+
+
+def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None = None) -> dict:
+    buffers, streams, graphs = spec
+    batch = len(prompts)
+    blocks = batch * (-(-(len(prompts[0]) + new_tokens) // args.block_size)) + 64
+    cfg = EngineConfig.from_dict({
+        "runtime": "cuda", "buffers": buffers, "streams": streams, "graphs": graphs, "attention": args.attention,
+        "batch": {"max_tokens": args.max_tokens, "max_seqs": max(batch, 1)},
+        "cache": {"num_blocks": blocks, "block_size": args.block_size}})
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    engine = Engine.from_model(model, cfg)
+    kv_total = sum(t.numel() * t.element_size() for t in (*engine.k_cache, *engine.v_cache))
+    # Untimed warm-up run: compiles the Triton kernels and captures the decode graph of this batch size.
+    engine.run(engine.make_requests(prompts, SamplingParams(max_new_tokens=4)))
+    engine.warmup(sizes=[batch])
+    torch.cuda.synchronize()
+    slots_graphs = torch.cuda.memory_allocated() - base - kv_total
+    torch.cuda.reset_peak_memory_stats()
+    if trace_path:
+        engine.runtime.record_spans = True
+        engine.runtime.config = type(engine.runtime.config)(timing=True, trace_copies=True)
+    requests = engine.make_requests(prompts, SamplingParams(max_new_tokens=new_tokens))
+    with NvmlSampler() as nvml:
+        result = engine.run(requests)
+    torch.cuda.synchronize()
+    steps = result.steps
+    decode = {s.batch for s in steps if s.num_seqs == batch and s.num_decode == s.num_seqs}
+    spans = [sp for sp in engine.runtime.device_spans() if sp.name == "comp" and sp.batch in decode]
+    busy = span = step_ms = None
+    if spans:
+        busy_s = sum(sp.end - sp.start for sp in spans)
+        span = max(sp.end for sp in spans) - min(sp.start for sp in spans)
+        busy = busy_s / span if span > 0 else None
+        step_ms = span / len(spans) * 1e3
+    ctx_mean = len(prompts[0]) + new_tokens / 2
+    step_bytes = weight_bytes(model) + batch * ctx_mean * kv_bytes_per_token(engine)
+    roofline_ms = step_bytes / args.bandwidth * 1e3
+    decode_steps = [s for s in steps if s.batch in decode]
+    out = {
+        "tokens_per_s": result.summary.tokens_per_s,
+        "wall_s": result.summary.wall_s,
+        "decode_step_ms": step_ms,
+        "busy_fraction": busy,
+        "nvml_util_mean": nvml.mean,
+        "roofline_step_ms": roofline_ms,
+        "roofline_fraction": roofline_ms / step_ms if step_ms else None,
+        "host_ms_per_step": _mean([s.host_s * 1e3 for s in decode_steps]),
+        "device_ms_per_step": _mean([s.compute_s * 1e3 for s in decode_steps if s.compute_s is not None]),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "slots_and_graphs_mib": slots_graphs / 2**20,
+        "kv_cache_gib": kv_total / 2**30,
+        "graphs": engine.graphs.num_graphs(),
+        "attention": engine.attention_name,
+        "steps": len(steps),
+        "tokens": [list(o.token_ids) for o in result.outputs],
+    }
+    if trace_path:
+        write_chrome_trace(engine.runtime.timeline(), trace_path, "asyncbatch cuda")
+    del engine, result
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_transformers(model, prompts, new_tokens: int, use_async: bool) -> dict:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model.set_attn_implementation("sdpa")
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(use_async_batching=use_async)
+    model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb, persistent_manager=True)
+    torch.cuda.synchronize()
+    with NvmlSampler() as nvml:
+        t0 = time.perf_counter()
+        out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb,
+                                   persistent_manager=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    if hasattr(model, "destroy_cached_continuous_batching_manager"):
+        model.destroy_cached_continuous_batching_manager()
+    ordered = [out[k] for k in sorted(out, key=lambda k: int(k.rsplit("_", 1)[-1]))]
+    tokens = [list(o.generated_tokens) for o in ordered]
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"tokens_per_s": sum(map(len, tokens)) / wall, "wall_s": wall, "step_ms": wall / new_tokens * 1e3,
+            "nvml_util_mean": nvml.mean, "tokens": tokens}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=1024)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--batches", default="1,8,32,128,256", help="batch sizes for the scaling table ('' = skip)")
+    ap.add_argument("--scale-new", type=int, default=1024)
+    ap.add_argument("--hf-new", type=int, default=256)
+    ap.add_argument("--hf", action="store_true", help="also run transformers generate_batch (sync and async)")
+    ap.add_argument("--only-hf", action="store_true")
+    ap.add_argument("--trace-dir", default=None, help="write Chrome traces of short default/reference runs here")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    args = ap.parse_args()
+
+    import transformers
+
+    t0 = time.perf_counter()
+    model, _ = build_model(ModelConfig(preset=args.preset, dtype="bfloat16", device="cuda"), get_plugin_host())
+    args.bandwidth = copy_bandwidth()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "requests": args.requests,
+            "prompt": args.prompt, "new": args.new, "copy_bandwidth_GBps": args.bandwidth / 1e9,
+            "weight_GB": weight_bytes(model) / 1e9, "build_s": time.perf_counter() - t0}
+    print(json.dumps(info), flush=True)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompts = make_prompts(args.requests, args.prompt, vocab)
+    results: dict = {"info": info, "engines": {}, "scaling": {}, "transformers": {}}
+
+    def save() -> None:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh)
+
+    reference = None
+    if not args.only_hf:
+        for name in [n for n in args.engines.split(",") if n]:
+            t = time.perf_counter()
+            trace = f"{args.trace_dir}/trace-{name.replace('/', '-')}.json" if args.trace_dir else None
+            r = run_engine(model, ENGINES[name], prompts, args.new, args)
+            if name == REFERENCE:
+                reference = r["tokens"]
+            r["tokens_equal_reference"] = None if reference is None else r["tokens"] == reference
+            results["engines"][name] = r
+            print(f"{name}: {_fmt(r['tokens_per_s'], '.0f')} tok/s, step {_fmt(r['decode_step_ms'])} ms, "
+                  f"busy {_fmt(r['busy_fraction'], '.4f')}, roofline {_fmt(r['roofline_fraction'], '.3f')} "
+                  f"({time.perf_counter() - t:.0f}s)", flush=True)
+            save()
+            if trace and name in (DEFAULT, REFERENCE):
+                run_engine(model, ENGINES[name], prompts, 48, args, trace_path=trace)
+        for b in [int(x) for x in args.batches.split(",") if x]:
+            r = run_engine(model, ENGINES[DEFAULT], make_prompts(b, args.prompt, vocab, seed=b), args.scale_new, args)
+            r.pop("tokens")
+            results["scaling"][b] = r
+            print(f"batch {b}: {_fmt(r['tokens_per_s'], '.0f')} tok/s, step {_fmt(r['decode_step_ms'])} ms, host "
+                  f"{_fmt(r['host_ms_per_step'])} ms, device {_fmt(r['device_ms_per_step'])} ms, busy "
+                  f"{_fmt(r['busy_fraction'], '.4f')}, roofline {_fmt(r['roofline_fraction'], '.3f')}", flush=True)
+            save()
+    if args.hf or args.only_hf:
+        for use_async in (False, True):
+            name = f"transformers generate_batch async={use_async}"
+            r = run_transformers(model, prompts, args.hf_new, use_async)
+            ours = results["engines"].get(REFERENCE, {}).get("tokens")
+            r["tokens_equal_reference"] = None if ours is None else [t[: args.hf_new] for t in ours] == r["tokens"]
+            results["transformers"][name] = r
+            print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['step_ms']:.1f} ms/step", flush=True)
+            save()
+    for r in results["engines"].values():
+        r["tokens"] = None
+    for r in results["transformers"].values():
+        r["tokens"] = None
+    save()
+    print_tables(results)
+
+
+def print_tables(results: dict) -> None:
+    head = ("engine", "tok/s", "step ms", "busy", "nvml %", "roofline", "peak GiB", "slots+graphs MiB",
+            "host ms", "device ms", "= ref")
+    rows = [(n, _fmt(r["tokens_per_s"], ".0f"), _fmt(r["decode_step_ms"]), _fmt(r["busy_fraction"], ".4f"),
+             _fmt(r["nvml_util_mean"], ".1f"), _fmt(r["roofline_fraction"], ".3f"), _fmt(r["peak_memory_gib"]),
+             _fmt(r["slots_and_graphs_mib"], ".0f"), _fmt(r["host_ms_per_step"]), _fmt(r["device_ms_per_step"]),
+             str(r["tokens_equal_reference"])) for n, r in results["engines"].items()]
+    rows += [(n, _fmt(r["tokens_per_s"], ".0f"), _fmt(r["step_ms"]), "-", _fmt(r["nvml_util_mean"], ".1f"), "-",
+              "-", "-", "-", "-", str(r["tokens_equal_reference"])) for n, r in results["transformers"].items()]
+    _table(head, rows)
+    if results["scaling"]:
+        head = ("batch", "tok/s", "step ms", "host ms", "device ms", "busy", "roofline")
+        _table(head, [(str(b), _fmt(r["tokens_per_s"], ".0f"), _fmt(r["decode_step_ms"]),
+                       _fmt(r["host_ms_per_step"]), _fmt(r["device_ms_per_step"]), _fmt(r["busy_fraction"], ".4f"),
+                       _fmt(r["roofline_fraction"], ".3f")) for b, r in results["scaling"].items()])
+
+
+def _table(head, rows) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    print()
+
+
+if __name__ == "__main__":
+    main()
