@@ -117,6 +117,7 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
     blocks = batch * (-(-(len(prompts[0]) + new_tokens) // args.block_size)) + 64
     cfg = EngineConfig.from_dict({
         "runtime": "cuda", "buffers": buffers, "streams": streams, "graphs": graphs, "attention": args.attention,
+        "compile": args.compile,
         "batch": {"max_tokens": args.max_tokens, "max_seqs": max(batch, 1)},
         "cache": {"num_blocks": blocks, "block_size": args.block_size}})
     gc.collect()
@@ -223,6 +224,7 @@ def main() -> None:
     ap.add_argument("--only-hf", action="store_true")
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces of short default/reference runs here")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers"])
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()
@@ -236,7 +238,7 @@ def main() -> None:
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "requests": args.requests,
             "prompt": args.prompt, "new": args.new, "copy_bandwidth_GBps": args.bandwidth / 1e9,
-            "weight_GB": weight_bytes(model) / 1e9, "build_s": time.perf_counter() - t0}
+            "weight_GB": weight_bytes(model) / 1e9, "build_s": time.perf_counter() - t0, "compile": args.compile}
     print(json.dumps(info), flush=True)
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = make_prompts(args.requests, args.prompt, vocab)

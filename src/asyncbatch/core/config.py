@@ -256,7 +256,11 @@ _ENGINE_FAMILIES = {
 
 @attrs.frozen
 class EngineConfig:
-    """Everything needed to build an `Engine`: the model, the four strategy families, runtime and attention."""
+    """Everything needed to build an `Engine`: the model, the four strategy families, runtime and attention.
+
+    `compile`: `layers` compiles the decoder layers with torch.compile (fuses the small kernels between matrix
+    products); `auto` does so on the cuda runtime only; `none` never.
+    """
 
     model: ModelConfig = ModelConfig()
     runtime: ComponentSpec = ComponentSpec("auto")
@@ -267,6 +271,7 @@ class EngineConfig:
     attention: ComponentSpec = ComponentSpec("auto")
     cache: CacheConfig = CacheConfig()
     batch: BatchConfig = BatchConfig()
+    compile: Literal["auto", "none", "layers"] = "auto"
     seed: int = 0
 
     @classmethod
@@ -314,6 +319,7 @@ class _EngineScalars:
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     batch: BatchConfig = BatchConfig()
+    compile: Literal["auto", "none", "layers"] = "auto"
     seed: int = 0
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from .attention_api import AttentionContext
+from .attention_api import AttentionContext, register_backend
 from .book import RequestBook
 from .config import EngineConfig
 from .errors import ConfigError, RequestError, UnsupportedError
@@ -71,6 +71,11 @@ class Engine:
             log.info("runtime %r runs every op at once in program order: buffers %r and streams %r give the same "
                      "tokens but no overlap here", self.runtime.name, config.buffers.name, config.streams.name)
         self.backend = self._build_attention(device, dtype, geo["head_dim"])
+        self.compiled = config.compile == "layers" or (config.compile == "auto" and self.runtime.name == "cuda")
+        if self.compiled:
+            from .compile import compile_layers
+
+            compile_layers(self.model)
 
         cache = config.cache
         bs = cache.block_size
@@ -88,7 +93,8 @@ class Engine:
         layout = SlotLayout(config.batch.max_tokens, config.batch.max_seqs, max_blocks)
         self.writer = HostBatchWriter(layout, rows, bs)
         self.last_token = self.runtime.device_buffer(rows + 1, torch.int32)
-        attn = AttentionContext(self.backend, self.k_cache, self.v_cache)
+        attn = AttentionContext(self.backend, self.k_cache, self.v_cache,
+                                backend_id=register_backend(self.backend) if self.compiled else -1)
         body = StepBody(self.model, layout, attn, self.last_token, bs)
         self.pipeline = Pipeline(runtime=self.runtime, topology=topology, buffers=buffers, graphs=graphs,
                                  scheduler=self.scheduler, backend=self.backend, body=body, layout=layout,
