@@ -43,72 +43,69 @@ class AttentionContext:
     k_cache: list  # per layer [num_blocks, block_size, kv_heads, head_dim]
     v_cache: list
     meta: AttentionMetadata | None = None
-    backend_id: int = -1  # set when the layers are compiled (see `register_backend`)
 
 
 def asyncbatch_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                          scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
     """The function registered as ``"asyncbatch"``: query [1, Hq, T, D] -> output [1, T, Hq, D]."""
     ctx: AttentionContext | None = kwargs.get(CONTEXT_KWARG)
-    if ctx is None or ctx.meta is None:
+    if ctx is None and not _ACTIVE:
         raise RuntimeError("the asyncbatch attention implementation runs only inside an asyncbatch engine step")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by asyncbatch backends")
     import torch
 
-    layer = module.layer_idx
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     window = kwargs.get("sliding_window") or None
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    kc, vc, meta = ctx.k_cache[layer], ctx.v_cache[layer], ctx.meta
     if torch.compiler.is_compiling():
-        # Under torch.compile the backend is an opaque custom op: inductor fuses everything around it.
-        m = meta
-        out = _paged_attention_op()(q, k, v, kc, vc, m.positions, m.slot_mapping, m.token_seq, m.seq_len,
-                                    m.query_start, m.block_table, m.max_query, m.kv_blocks, m.block_size, scale,
-                                    window or 0, ctx.backend_id)
+        # Compiled layers: attention is an opaque custom op; the caches are buffers of the attention module and
+        # the step metadata comes from the active context, so no Python int or object reaches the compiled
+        # graph's guards (one graph serves every layer, step shape and engine).
+        out = _OP(q, k, v, module._asyncbatch_k, module._asyncbatch_v, scale, window or 0)
     else:
-        out = ctx.backend.forward(q, k, v, kc, vc, meta, scale=scale, sliding_window=window)
+        layer = module.layer_idx
+        out = ctx.backend.forward(q, k, v, ctx.k_cache[layer], ctx.v_cache[layer], ctx.meta, scale=scale,
+                                  sliding_window=window)
     return out.unsqueeze(0), None
 
 
-_BACKENDS: list[Any] = []
+_ACTIVE: list[AttentionContext] = []
 _OP: Any = None
 
 
-def register_backend(backend: Any) -> int:
-    """A stable integer naming `backend` inside the custom op (called outside any compiled region)."""
-    for i, b in enumerate(_BACKENDS):
-        if b is backend:
-            return i
-    _BACKENDS.append(backend)
-    return len(_BACKENDS) - 1
+def activate(ctx: AttentionContext, attention_modules: list[Any]) -> None:
+    """Make `ctx` the context compiled layers use: bind its caches as buffers of each layer's attention module.
+
+    Called by an engine with compiled layers at the start of every run, so engines sharing a model take turns.
+    """
+    _paged_attention_op()  # register the op here: creating it inside a compiled region would break the graph
+    for layer, module in enumerate(attention_modules):
+        module.register_buffer("_asyncbatch_k", ctx.k_cache[layer], persistent=False)
+        module.register_buffer("_asyncbatch_v", ctx.v_cache[layer], persistent=False)
+    _ACTIVE[:] = [ctx]
 
 
 def _paged_attention_op() -> Any:
-    """`asyncbatch::paged_attention`, registered on first use: the backend call as a custom op that mutates the
+    """`asyncbatch::paged_attention`, registered on first use: the active backend as a custom op that mutates the
     caches, with a shape-only fake implementation for tracing."""
     global _OP
     if _OP is not None:
         return _OP
     import torch
 
-    schema = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
-              "Tensor slot_mapping, Tensor token_seq, Tensor seq_len, Tensor query_start, Tensor block_table, "
-              "int max_query, int kv_blocks, int block_size, float scale, int window, int backend) -> Tensor")
+    schema = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) "
+              "-> Tensor")
 
     @torch.library.custom_op("asyncbatch::paged_attention", mutates_args=("k_cache", "v_cache"), schema=schema)
-    def paged_attention(q, k, v, k_cache, v_cache, positions, slot_mapping, token_seq, seq_len,  # noqa: ANN001
-                        query_start, block_table, max_query, kv_blocks, block_size, scale, window, backend):
-        meta = AttentionMetadata(positions, slot_mapping, token_seq, seq_len, query_start, block_table, max_query,
-                                 kv_blocks, block_size)
-        return _BACKENDS[backend].forward(q, k, v, k_cache, v_cache, meta, scale=scale,
-                                          sliding_window=window or None)
+    def paged_attention(q, k, v, k_cache, v_cache, scale, window):  # noqa: ANN001, ANN202
+        ctx = _ACTIVE[0]
+        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, scale=scale, sliding_window=window or None)
 
     @paged_attention.register_fake
-    def _(q, k, v, k_cache, v_cache, *args):  # noqa: ANN001, ANN202
+    def _(q, k, v, k_cache, v_cache, scale, window):  # noqa: ANN001, ANN202
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     _OP = paged_attention

@@ -25,9 +25,22 @@ def decoder_layers(model: Any) -> Any:
     return layers
 
 
+def attention_modules(model: Any) -> list[Any]:
+    """The attention module of every decoder layer, in layer order (transformers convention: `self_attn`)."""
+    mods = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or getattr(attn, "layer_idx", i) != i:
+            raise UnsupportedError(f"decoder layer {i} of {type(model).__name__} has no `self_attn` with "
+                                   "layer_idx {i}; compile it with `compile: none`")
+        mods.append(attn)
+    return mods
+
+
 def compile_layers(model: Any, *, mode: str | None = None) -> int:
     """Compile every decoder layer in place (idempotent). Returns how many layers are compiled."""
     layers = decoder_layers(model)
+    attention_modules(model)  # fail now, not in the middle of a step
     count = 0
     for layer in layers:
         if not getattr(layer, "_asyncbatch_compiled", False):

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from .attention_api import AttentionContext, register_backend
+from .attention_api import AttentionContext, activate
 from .book import RequestBook
 from .config import EngineConfig
 from .errors import ConfigError, RequestError, UnsupportedError
@@ -93,9 +93,8 @@ class Engine:
         layout = SlotLayout(config.batch.max_tokens, config.batch.max_seqs, max_blocks)
         self.writer = HostBatchWriter(layout, rows, bs)
         self.last_token = self.runtime.device_buffer(rows + 1, torch.int32)
-        attn = AttentionContext(self.backend, self.k_cache, self.v_cache,
-                                backend_id=register_backend(self.backend) if self.compiled else -1)
-        body = StepBody(self.model, layout, attn, self.last_token, bs)
+        attn = self.attention_context = AttentionContext(self.backend, self.k_cache, self.v_cache)
+        body = StepBody(self.model, layout, attn, self.last_token, bs, pass_context=not self.compiled)
         self.pipeline = Pipeline(runtime=self.runtime, topology=topology, buffers=buffers, graphs=graphs,
                                  scheduler=self.scheduler, backend=self.backend, body=body, layout=layout,
                                  writer=self.writer, batch=config.batch, block_size=bs, debug=debug)
@@ -251,6 +250,10 @@ class Engine:
                                on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
                                if notify_finish else None)
             self._book = book
+            if self.compiled:
+                from .compile import attention_modules
+
+                activate(self.attention_context, attention_modules(self.model))
             rt = self.runtime
             rt.reset_timeline()
             start = rt.now()

@@ -40,8 +40,10 @@ class StepBody:
     """
 
     def __init__(self, model: Any, layout: SlotLayout, attn: AttentionContext, last_token: Any,
-                 block_size: int) -> None:
+                 block_size: int, *, pass_context: bool = True) -> None:
         self.model = model
+        # Compiled layers read the active context instead (see attention_api.activate).
+        self.extra = {CONTEXT_KWARG: attn} if pass_context else {}
         self.layout = layout
         self.attn = attn
         self.last_token = last_token
@@ -59,7 +61,7 @@ class StepBody:
             seq_len=v.seq_len, query_start=v.query_start, block_table=v.block_table,
             max_query=shape.max_query, kv_blocks=shape.kv_blocks, block_size=self.block_size)
         out = self.model(input_ids=ids[None], position_ids=v.positions.long()[None], use_cache=False,
-                         logits_to_keep=v.logits_index.long(), **{CONTEXT_KWARG: self.attn})
+                         logits_to_keep=v.logits_index.long(), **self.extra)
         tokens = sample(out.logits[0], shape.sample_mode, v).to(torch.int32)
         bufs.outputs[: shape.seqs].copy_(tokens)
         self.last_token.index_copy_(0, v.out_row.long(), tokens)
