@@ -165,6 +165,7 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
         "slots_and_graphs_mib": slots_graphs / 2**20,
         "kv_cache_gib": kv_total / 2**30,
         "graphs": engine.graphs.num_graphs(),
+        "compiled": engine.compiled,
         "attention": engine.attention_name,
         "steps": len(steps),
         "tokens": [list(o.token_ids) for o in result.outputs],
@@ -248,15 +249,18 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump(results, fh)
 
-    reference = None
+    # Steps captured in graphs run compiled layers (compile: auto); eager ones do not, and the two round bf16
+    # differently. Each engine is compared with the first engine of its kind: single/one/eager (uncompiled)
+    # and single/one/per_slot (compiled), both synchronous loops.
+    references: dict[bool, tuple[str, list]] = {}
     if not args.only_hf:
         for name in [n for n in args.engines.split(",") if n]:
             t = time.perf_counter()
             trace = f"{args.trace_dir}/trace-{name.replace('/', '-')}.json" if args.trace_dir else None
             r = run_engine(model, ENGINES[name], prompts, args.new, args)
-            if name == REFERENCE:
-                reference = r["tokens"]
-            r["tokens_equal_reference"] = None if reference is None else r["tokens"] == reference
+            ref_name, ref_tokens = references.setdefault(r["compiled"], (name, r["tokens"]))
+            r["reference"] = ref_name
+            r["tokens_equal_reference"] = r["tokens"] == ref_tokens
             results["engines"][name] = r
             print(f"{name}: {_fmt(r['tokens_per_s'], '.0f')} tok/s, step {_fmt(r['decode_step_ms'])} ms, "
                   f"busy {_fmt(r['busy_fraction'], '.4f')}, roofline {_fmt(r['roofline_fraction'], '.3f')} "
@@ -277,6 +281,7 @@ def main() -> None:
             name = f"transformers generate_batch async={use_async}"
             r = run_transformers(model, prompts, args.hf_new, use_async)
             ours = results["engines"].get(REFERENCE, {}).get("tokens")
+            r["reference"] = REFERENCE
             r["tokens_equal_reference"] = None if ours is None else [t[: args.hf_new] for t in ours] == r["tokens"]
             results["transformers"][name] = r
             print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['step_ms']:.1f} ms/step", flush=True)

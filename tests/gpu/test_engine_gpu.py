@@ -35,8 +35,9 @@ def workload():
     return prompts, params
 
 
-def _engine(model, buffers="single", streams="one", graphs="eager", **extra):
+def _engine(model, buffers="single", streams="one", graphs="eager", compile="none", **extra):
     cfg = EngineConfig.from_dict({"runtime": "cuda", "buffers": buffers, "streams": streams, "graphs": graphs,
+                                  "compile": compile,
                                   "batch": {"max_tokens": 512, "max_seqs": 16},
                                   "cache": {"num_blocks": 1024, "block_size": 16}, **extra})
     return Engine.from_model(model, cfg)
@@ -72,6 +73,14 @@ def test_graph_replay_equals_eager_with_sampling(model, workload):
 
     assert [o.token_ids for o in eager] == [o.token_ids for o in graphed]
     assert sum(s.graph_replay for s in graphed_engine.last_result.steps) > 10
+
+
+def test_compiled_layers_give_the_same_tokens_in_every_pipeline(model, workload):
+    """With `compile: layers`, the synchronous eager loop and the default asynchronous engine agree."""
+    eager = _engine(model, "single", "one", "eager", compile="layers").generate(*workload)
+    default = _engine(model, "double", "three", "per_slot", compile="layers").generate(*workload)
+
+    assert [o.token_ids for o in eager] == [o.token_ids for o in default]
 
 
 def test_nothing_leaks_across_generate_calls(model, workload):

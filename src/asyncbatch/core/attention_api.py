@@ -48,8 +48,8 @@ class AttentionContext:
 def asyncbatch_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                          scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
     """The function registered as ``"asyncbatch"``: query [1, Hq, T, D] -> output [1, T, Hq, D]."""
-    ctx: AttentionContext | None = kwargs.get(CONTEXT_KWARG)
-    if ctx is None and not _ACTIVE:
+    ctx: AttentionContext | None = kwargs.get(CONTEXT_KWARG) or (_ACTIVE[0] if _ACTIVE else None)
+    if ctx is None:
         raise RuntimeError("the asyncbatch attention implementation runs only inside an asyncbatch engine step")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by asyncbatch backends")
@@ -61,10 +61,10 @@ def asyncbatch_attention(module: Any, query: Any, key: Any, value: Any, attentio
     window = kwargs.get("sliding_window") or None
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        # Compiled layers: attention is an opaque custom op; the caches are buffers of the attention module and
-        # the step metadata comes from the active context, so no Python int or object reaches the compiled
-        # graph's guards (one graph serves every layer, step shape and engine).
-        out = _OP(q, k, v, module._asyncbatch_k, module._asyncbatch_v, scale, window or 0)
+        # Compiled layers: attention is an opaque custom op that finds the caches and the step metadata in the
+        # active context; the layer index arrives as a (CPU) buffer. No Python int, cache shape or object reaches
+        # the compiled graph's guards, so one graph serves every layer, engine and cache size.
+        out = _OP(q, k, v, module._asyncbatch_layer, scale, window or 0)
     else:
         layer = module.layer_idx
         out = ctx.backend.forward(q, k, v, ctx.k_cache[layer], ctx.v_cache[layer], ctx.meta, scale=scale,
@@ -77,14 +77,16 @@ _OP: Any = None
 
 
 def activate(ctx: AttentionContext, attention_modules: list[Any]) -> None:
-    """Make `ctx` the context compiled layers use: bind its caches as buffers of each layer's attention module.
+    """Make `ctx` the context compiled layers use, and give each attention module its layer index as a buffer.
 
     Called by an engine with compiled layers at the start of every run, so engines sharing a model take turns.
     """
+    import torch
+
     _paged_attention_op()  # register the op here: creating it inside a compiled region would break the graph
     for layer, module in enumerate(attention_modules):
-        module.register_buffer("_asyncbatch_k", ctx.k_cache[layer], persistent=False)
-        module.register_buffer("_asyncbatch_v", ctx.v_cache[layer], persistent=False)
+        if "_asyncbatch_layer" not in module._buffers:
+            module.register_buffer("_asyncbatch_layer", torch.tensor(layer), persistent=False)
     _ACTIVE[:] = [ctx]
 
 
@@ -96,16 +98,18 @@ def _paged_attention_op() -> Any:
         return _OP
     import torch
 
-    schema = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) "
-              "-> Tensor")
+    # The caches it writes are invisible to the compiled graph, which never reads them: nothing to order.
+    schema = "(Tensor q, Tensor k, Tensor v, Tensor layer, float scale, int window) -> Tensor"
 
-    @torch.library.custom_op("asyncbatch::paged_attention", mutates_args=("k_cache", "v_cache"), schema=schema)
-    def paged_attention(q, k, v, k_cache, v_cache, scale, window):  # noqa: ANN001, ANN202
+    @torch.library.custom_op("asyncbatch::paged_attention", mutates_args=(), schema=schema)
+    def paged_attention(q, k, v, layer, scale, window):  # noqa: ANN001, ANN202
         ctx = _ACTIVE[0]
-        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, scale=scale, sliding_window=window or None)
+        i = int(layer)  # a CPU scalar: no device synchronisation, also during graph capture
+        return ctx.backend.forward(q, k, v, ctx.k_cache[i], ctx.v_cache[i], ctx.meta, scale=scale,
+                                   sliding_window=window or None)
 
     @paged_attention.register_fake
-    def _(q, k, v, k_cache, v_cache, scale, window):  # noqa: ANN001, ANN202
+    def _(q, k, v, layer, scale, window):  # noqa: ANN001, ANN202
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     _OP = paged_attention

@@ -37,15 +37,31 @@ def attention_modules(model: Any) -> list[Any]:
     return mods
 
 
-def compile_layers(model: Any, *, mode: str | None = None) -> int:
-    """Compile every decoder layer in place (idempotent). Returns how many layers are compiled."""
-    layers = decoder_layers(model)
-    attention_modules(model)  # fail now, not in the middle of a step
-    count = 0
+def set_compiled(model: Any, compiled: bool, *, mode: str | None = None) -> None:
+    """Switch the decoder layers of a (possibly shared) model to compiled or eager execution, in place.
+
+    Engines sharing one model call this at the start of each run, so each runs the way it was configured.
+    Compilation itself happens lazily, on the first step.
+    """
+    import torch
+
+    if not compiled:
+        base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+        layers = getattr(base, "layers", None) or []
+    else:
+        layers = decoder_layers(model)
+    if compiled:
+        attention_modules(model)  # fail now, not in the middle of a step
+        # Engines differ in cache size, steps in token count: neither should trigger a recompilation.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    changed = 0
     for layer in layers:
-        if not getattr(layer, "_asyncbatch_compiled", False):
+        if compiled and getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile(dynamic=True, mode=mode)
-            layer._asyncbatch_compiled = True
-        count += 1
-    log.info("torch.compile: %d decoder layers of %s (mode %s)", count, type(model).__name__, mode or "default")
-    return count
+            changed += 1
+        elif not compiled and getattr(layer, "_compiled_call_impl", None) is not None:
+            layer._compiled_call_impl = None
+            changed += 1
+    if changed:
+        log.info("%s %d decoder layers of %s", "torch.compile:" if compiled else "eager (not compiled):",
+                 len(layers), type(model).__name__)

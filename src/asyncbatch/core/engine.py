@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -71,11 +72,10 @@ class Engine:
             log.info("runtime %r runs every op at once in program order: buffers %r and streams %r give the same "
                      "tokens but no overlap here", self.runtime.name, config.buffers.name, config.streams.name)
         self.backend = self._build_attention(device, dtype, geo["head_dim"])
-        self.compiled = config.compile == "layers" or (config.compile == "auto" and self.runtime.name == "cuda")
-        if self.compiled:
-            from .compile import compile_layers
-
-            compile_layers(self.model)
+        # `auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more host
+        # time per layer than fusion saves on the device.
+        self.compiled = config.compile == "layers" or (
+            config.compile == "auto" and self.runtime.graph_support == "native" and graph_spec.name != "eager")
 
         cache = config.cache
         bs = cache.block_size
@@ -250,10 +250,7 @@ class Engine:
                                on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
                                if notify_finish else None)
             self._book = book
-            if self.compiled:
-                from .compile import attention_modules
-
-                activate(self.attention_context, attention_modules(self.model))
+            self._bind_model()
             rt = self.runtime
             rt.reset_timeline()
             start = rt.now()
@@ -263,6 +260,7 @@ class Engine:
                     on_step=(lambda s: host.notify("asyncbatch_step_finished", stats=s)) if notify_step else None)
             finally:
                 self._book = None
+                gc.unfreeze()
             wall = rt.now() - start
             book.check_released()
             outputs = [self._texted(o) for o in book.results()]
@@ -274,6 +272,18 @@ class Engine:
                 host.notify("asyncbatch_run_finished", summary=summary)
             self.last_result = RunResult(outputs, summary, steps)
             return self.last_result
+
+    def _bind_model(self) -> None:
+        """Put the (possibly shared) model in this engine's state: compiled or not, this engine's caches."""
+        from .compile import attention_modules, set_compiled
+
+        set_compiled(self.model, self.compiled)  # also undoes an earlier engine's compilation of a shared model
+        if self.compiled:
+            activate(self.attention_context, attention_modules(self.model))
+        # Long-lived objects (model, engine) move out of the collector's way: a full collection in the middle of
+        # a run would stall the host for tens of milliseconds, longer than the slack the slots give it.
+        gc.collect()
+        gc.freeze()
 
     def _texted(self, out: Output) -> Output:
         if self.tokenizer is None or out.text is not None:
