@@ -280,10 +280,11 @@ class Engine:
         set_compiled(self.model, self.compiled)  # also undoes an earlier engine's compilation of a shared model
         if self.compiled:
             activate(self.attention_context, attention_modules(self.model))
-        # Long-lived objects (model, engine) move out of the collector's way: a full collection in the middle of
-        # a run would stall the host for tens of milliseconds, longer than the slack the slots give it.
-        gc.collect()
-        gc.freeze()
+        if self.runtime.graph_support == "native":
+            # Long-lived objects (model, engine) move out of the collector's way: a full collection in the middle
+            # of a run stalls the host for tens of milliseconds, longer than the slack the slots give it.
+            gc.collect()
+            gc.freeze()
 
     def _texted(self, out: Output) -> Output:
         if self.tokenizer is None or out.text is not None:

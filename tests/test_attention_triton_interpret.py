@@ -2,6 +2,9 @@
 
 TRITON_INTERPRET is set only while this module's tests run and the kernel module is loaded afresh under it, so a
 GPU test in the same pytest process still gets compiled kernels.
+
+The file name sorts before every test that imports triton without the interpreter (torch.compile's inductor
+does): the interpreter must be chosen when triton is first imported, which happens when this module is collected.
 """
 
 from __future__ import annotations
