@@ -122,14 +122,13 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
         "cache": {"num_blocks": blocks, "block_size": args.block_size}})
     gc.collect()
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
     engine = Engine.from_model(model, cfg)
     kv_total = sum(t.numel() * t.element_size() for t in (*engine.k_cache, *engine.v_cache))
     # Untimed warm-up run: compiles the Triton kernels and captures the decode graph of this batch size.
     engine.run(engine.make_requests(prompts, SamplingParams(max_new_tokens=4)))
     engine.warmup(sizes=[batch])
     torch.cuda.synchronize()
-    slots_graphs = torch.cuda.memory_allocated() - base - kv_total
+    memory = engine.memory_report()
     torch.cuda.reset_peak_memory_stats()
     if trace_path:
         engine.runtime.record_spans = True
@@ -162,7 +161,9 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
         "host_ms_per_step": _mean([s.host_s * 1e3 for s in decode_steps]),
         "device_ms_per_step": _mean([s.compute_s * 1e3 for s in decode_steps if s.compute_s is not None]),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "slots_and_graphs_mib": slots_graphs / 2**20,
+        "slots_mib": memory["slots"] / 2**20,
+        "graphs_mib": memory["graphs"] / 2**20,
+        "slots_and_graphs_mib": (memory["slots"] + memory["graphs"]) / 2**20,
         "kv_cache_gib": kv_total / 2**30,
         "graphs": engine.graphs.num_graphs(),
         "compiled": engine.compiled,
@@ -225,7 +226,7 @@ def main() -> None:
     ap.add_argument("--only-hf", action="store_true")
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces of short default/reference runs here")
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers"])
+    ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers", "layers-autotune"])
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()

@@ -90,6 +90,11 @@ def activate(ctx: AttentionContext, attention_modules: list[Any]) -> None:
     _ACTIVE[:] = [ctx]
 
 
+def deactivate() -> None:
+    """Forget the active context at the end of a run (it holds the engine's KV cache alive)."""
+    _ACTIVE.clear()
+
+
 def _paged_attention_op() -> Any:
     """`asyncbatch::paged_attention`, registered on first use: the active backend as a custom op that mutates the
     caches, with a shape-only fake implementation for tracing."""

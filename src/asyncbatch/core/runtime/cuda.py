@@ -54,6 +54,7 @@ class CudaRuntime(Runtime):
         self._timings: list[tuple[str, int, Any, Any, dict]] = []
         self._start_of: dict[int, Any] = {}
         self._ref: Any = None
+        self.graph_bytes = 0
 
     @property
     def device(self) -> Any:
@@ -102,8 +103,10 @@ class CudaRuntime(Runtime):
         import torch
 
         graph = torch.cuda.CUDAGraph()
+        before = torch.cuda.memory_allocated(self._device)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.streams[stream], capture_error_mode="thread_local"):
             fn()
+        self.graph_bytes += torch.cuda.memory_allocated(self._device) - before  # the shared pool's growth
         return _CudaGraph(graph)
 
     def synchronize(self) -> None:
