@@ -346,4 +346,12 @@ class Engine:
         kv = 1 if self.backend.needs_kv_blocks else 0
         shapes = [StepShape(t, min(t, cfg.max_seqs), 1, kv, "greedy", True) for t in sorted(wanted)]
         shapes = [s for s in shapes if self.graphs.uses_graph(s)]
-        return self.pipeline.warmup(shapes) if shapes else 0
+        if not shapes:
+            return 0
+        with self._lock:
+            self._bind_model()
+            try:
+                return self.pipeline.warmup(shapes)
+            finally:
+                deactivate()
+                gc.unfreeze()
