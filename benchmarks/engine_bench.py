@@ -296,11 +296,11 @@ def main() -> None:
 
 
 def print_tables(results: dict) -> None:
-    head = ("engine", "tok/s", "step ms", "busy", "nvml %", "roofline", "peak GiB", "slots+graphs MiB",
+    head = ("engine", "tok/s", "step ms", "busy", "nvml %", "roofline", "peak GiB", "slots/graphs MiB",
             "host ms", "device ms", "= ref")
     rows = [(n, _fmt(r["tokens_per_s"], ".0f"), _fmt(r["decode_step_ms"]), _fmt(r["busy_fraction"], ".4f"),
              _fmt(r["nvml_util_mean"], ".1f"), _fmt(r["roofline_fraction"], ".3f"), _fmt(r["peak_memory_gib"]),
-             _fmt(r["slots_and_graphs_mib"], ".0f"), _fmt(r["host_ms_per_step"]), _fmt(r["device_ms_per_step"]),
+             f"{_fmt(r['slots_mib'], '.2f')}/{_fmt(r['graphs_mib'], '.0f')}", _fmt(r["host_ms_per_step"]), _fmt(r["device_ms_per_step"]),
              str(r["tokens_equal_reference"])) for n, r in results["engines"].items()]
     rows += [(n, _fmt(r["tokens_per_s"], ".0f"), _fmt(r["step_ms"]), "-", _fmt(r["nvml_util_mean"], ".1f"), "-",
               "-", "-", "-", "-", str(r["tokens_equal_reference"])) for n, r in results["transformers"].items()]

@@ -103,10 +103,11 @@ class CudaRuntime(Runtime):
         import torch
 
         graph = torch.cuda.CUDAGraph()
-        before = torch.cuda.memory_allocated(self._device)
+        before = torch.cuda.memory_reserved(self._device)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.streams[stream], capture_error_mode="thread_local"):
             fn()
-        self.graph_bytes += torch.cuda.memory_allocated(self._device) - before  # the shared pool's growth
+        # The shared pool's growth: segments reserved for this graph's intermediates (reused by later captures).
+        self.graph_bytes += max(0, torch.cuda.memory_reserved(self._device) - before)
         return _CudaGraph(graph)
 
     def synchronize(self) -> None:
