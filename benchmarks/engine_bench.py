@@ -35,6 +35,7 @@ ENGINES = {
     "double/three/per_slot": ("double", "three", "per_slot"),
     "n_slot3/three/per_slot": ({"name": "n_slot", "num_slots": 3}, "three", "per_slot"),
     "double/three/eager": ("double", "three", "eager"),
+    "double/three/staged": ("double", "three", "staged"),
 }
 DEFAULT = "double/three/per_slot"
 REFERENCE = "single/one/eager"
@@ -218,7 +219,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=1024)
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(n for n in ENGINES if n != "double/three/staged"))
     ap.add_argument("--batches", default="1,8,32,128,256", help="batch sizes for the scaling table ('' = skip)")
     ap.add_argument("--scale-new", type=int, default=1024)
     ap.add_argument("--hf-new", type=int, default=256)
