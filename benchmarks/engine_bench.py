@@ -227,7 +227,7 @@ def main() -> None:
     ap.add_argument("--only-hf", action="store_true")
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces of short default/reference runs here")
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers", "layers-autotune"])
+    ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers"])
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()

@@ -259,8 +259,8 @@ class EngineConfig:
     """Everything needed to build an `Engine`: the model, the four strategy families, runtime and attention.
 
     `compile`: `layers` compiles the decoder layers with torch.compile (fuses the small kernels between matrix
-    products); `layers-autotune` also lets inductor autotune the matrix products (slow to compile); `auto`
-    compiles where steps are captured in CUDA graphs (eager launches gain nothing from it); `none` never.
+    products); `auto` compiles where steps are captured in CUDA graphs (eager launches gain nothing from it);
+    `none` never.
     """
 
     model: ModelConfig = ModelConfig()
@@ -272,7 +272,7 @@ class EngineConfig:
     attention: ComponentSpec = ComponentSpec("auto")
     cache: CacheConfig = CacheConfig()
     batch: BatchConfig = BatchConfig()
-    compile: Literal["auto", "none", "layers", "layers-autotune"] = "auto"
+    compile: Literal["auto", "none", "layers"] = "auto"
     seed: int = 0
 
     @classmethod
@@ -320,7 +320,7 @@ class _EngineScalars:
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     batch: BatchConfig = BatchConfig()
-    compile: Literal["auto", "none", "layers", "layers-autotune"] = "auto"
+    compile: Literal["auto", "none", "layers"] = "auto"
     seed: int = 0
 
 

@@ -74,9 +74,8 @@ class Engine:
         self.backend = self._build_attention(device, dtype, geo["head_dim"])
         # `auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more host
         # time per layer than fusion saves on the device.
-        self.compiled = config.compile in ("layers", "layers-autotune") or (
+        self.compiled = config.compile == "layers" or (
             config.compile == "auto" and self.runtime.graph_support == "native" and graph_spec.name != "eager")
-        self.compile_mode = "max-autotune-no-cudagraphs" if config.compile == "layers-autotune" else None
 
         cache = config.cache
         bs = cache.block_size
@@ -279,7 +278,7 @@ class Engine:
         """Put the (possibly shared) model in this engine's state: compiled or not, this engine's caches."""
         from .compile import attention_modules, set_compiled
 
-        set_compiled(self.model, self.compiled, mode=self.compile_mode)  # also undoes an earlier engine's compilation of a shared model
+        set_compiled(self.model, self.compiled)  # also undoes an earlier engine's compilation of a shared model
         if self.compiled:
             activate(self.attention_context, attention_modules(self.model))
         if self.runtime.graph_support == "native":
@@ -290,11 +289,12 @@ class Engine:
 
     def memory_report(self) -> dict[str, int]:
         """Device bytes held by this engine, by purpose: KV cache, slot buffers (all slots, plus any staging set),
-        and the graph pool (growth measured around each capture)."""
+        and the shared graph pool (where the runtime can measure it)."""
         kv = sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
         bufs = [s.device for s in self.pipeline.slots] + [getattr(self.graphs, "stage", None)]
         slots = sum(b.inputs.numel() * 4 + b.outputs.numel() * 4 for b in bufs if b is not None)
-        return {"kv_cache": kv, "slots": slots, "graphs": getattr(self.runtime, "graph_bytes", 0),
+        pool = getattr(self.runtime, "graph_pool_bytes", None)
+        return {"kv_cache": kv, "slots": slots, "graphs": pool() if pool else 0,
                 "num_slots": self.pipeline.num_slots, "num_graphs": self.graphs.num_graphs()}
 
     def _texted(self, out: Output) -> Output:

@@ -54,7 +54,6 @@ class CudaRuntime(Runtime):
         self._timings: list[tuple[str, int, Any, Any, dict]] = []
         self._start_of: dict[int, Any] = {}
         self._ref: Any = None
-        self.graph_bytes = 0
 
     @property
     def device(self) -> Any:
@@ -103,12 +102,17 @@ class CudaRuntime(Runtime):
         import torch
 
         graph = torch.cuda.CUDAGraph()
-        before = torch.cuda.memory_reserved(self._device)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.streams[stream], capture_error_mode="thread_local"):
             fn()
-        # The shared pool's growth: segments reserved for this graph's intermediates (reused by later captures).
-        self.graph_bytes += max(0, torch.cuda.memory_reserved(self._device) - before)
         return _CudaGraph(graph)
+
+    def graph_pool_bytes(self) -> int:
+        """Device memory held by the shared graph pool (all captured graphs together)."""
+        import torch
+
+        pool = tuple(self.pool)
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == pool)
 
     def synchronize(self) -> None:
         import torch
