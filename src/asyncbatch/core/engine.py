@@ -262,6 +262,7 @@ class Engine:
                 self._book = None
                 deactivate()
                 gc.unfreeze()
+                gc.enable()
             wall = rt.now() - start
             book.check_released()
             outputs = [self._texted(o) for o in book.results()]
@@ -282,10 +283,12 @@ class Engine:
         if self.compiled:
             activate(self.attention_context, attention_modules(self.model))
         if self.runtime.graph_support == "native":
-            # Long-lived objects (model, engine) move out of the collector's way: a full collection in the middle
-            # of a run stalls the host for tens of milliseconds, longer than the slack the slots give it.
+            # No collection in the middle of a run on a real device: a full one stalls the host for tens of
+            # milliseconds, longer than the slack the slots give it. Long-lived objects are frozen out of the
+            # collector's way; the collector resumes when the run ends.
             gc.collect()
             gc.freeze()
+            gc.disable()
 
     def memory_report(self) -> dict[str, int]:
         """Device bytes held by this engine, by purpose: KV cache, slot buffers (all slots, plus any staging set),
@@ -355,3 +358,4 @@ class Engine:
             finally:
                 deactivate()
                 gc.unfreeze()
+                gc.enable()
