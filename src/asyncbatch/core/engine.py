@@ -261,8 +261,7 @@ class Engine:
             finally:
                 self._book = None
                 deactivate()
-                gc.unfreeze()
-                gc.enable()
+                self._restore_gc()
             wall = rt.now() - start
             book.check_released()
             outputs = [self._texted(o) for o in book.results()]
@@ -286,6 +285,7 @@ class Engine:
             # No collection in the middle of a run on a real device: a full one stalls the host for tens of
             # milliseconds, longer than the slack the slots give it. Long-lived objects are frozen out of the
             # collector's way; the collector resumes when the run ends.
+            self._gc_was_enabled = gc.isenabled()
             gc.collect()
             gc.freeze()
             gc.disable()
@@ -299,6 +299,12 @@ class Engine:
         pool = getattr(self.runtime, "graph_pool_bytes", None)
         return {"kv_cache": kv, "slots": slots, "graphs": pool() if pool else 0,
                 "num_slots": self.pipeline.num_slots, "num_graphs": self.graphs.num_graphs()}
+
+    def _restore_gc(self) -> None:
+        if self.runtime.graph_support == "native":
+            gc.unfreeze()
+            if getattr(self, "_gc_was_enabled", True):
+                gc.enable()
 
     def _texted(self, out: Output) -> Output:
         if self.tokenizer is None or out.text is not None:
@@ -357,5 +363,4 @@ class Engine:
                 return self.pipeline.warmup(shapes)
             finally:
                 deactivate()
-                gc.unfreeze()
-                gc.enable()
+                self._restore_gc()
