@@ -225,7 +225,9 @@ def main() -> None:
     ap.add_argument("--hf-new", type=int, default=256)
     ap.add_argument("--hf", action="store_true", help="also run transformers generate_batch (sync and async)")
     ap.add_argument("--only-hf", action="store_true")
-    ap.add_argument("--trace-dir", default=None, help="write Chrome traces of short default/reference runs here")
+    ap.add_argument("--trace-dir", default=None, help="write Chrome traces of the --trace-engines runs here")
+    ap.add_argument("--trace-engines", default=f"{DEFAULT},{REFERENCE}")
+    ap.add_argument("--trace-new", type=int, default=48, help="new tokens per request in a traced run")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers"])
     ap.add_argument("--block-size", type=int, default=16)
@@ -268,8 +270,8 @@ def main() -> None:
                   f"busy {_fmt(r['busy_fraction'], '.4f')}, roofline {_fmt(r['roofline_fraction'], '.3f')} "
                   f"({time.perf_counter() - t:.0f}s)", flush=True)
             save()
-            if trace and name in (DEFAULT, REFERENCE):
-                run_engine(model, ENGINES[name], prompts, 48, args, trace_path=trace)
+            if trace and name in args.trace_engines.split(","):
+                run_engine(model, ENGINES[name], prompts, args.trace_new, args, trace_path=trace)
         for b in [int(x) for x in args.batches.split(",") if x]:
             r = run_engine(model, ENGINES[DEFAULT], make_prompts(b, args.prompt, vocab, seed=b), args.scale_new, args)
             r.pop("tokens")
