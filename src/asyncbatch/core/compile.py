@@ -54,6 +54,11 @@ def set_compiled(model: Any, compiled: bool, *, mode: str | None = None) -> None
         attention_modules(model)  # fail now, not in the middle of a step
         # Engines differ in cache size, steps in token count: neither should trigger a recompilation.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # Compile in this process: a pool of compile workers keeps running after the compile and steals the
+        # host's cores (measured on an H200 machine: 23 ms of host time per step instead of 1.5 ms, for seconds).
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
     changed = 0
     for layer in layers:
         if compiled and getattr(layer, "_compiled_call_impl", None) is None:
