@@ -51,7 +51,7 @@ def load(path: Path) -> list[dict]:
 def compute_gaps(events: list[dict], first: int, last: int) -> list[float]:
     comps = sorted((e for e in events if e["name"] == "comp" and first <= e["batch"] <= last),
                    key=lambda e: e["start"])
-    return [b["start"] - a["end"] for a, b in zip(comps, comps[1:])]
+    return [b["start"] - a["end"] for a, b in zip(comps, comps[1:], strict=False)]
 
 
 def draw(ax, title: str, events: list[dict], first: int, steps: int) -> None:
@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     fig, axes = plt.subplots(len(TRACES), 1, figsize=(11, 6.4))
-    for ax, (title, path) in zip(axes, TRACES):
+    for ax, (title, path) in zip(axes, TRACES, strict=True):
         events = load(path)
         window = [e for e in events if e["name"] == "comp" and args.first_batch <= e["batch"]
                   < args.first_batch + args.steps]

@@ -221,7 +221,8 @@ def components() -> str:
             parts.append("Presets build a transformers config with random weights (no download). They take no "
                          "parameters; `engine.model.overrides` changes fields of the built config.\n")
             parts.append("| `engine.model.preset` | model |\n|---|---|")
-            parts += [f"| `{c.name}` | {_doc(c.factory) or c.description} |" for c in registry]
+            parts += [f"| `{c.name}` | {(_doc(c.factory) or c.description).replace('|', '&#124;')} |"
+                      for c in registry]
             parts.append("")
             continue
         for comp in registry:
