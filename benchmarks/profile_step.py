@@ -84,7 +84,7 @@ def main() -> None:
         per_cat[category(name)] += us
         n_cat[category(name)] += per_n[name]
     print(f"decode step (batch {args.batch}, context ~{args.context}, compile {args.compile}): kernel time "
-          f"{total / 1e3:.2f} ms in {sum(per_n.values()):.0f} kernels; graph-replayed step measured "
+          f"{total / 1e3:.2f} ms in {sum(per_n.values()):.0f} kernels; eager-launched step took "
           f"{measured:.2f} ms")
     for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:10s} {us / 1e3:6.2f} ms  {100 * us / total:5.1f}%  {n_cat[cat]:6.0f} kernels")
