@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="virtual GPU busy fraction of every pipeline combination for given per-step costs",
         description="Run buffers (single, double, n_slot 3) x streams (one, two, three) x graphs (eager, per_slot) "
                     "on the sim runtime with a cost model, and compare with the analytic expectation. Host cpu "
-                    "time is split 75%% prep / 25%% update; launch cost is charged on top of it.")
+                    "time is split 75% prep / 25% update; launch cost is charged on top of it.")
     sim.add_argument("--gpu-ms", type=float, default=28.0, help="compute time per step (default 28)")
     sim.add_argument("--cpu-ms", type=float, default=8.3,
                      help="host work per step besides the launch: schedule, prepare, update (default 8.3)")

@@ -16,7 +16,7 @@ class ConfigError(AsyncBatchError, ValueError):
         self.valid = sorted(valid) if valid is not None else None
         text = f"{key}: {message}" if key else message
         if self.valid is not None:
-            text += f" (valid: {', '.join(self.valid) if self.valid else 'none registered'})"
+            text += f" (valid: {', '.join(self.valid)})" if self.valid else " (valid: none)"
         super().__init__(text)
 
 

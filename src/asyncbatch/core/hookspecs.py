@@ -1,10 +1,12 @@
 """The public plugin contract of asyncbatch.
 
 A plugin is a module or object with functions marked `@asyncbatch.hookimpl` whose names match the specs below.
-Third-party packages expose one through the entry-point group ``asyncbatch``::
+Third-party packages expose one through the entry-point group ``asyncbatch`` in their `pyproject.toml`:
 
-    [project.entry-points.asyncbatch]
-    my_plugin = "my_package.plugin"
+```toml
+[project.entry-points.asyncbatch]
+my_plugin = "my_package.plugin"
+```
 
 Registration hooks receive a `register(name, factory, *, config=None, description="")` callback. `factory` is
 called as ``factory(config, **runtime_objects)``; `config` defaults to ``factory.Config`` and must be an attrs
