@@ -14,12 +14,12 @@ import random
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from strategies import combinations, engine_dict, geometries, workloads
+from test_pipeline_sim import check_invariants
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core.pipeline import EDGES, PipelineDebug
 from asyncbatch.core.runtime.sim import SimRuntime, SimRuntimeConfig
-from strategies import combinations, engine_dict, geometries, workloads
-from test_pipeline_sim import check_invariants
 
 RNG = random.Random(5)
 MIXED = [([RNG.randrange(512) for _ in range(RNG.randint(1, 24))], SamplingParams(max_new_tokens=RNG.randint(2, 8)))

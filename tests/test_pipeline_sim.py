@@ -13,12 +13,21 @@ import itertools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import (
+    BUFFERS,
+    GRAPHS,
+    SCHEDULERS,
+    STREAMS,
+    DataChooser,
+    combinations,
+    engine_dict,
+    geometries,
+    workloads,
+)
 
 from asyncbatch import Engine, EngineConfig
 from asyncbatch.core.pipeline import PipelineDebug
 from asyncbatch.core.runtime.sim import SimRuntime, SimRuntimeConfig
-from strategies import BUFFERS, GRAPHS, SCHEDULERS, STREAMS, DataChooser, combinations, engine_dict, geometries, \
-    workloads
 
 
 def _run(model, cfg_dict, work, runtime):

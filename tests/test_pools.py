@@ -12,13 +12,13 @@ import random
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from strategies import sampling_params
 
 from asyncbatch.core.book import RequestBook
 from asyncbatch.core.pools import DeferredPool
 from asyncbatch.core.requests import RequestState, Status
-from asyncbatch.core.types import Request, SamplingParams
+from asyncbatch.core.types import Request
 from asyncbatch.plugins.builtin import asyncbatch_register_schedulers
-from strategies import sampling_params
 
 
 class PoolMachine(RuleBasedStateMachine):
