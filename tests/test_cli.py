@@ -26,15 +26,6 @@ SMALL = ["--set", "workload.num_requests=8", "--set", "workload.prompt_len={dist
          "--set", "workload.output_len={dist: uniform, min: 3, max: 10}", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices on a small shared CPU: extra intra-op threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["--log-level", "warning", *argv])
     out, err = capsys.readouterr()

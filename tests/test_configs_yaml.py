@@ -19,14 +19,6 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 EXPECTED = {"default.yaml", "sweep-buffers.yaml", "online.yaml", "sim-study.yaml", "llama3-8b.yaml"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_shipped_configs_are_there():
     assert EXPECTED <= {p.name for p in CONFIGS}
 

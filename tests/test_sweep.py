@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from asyncbatch.cli import main
@@ -20,14 +19,6 @@ from asyncbatch.core.config import ExperimentConfig
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs" / "sweep-buffers.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:

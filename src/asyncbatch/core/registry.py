@@ -42,7 +42,7 @@ class Component:
             if params:
                 raise ConfigError(f"{key}.{next(iter(params))}", f"{self.family} {self.name!r} takes no parameters")
             return None
-        from .config import structure  # noqa: PLC0415  (config imports registry)
+        from .structure import structure  # noqa: PLC0415
 
         return structure(self.config_cls, params, key)
 

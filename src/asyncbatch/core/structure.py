@@ -1,0 +1,117 @@
+"""Structuring plain YAML data into frozen attrs configs (and back), with errors that name the dotted key."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+import attrs
+
+from .errors import ConfigError
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"{value!r} is not allowed", [str(a) for a in args])
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and attrs.has(tp):
+        if isinstance(value, tp):
+            return value
+        return structure(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def structure(cls: type, data: Any, key: str) -> Any:
+    """Build attrs class `cls` from a mapping, checking keys and types; errors name `key.field`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(key, f"expected a mapping of {cls.__name__} fields, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    hook = getattr(cls, "__structure_field__", None)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise ConfigError(f"{key}.{name}" if key else name, "unknown key", list(fields))
+        sub = f"{key}.{name}" if key else name
+        if hook is not None:
+            handled, value = hook(name, value, sub)
+            if handled:
+                kwargs[name] = value
+                continue
+        kwargs[name] = _convert(hints[name], value, sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # Validators know only their field name: prefix the path of this structure.
+        if key and not exc.key.startswith(key):
+            raise ConfigError(f"{key}.{exc.key.split('.')[-1]}" if exc.key else key, exc.message, exc.valid) from None
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key or cls.__name__, str(exc)) from exc
+
+
+def unstructure(value: Any) -> Any:
+    """The inverse of `structure`: plain dicts, lists and scalars, suitable for YAML/JSON."""
+    from .config import ComponentSpec  # noqa: PLC0415  (config builds on this module)
+
+    if isinstance(value, ComponentSpec):
+        out = {"name": value.name}
+        if value.config is not None:
+            out.update(unstructure(value.config))
+        return out
+    if attrs.has(type(value)):
+        return {f.name: unstructure(getattr(value, f.name)) for f in attrs.fields(type(value)) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [unstructure(v) for v in value]
+    if isinstance(value, dict):
+        return {k: unstructure(v) for k, v in value.items()}
+    return value
