@@ -1,0 +1,93 @@
+"""Configuration: every mistake fails at load time naming the dotted key and the valid choices; configs round
+trip through YAML; importing asyncbatch or a scheduler pulls in no torch, CUDA or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from asyncbatch import ConfigError, EngineConfig, ExperimentConfig, UnknownComponent
+
+
+@pytest.mark.parametrize("data,key,fragment", [
+    ({"bogus": 1}, "bogus", "valid: attention, batch, buffers, cache, compile, graphs, model, runtime"),
+    ({"scheduler": "fastest"}, "scheduler", "valid: fifo, prefill_first, priority, shortest_first"),
+    ({"buffers": {"name": "n_slot", "num_slots": 1}}, "buffers.num_slots", "at least 2 slots"),
+    ({"buffers": {"name": "n_slot", "num_slots": "3"}}, "buffers.num_slots", "expected an int"),
+    ({"batch": {"max_seqs": 0}}, "batch.max_seqs", "must be > 0"),
+    ({"batch": {"max_tokens": 8, "max_seqs": 16}}, "batch.max_seqs", "<= batch.max_tokens"),
+    ({"graphs": {"name": "per_slot", "max_capture": 5}}, "graphs.max_capture", "valid: decode_only, max_capture_tokens"),
+    ({"model": {"preset": "tiny", "dtype": "float8"}}, "model.dtype", "valid: auto, bfloat16"),
+    ({"model": {"preset": "tiny", "path": "/x"}}, "model", "exactly one of"),
+    ({"compile": "yes"}, "compile", "valid: auto, layers, none"),
+])
+def test_bad_engine_config_names_the_key(data, key, fragment):
+    """Unknown keys, unknown names, wrong types and bad values fail naming the key and the choices."""
+    with pytest.raises(ConfigError) as info:
+        EngineConfig.from_dict(data)
+
+    assert info.value.key.endswith(key)
+    assert fragment in str(info.value)
+
+
+def test_unknown_component_is_its_own_error():
+    """An unknown name is an UnknownComponent with the family and the registered names."""
+    with pytest.raises(UnknownComponent) as info:
+        EngineConfig.from_dict({"streams": "four"})
+
+    assert ("stream_topology", "four", ["one", "three", "two"]) == (info.value.family, info.value.name,
+                                                                    info.value.valid)
+
+
+def test_sweep_over_a_missing_key_fails_before_anything_is_built():
+    """A sweep key that names no config field is refused at load time, listing the keys that exist there."""
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_dict({"sweep": {"engine.batch.max_seq": [1, 2]}})
+
+    assert "sweep.engine.batch.max_seq" == info.value.key
+    assert "max_seqs" in str(info.value)
+
+
+def test_a_sweep_cell_with_a_bad_value_is_refused():
+    """Each cell is validated when the experiment loads."""
+    with pytest.raises(ConfigError, match="n_slot needs at least 2 slots"):
+        ExperimentConfig.from_dict({"engine": {"buffers": {"name": "n_slot"}},
+                                    "sweep": {"engine.buffers.num_slots": [3, 1]}})
+
+
+def test_experiment_round_trips_through_yaml(tmp_path):
+    """to_dict -> YAML -> from_yaml gives an equal config (the saved config.yaml reruns the same experiment)."""
+    exp = ExperimentConfig.from_dict({"engine": {"buffers": {"name": "n_slot", "num_slots": 4},
+                                                 "batch": {"max_tokens": 64, "max_seqs": 8}},
+                                      "workload": {"name": "synthetic", "num_requests": 5},
+                                      "sampling": {"temperature": 0.5, "stop_token_ids": [2]},
+                                      "sweep": {"engine.scheduler.name": ["fifo", "priority"]}})
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp.to_dict()))
+
+    assert exp == ExperimentConfig.from_yaml(path)
+    assert 2 == len(exp.sweep_cells())
+
+
+def test_overrides_apply_dotted_keys(tmp_path):
+    """`--set a.b=c` values are YAML: numbers, booleans, lists and component names."""
+    path = tmp_path / "e.yaml"
+    path.write_text("engine: {buffers: double}\nworkload: synthetic\n")
+
+    exp = ExperimentConfig.from_yaml(path, overrides=["engine.buffers=single", "workload.num_requests=3",
+                                                      "engine.batch.token_buckets=[4, 8]"])
+
+    assert ("single", 3, (4, 8)) == (exp.engine.buffers.name, exp.workload.config.num_requests,
+                                     exp.engine.batch.token_buckets)
+
+
+def test_import_is_light():
+    """`import asyncbatch` and the scheduler module import neither torch nor transformers."""
+    code = ("import sys, asyncbatch, asyncbatch.strategies.schedulers, asyncbatch.core.config; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    assert "[]" == out.strip()
