@@ -134,7 +134,6 @@ class Pipeline:
         self.rt.synchronize()
         return steps
 
-
     # ------------------------------------------------------------------ prep
     def _prepare(self, k: int, book: RequestBook) -> InFlight | None:
         s = self.buffers.slot_for(k)
