@@ -48,7 +48,8 @@ def preset_config(cfg: ModelConfig, host: Any) -> Any:
 
 
 def build_model(cfg: ModelConfig, host: Any) -> tuple[Any, Any]:
-    """(model, tokenizer or None), on the configured device and dtype, switched to asyncbatch attention."""
+    """(model, tokenizer or None), on the configured device and dtype. The engine switches it to asyncbatch
+    attention (`prepare_model`) when it wraps it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +72,7 @@ def build_model(cfg: ModelConfig, host: Any) -> tuple[Any, Any]:
             tokenizer = load_tokenizer(str(path))
     if cfg.tokenizer is not None:
         tokenizer = load_tokenizer(cfg.tokenizer)
-    return prepare_model(model), tokenizer
+    return model.eval(), tokenizer
 
 
 def load_tokenizer(path: str) -> Any:
