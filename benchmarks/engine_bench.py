@@ -33,11 +33,12 @@ ENGINES = {
     "single/one/per_slot": ("single", "one", "per_slot"),
     "double/two/per_slot": ("double", "two", "per_slot"),
     "double/three/per_slot": ("double", "three", "per_slot"),
+    "double/three/mixed": ("double", "three", "mixed"),
     "n_slot3/three/per_slot": ({"name": "n_slot", "num_slots": 3}, "three", "per_slot"),
     "double/three/eager": ("double", "three", "eager"),
     "double/three/staged": ("double", "three", "staged"),
 }
-DEFAULT = "double/three/per_slot"
+DEFAULT = "double/three/mixed"
 REFERENCE = "single/one/eager"
 
 
@@ -126,7 +127,7 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
     engine = Engine.from_model(model, cfg)
     kv_total = sum(t.numel() * t.element_size() for t in (*engine.k_cache, *engine.v_cache))
     # Untimed warm-up run: compiles the Triton kernels and captures the decode graph of this batch size.
-    engine.run(engine.make_requests(prompts, SamplingParams(max_new_tokens=4)))
+    engine.run(engine.make_requests(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True)))
     engine.warmup(sizes=[batch])
     torch.cuda.synchronize()
     memory = engine.memory_report()
@@ -134,7 +135,8 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
     if trace_path:
         engine.runtime.record_spans = True
         engine.runtime.config = type(engine.runtime.config)(timing=True, trace_copies=True)
-    requests = engine.make_requests(prompts, SamplingParams(max_new_tokens=new_tokens))
+    # Fixed lengths: the preset's random weights may sample its EOS id, which would end a request early.
+    requests = engine.make_requests(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     with NvmlSampler() as nvml:
         result = engine.run(requests)
     torch.cuda.synchronize()

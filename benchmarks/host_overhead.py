@@ -34,7 +34,7 @@ def measure(batch: int, prompt: int, new: int, threads: int) -> dict:
     rng = random.Random(0)
     prompts = [[rng.randrange(512) for _ in range(prompt)] for _ in range(batch)]
     engine.generate(prompts[: min(batch, 8)], SamplingParams(max_new_tokens=4))  # warm up
-    result = engine.run(engine.make_requests(prompts, SamplingParams(max_new_tokens=new)))
+    result = engine.run(engine.make_requests(prompts, SamplingParams(max_new_tokens=new, ignore_eos=True)))
     decode = [s for s in result.steps if s.num_decode == s.num_seqs == batch]
     ms = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     return {

@@ -59,7 +59,7 @@ def main() -> None:
     def kernels(new_tokens: int) -> tuple[dict, dict]:
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens))
+            engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
             torch.cuda.synchronize()
         time_us: dict[str, float] = defaultdict(float)
         count: dict[str, int] = defaultdict(int)

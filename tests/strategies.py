@@ -9,7 +9,7 @@ from asyncbatch import SamplingParams
 VOCAB = 512
 BUFFERS = ["single", "double", {"name": "n_slot", "num_slots": 3}, {"name": "n_slot", "num_slots": 4}]
 STREAMS = ["one", "two", "three"]
-GRAPHS = ["eager", "per_slot", "staged"]
+GRAPHS = ["eager", "per_slot", "staged", "mixed"]
 SCHEDULERS = ["fifo", "prefill_first", "shortest_first", "priority"]
 
 
@@ -39,10 +39,12 @@ def workloads(draw, min_requests: int = 1, max_requests: int = 10, max_prompt: i
 
 def engine_dict(buffers, streams, graphs, scheduler, *, max_tokens=32, max_seqs=8, num_blocks=48, block_size=4,
                 runtime="sim") -> dict:
+    # `mixed` captures steps holding prefill chunks only with an attention launch fixed by padded counts.
+    attention = {"name": "sdpa", "static_shapes": True} if graphs == "mixed" else "auto"
     return {
         "model": {"preset": "tiny", "dtype": "float64", "device": "cpu"},
         "runtime": runtime, "buffers": buffers, "streams": streams, "graphs": graphs, "scheduler": scheduler,
-        "batch": {"max_tokens": max_tokens, "max_seqs": max_seqs},
+        "attention": attention, "batch": {"max_tokens": max_tokens, "max_seqs": max_seqs},
         "cache": {"num_blocks": num_blocks, "block_size": block_size},
     }
 

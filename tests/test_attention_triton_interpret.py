@@ -123,6 +123,23 @@ def test_mixed_step(block_size, heads, window):
     run_both(inputs, meta, nb, window=window)
 
 
+@pytest.mark.parametrize("seqs,pad_tokens,pad_seqs", [
+    ([(0, 1)] * 3 + [(20, 30)], 2, 4),              # decodes first, one chunk whose tiles start mid-tile
+    ([(5, 15), (0, 17), (9, 1), (2, 33)], 0, 0),    # no padding at all: the tile bound is tight
+    ([(0, 64)], 64, 7),                              # one prefill, half the tokens and most sequences padded
+])
+def test_mixed_launch_from_padded_counts_only(seqs, pad_tokens, pad_seqs):
+    """The mixed grid comes from padded tokens and sequences (the step's real longest query is not passed), so
+    any mix with the same padded counts replays one captured graph; every real token still gets its attention."""
+    gen = torch.Generator().manual_seed(len(seqs) * 31 + pad_tokens)
+    inputs, meta, nb = make_step(gen, seqs, pad_tokens=pad_tokens, pad_seqs=pad_seqs, block_size=16,
+                                 q_heads=8, kv_heads=2, head_dim=32)
+    padded = attrs.evolve(meta, max_query=inputs[0].shape[0])  # what the pipeline passes for static launches
+    out = run_both(inputs, padded, nb, window=None)
+    expected = run_both([t.clone() for t in inputs], meta, nb, window=None)
+    assert torch.equal(expected, out)
+
+
 @pytest.mark.parametrize("block_size,splits,window", [(16, 1, None), (32, 0, None), (16, 0, 20), (32, 1, 20)])
 def test_decode_step(block_size, splits, window):
     """splits=1 writes the output directly; 0 (auto) splits each context and combines the parts."""

@@ -21,7 +21,7 @@ from asyncbatch import ConfigError, EngineConfig, ExperimentConfig, UnknownCompo
     ({"batch": {"max_tokens": 8, "max_seqs": 16}}, "batch.max_seqs", "<= batch.max_tokens"),
     ({"graphs": {"name": "per_slot", "max_capture": 5}}, "graphs.max_capture", "valid: decode_only, max_capture_tokens"),
     ({"model": {"preset": "tiny", "dtype": "float8"}}, "model.dtype", "valid: auto, bfloat16"),
-    ({"model": {"preset": "tiny", "path": "/x"}}, "model", "exactly one of"),
+    ({"model": {"preset": "tiny", "path": "/x"}}, "model", "give one of 'preset'"),
     ({"compile": "yes"}, "compile", "valid: auto, layers, none"),
 ])
 def test_bad_engine_config_names_the_key(data, key, fragment):
@@ -31,6 +31,49 @@ def test_bad_engine_config_names_the_key(data, key, fragment):
 
     assert info.value.key.endswith(key)
     assert fragment in str(info.value)
+
+
+def test_model_path_alone_is_a_checkpoint_and_neither_is_the_tiny_preset():
+    """`model: {path: DIR}` needs no `preset: null`; with neither given the `tiny` preset is built. The fields
+    keep what was given, so that the config round trips."""
+    by_path = EngineConfig.from_dict({"model": {"path": "/ckpt"}}).model
+    default = EngineConfig.from_dict({}).model
+    named = EngineConfig.from_dict({"model": {"preset": "small"}}).model
+
+    assert (None, "/ckpt", None) == (by_path.preset, by_path.path, by_path.source_preset)
+    assert (None, None, "tiny") == (default.preset, default.path, default.source_preset)
+    assert ("small", None, "small") == (named.preset, named.path, named.source_preset)
+
+
+def test_model_preset_and_path_together_name_both():
+    """Both given is an error on `model` that names both keys and both values."""
+    with pytest.raises(ConfigError) as info:
+        EngineConfig.from_dict({"model": {"preset": "tiny", "path": "/ckpt"}})
+
+    assert "model" == info.value.key
+    assert ("give one of 'preset' (random weights, got 'tiny') or 'path' (local checkpoint, got '/ckpt'), not both"
+            == info.value.message)
+
+
+@pytest.mark.parametrize("model", [{}, {"path": "/ckpt"}, {"preset": "tiny-qwen3", "dtype": "float32"}])
+def test_model_section_round_trips_through_yaml(model, tmp_path):
+    """A saved config reloads equal, whether it named a preset, a path, or neither."""
+    exp = ExperimentConfig.from_dict({"engine": {"model": model}})
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp.to_dict()))
+
+    assert exp == ExperimentConfig.from_yaml(path)
+    assert exp.engine == EngineConfig.from_dict(exp.engine.to_dict())
+
+
+def test_a_sweep_over_model_path_needs_no_preset_null():
+    """Sweeping `engine.model.path` over a base that names no preset gives one checkpoint cell per path; over a
+    base that names a preset every cell has both, which is refused at load time."""
+    cells = ExperimentConfig.from_dict({"sweep": {"engine.model.path": ["/a", "/b"]}}).sweep_cells()
+
+    assert [("/a", None), ("/b", None)] == [(c.engine.model.path, c.engine.model.source_preset) for _, c in cells]
+    with pytest.raises(ConfigError, match="not both"):
+        ExperimentConfig.from_dict({"engine": {"model": {"preset": "tiny"}}, "sweep": {"engine.model.path": ["/a"]}})
 
 
 def test_unknown_component_is_its_own_error():

@@ -72,7 +72,8 @@ def test_gpu_benchmark_shape():
     assert e.batch.max_seqs == 32 and w.num_requests == 32
     assert (w.prompt_len.dist, w.prompt_len.value, w.output_len.dist, w.output_len.value) == ("fixed", 128,
                                                                                                 "fixed", 1024)
-    assert (e.buffers.name, e.streams.name, e.graphs.name) == ("double", "three", "per_slot")
+    assert (e.buffers.name, e.streams.name, e.graphs.name) == ("double", "three", "mixed")
+    assert cfg.sampling.ignore_eos  # fixed lengths: random weights may sample the EOS id
 
 
 def test_sim_study_is_a_virtual_time_study():

@@ -1,8 +1,10 @@
 """Greedy outputs equal `model.generate()` of transformers, token for token, on four architectures; also with
-chunked prefill forced (a small token budget) and with preemption forced (a cache too small for all)."""
+chunked prefill forced (a small token budget) and with preemption forced (a cache too small for all). With the
+model's EOS on, requests stop where `generate()` stops, also when the asynchronous pipeline learns it late."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -60,7 +62,7 @@ def test_greedy_matches_transformers_generate(model_factory, references, arch, s
     cfg = EngineConfig.from_dict({"runtime": "cpu", **SETTINGS[setting]})
     engine = Engine.from_model(model_factory(arch), cfg)
 
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
 
     assert refs[arch] == [o.token_ids for o in outputs]
     assert ["length"] * len(prompts) == [o.finish_reason for o in outputs]
@@ -78,7 +80,103 @@ def test_async_sim_pipeline_matches_transformers(model_factory, references):
                                   "cache": {"num_blocks": 40, "block_size": 8}})
     engine = Engine.from_model(model_factory("tiny-llama"), cfg)
 
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
 
     assert refs["tiny-llama"] == [o.token_ids for o in outputs]
     assert [] == engine.runtime.conflicts
+
+
+# ---------------------------------------------------------------- EOS on
+
+
+def _eos_candidate(refs: list[tuple[int, ...]]) -> int:
+    """A token greedy decoding emits early (the 3rd token of some prompt) that ends some outputs but not all, so
+    that both finish reasons occur."""
+    for out in refs:
+        token = out[2]
+        hits = sum(token in r for r in refs)
+        if 0 < hits < len(refs):
+            return token
+    raise AssertionError("no early token ends only some of the outputs")
+
+
+def _trim_after_eos(tokens: tuple[int, ...], eos: int) -> tuple[int, ...]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+class _EosSet:
+    """Sets `model.generation_config.eos_token_id` (what both generate() and the engine read), restores it on exit:
+    models are session fixtures shared with other tests."""
+
+    def __init__(self, model, eos: int) -> None:
+        self.model, self.eos = model, eos
+
+    def __enter__(self):
+        self.previous = self.model.generation_config.eos_token_id
+        self.model.generation_config.eos_token_id = self.eos
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.generation_config.eos_token_id = self.previous
+
+
+def _hf_greedy_eos(model, prompts: list[list[int]], new_tokens: int) -> list[tuple[int, ...]]:
+    """generate() with the model's own generation config (its EOS on, as set by `_EosSet`)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.update(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=None, pad_token_id=0)
+    try:
+        out = []
+        with torch.no_grad():
+            for p in prompts:
+                x = torch.tensor([p])
+                ids = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
+                out.append(tuple(ids[0, len(p):].tolist()))
+        return out
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@pytest.fixture(scope="module")
+def eos_references(model_factory, references):
+    """Per architecture: the EOS chosen from the EOS-free reference, and generate()'s outputs with it on."""
+    prompts, refs = references
+    out = {}
+    for arch in ARCHITECTURES:
+        eos = _eos_candidate(refs[arch])
+        with _EosSet(model_factory(arch), eos) as model:
+            out[arch] = eos, _hf_greedy_eos(model, prompts, NEW_TOKENS)
+    return out
+
+
+EOS_SETTINGS = {
+    "cpu": {"runtime": "cpu"},
+    # Three steps in flight on the reordering sim runtime: a request's EOS is learnt steps after it was sampled,
+    # while its later tokens are already scheduled; those must never be returned.
+    "sim_n_slot3": {"runtime": "sim", "buffers": {"name": "n_slot", "num_slots": 3},
+                    "batch": {"max_tokens": 32, "max_seqs": 8}, "cache": {"num_blocks": 40, "block_size": 8}},
+}
+
+
+@pytest.mark.parametrize("setting", list(EOS_SETTINGS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_model_eos_stops_requests_like_transformers_generate(model_factory, references, eos_references, arch,
+                                                             setting):
+    """With the model's EOS on (the default), each request's tokens equal generate()'s output up to and including
+    the first EOS; finish reason `stop` exactly where generate() stopped at EOS, `length` elsewhere."""
+    prompts, refs = references
+    eos, hf = eos_references[arch]
+    with _EosSet(model_factory(arch), eos) as model:
+        engine = Engine.from_model(model, EngineConfig.from_dict(EOS_SETTINGS[setting]))
+
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+
+    assert (eos,) == engine.eos_ids
+    assert [_trim_after_eos(r, eos) for r in refs[arch]] == hf  # generate() itself stops at the first EOS
+    assert hf == [o.token_ids for o in outputs]
+    expected_reasons = ["stop" if eos in r else "length" for r in hf]
+    assert expected_reasons == [o.finish_reason for o in outputs]
+    assert {"stop", "length"} == set(expected_reasons)
+    if setting.startswith("sim"):
+        assert [] == engine.runtime.conflicts

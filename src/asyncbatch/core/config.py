@@ -71,9 +71,17 @@ def _spec_field(family: str, default: str) -> Any:
 
 @attrs.frozen
 class ModelConfig:
-    """Where the model comes from: a random-weight `preset` (built from a config) or a local pretrained `path`."""
+    """Where the model comes from: a random-weight `preset` (built from a config) or a local pretrained checkpoint
+    directory `path` (as written by `save_pretrained`). Give one of them, not both; with neither, the `tiny`
+    preset is built.
+    """
 
-    preset: str | None = "tiny"
+    # Not a field (no annotation): what neither `preset` nor `path` means. The fields keep what was given (`preset`
+    # stays None when left out) so that a saved config, or a sweep cell that sets `path`, reloads the same way;
+    # `source_preset` is the preset actually built.
+    default_preset = "tiny"
+
+    preset: str | None = None
     path: str | None = None
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -82,8 +90,16 @@ class ModelConfig:
     tokenizer: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        if (self.preset is None) == (self.path is None):
-            raise ConfigError("model", "give exactly one of 'preset' (random weights) or 'path' (local checkpoint)")
+        if self.preset is not None and self.path is not None:
+            raise ConfigError("model", f"give one of 'preset' (random weights, got {self.preset!r}) or 'path' "
+                                       f"(local checkpoint, got {self.path!r}), not both")
+
+    @property
+    def source_preset(self) -> str | None:
+        """The preset to build: `preset`, else `tiny` when no `path` is given; None for a checkpoint."""
+        if self.path is not None:
+            return None
+        return self.preset if self.preset is not None else self.default_preset
 
 
 @attrs.frozen
@@ -137,6 +153,24 @@ class BatchConfig:
         raise ValueError(f"{n} tokens exceed batch.max_tokens={self.max_tokens}")
 
 
+@attrs.frozen
+class StartupConfig:
+    """What building an engine does before any run is timed.
+
+    `warmup`: `auto` compiles and captures, at build time, every step shape a run can need (every decode bucket up
+    to `batch.max_seqs`, and every mixed-step shape the graph policy captures) where steps are captured in device
+    graphs (the `cuda` runtime); `always` does it on every runtime (on `sim` it proves that a run captures
+    nothing); `never` leaves compile and capture to the first steps that need them, inside the timed run.
+    `compile_cache`: a directory that keeps torch.compile's artifacts across processes, so a second run of the
+    same model starts in seconds (null: torch's own default; the `TORCHINDUCTOR_CACHE_DIR` variable wins).
+    `progress`: a progress bar while warming up (on a terminal only).
+    """
+
+    warmup: Literal["auto", "always", "never"] = "auto"
+    compile_cache: str | None = "~/.cache/asyncbatch/compile"
+    progress: bool = True
+
+
 _ENGINE_FAMILIES = {
     "runtime": "runtime",
     "scheduler": "scheduler",
@@ -161,11 +195,12 @@ class EngineConfig:
     scheduler: ComponentSpec = ComponentSpec("fifo")
     buffers: ComponentSpec = ComponentSpec("double")
     streams: ComponentSpec = ComponentSpec("three")
-    graphs: ComponentSpec = ComponentSpec("per_slot")
+    graphs: ComponentSpec = ComponentSpec("mixed")
     attention: ComponentSpec = ComponentSpec("auto")
     cache: CacheConfig = CacheConfig()
     batch: BatchConfig = BatchConfig()
     compile: Literal["auto", "none", "layers"] = "auto"
+    startup: StartupConfig = StartupConfig()
     seed: int = 0
 
     @classmethod
@@ -214,6 +249,7 @@ class _EngineScalars:
     cache: CacheConfig = CacheConfig()
     batch: BatchConfig = BatchConfig()
     compile: Literal["auto", "none", "layers"] = "auto"
+    startup: StartupConfig = StartupConfig()
     seed: int = 0
 
 

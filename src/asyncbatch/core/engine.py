@@ -6,6 +6,7 @@ import gc
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -15,12 +16,13 @@ from .attention_api import AttentionContext, activate, deactivate
 from .book import RequestBook
 from .config import EngineConfig
 from .errors import ConfigError, RequestError, UnsupportedError
-from .layout import HostBatchWriter, SlotLayout, StepShape
-from .models import build_model, model_geometry, prepare_model
+from .layout import HostBatchWriter, SlotLayout
+from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
 from .plugin_host import PluginHost, get_plugin_host
 from .requests import RequestState, Status
 from .runtime.base import Runtime
+from .startup import Warmup, request_modes, use_compile_cache
 from .stats import RunSummary, StepStats
 from .step import StepBody
 from .types import Output, Request, SamplingParams, TokenEvent
@@ -48,11 +50,13 @@ class Engine:
                  runtime: Runtime | None = None, debug: PipelineDebug = PipelineDebug()) -> None:
         import torch
 
+        built = time.perf_counter()
         self.host = host or get_plugin_host()
         self.config = config = config.with_defaults_resolved(self.host)
         self.model = prepare_model(model)
         self.tokenizer = tokenizer
         geo = self.geometry = model_geometry(model)
+        self.eos_ids = eos_token_ids(model, geo["vocab"])
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         self.runtime = runtime or self._build_runtime(device)
@@ -76,6 +80,8 @@ class Engine:
         # time per layer than fusion saves on the device.
         self.compiled = config.compile == "layers" or (
             config.compile == "auto" and self.runtime.graph_support == "native" and graph_spec.name != "eager")
+        if self.compiled:
+            use_compile_cache(config.startup.compile_cache)
 
         cache = config.cache
         bs = cache.block_size
@@ -105,6 +111,14 @@ class Engine:
         log.info("engine: runtime=%s scheduler=%s buffers=%s streams=%s graphs=%s attention=%s; %d KV blocks of %d "
                  "tokens, max_len %d", self.runtime.name, config.scheduler.name, config.buffers.name,
                  config.streams.name, graph_spec.name, self.attention_name, num_blocks, bs, self.max_len)
+        self.warm = Warmup(self.pipeline, graphs, compiled=self.compiled, progress=config.startup.progress)
+        warm = config.startup.warmup
+        self.warms_up = warm == "always" or (warm == "auto" and self.runtime.graph_support == "native")
+        if self.warms_up:
+            self.warmup(modes=("greedy",))
+        #: Seconds spent building (and warming up) that no run has reported yet; the next run's summary carries
+        #: them as `startup_s` and resets this.
+        self.startup_s = time.perf_counter() - built
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -113,8 +127,12 @@ class Engine:
         """Build the model described by `config.model`, then the engine around it."""
         host = host or get_plugin_host()
         config = config.with_defaults_resolved(host)
+        start = time.perf_counter()
         model, tokenizer = build_model(config.model, host)
-        return cls(model, config, tokenizer=tokenizer, host=host, runtime=runtime, debug=debug)
+        built = time.perf_counter() - start
+        engine = cls(model, config, tokenizer=tokenizer, host=host, runtime=runtime, debug=debug)
+        engine.startup_s += built
+        return engine
 
     @classmethod
     def from_model(cls, model: Any, config: EngineConfig | None = None, *, tokenizer: Any = None,
@@ -186,7 +204,7 @@ class Engine:
     def _state(self, request: Request, index: int) -> RequestState:
         req = RequestState(request, index, self.max_len,
                            request.params.seed if request.params.seed is not None
-                           else _derive_seed(self.config.seed, index))
+                           else _derive_seed(self.config.seed, index), eos_ids=self.eos_ids)
         try:
             self._validate(request)
         except RequestError as exc:
@@ -251,6 +269,10 @@ class Engine:
                                if notify_finish else None)
             self._book = book
             self._bind_model()
+            if self.warms_up:  # sampling paths the build did not warm up, before the clock starts
+                self.startup_s += self.warm.modes(request_modes(r.params for r in states
+                                                                if r.status is not Status.FINISHED))
+            startup_s, self.startup_s = self.startup_s, 0.0
             rt = self.runtime
             rt.reset_timeline()
             start = rt.now()
@@ -268,7 +290,7 @@ class Engine:
             busy = rt.compute_busy()
             summary = RunSummary.build(outputs, steps, wall, busy_fraction=busy and busy.get("busy_fraction"),
                                        preemptions=book.num_preemptions,
-                                       hook_errors=len(host.hook_errors) - errors_before)
+                                       hook_errors=len(host.hook_errors) - errors_before, startup_s=startup_s)
             if host.has_lifecycle_impls("asyncbatch_run_finished"):
                 host.notify("asyncbatch_run_finished", summary=summary)
             self.last_result = RunResult(outputs, summary, steps)
@@ -347,20 +369,23 @@ class Engine:
         if book is not None:
             book.cancelled.add(request_id)
 
-    def warmup(self, sizes: Sequence[int] | None = None) -> int:
-        """Capture decode graphs ahead of time, largest first (so the shared pool is sized once): for the padded
-        batch sizes of `sizes`, or for every bucket up to `batch.max_seqs`. Returns how many were captured."""
-        cfg = self.config.batch
-        wanted = {cfg.pad_tokens(n) for n in sizes} if sizes else {t for t in cfg.buckets() if t <= cfg.max_seqs}
-        kv = 1 if self.backend.needs_kv_blocks else 0
-        shapes = [StepShape(t, min(t, cfg.max_seqs), 1, kv, "greedy", True) for t in sorted(wanted)]
-        shapes = [s for s in shapes if self.graphs.uses_graph(s)]
-        if not shapes:
-            return 0
+    def warmup(self, sizes: Sequence[int] | None = None, *, modes: Sequence[str] = ("greedy",)) -> int:
+        """Compile and capture ahead of time, so that runs replay and never capture.
+
+        Without `sizes`: every step shape a run can produce with the sampling paths `modes` (`greedy`, `sample`,
+        `filter`) that the graph policy captures: all decode buckets up to `batch.max_seqs` and, where the attention
+        backend's launch depends on padded counts only, one mixed prefill+decode shape per token bucket. With
+        `sizes`: the decode buckets of those batch sizes only. Returns how many (shape, slot) pairs ran.
+        """
         with self._lock:
             self._bind_model()
             try:
-                return self.pipeline.warmup(shapes)
+                shapes, complete = self.warm.plan(modes)
+                if sizes:
+                    wanted = {self.config.batch.pad_tokens(n) for n in sizes}
+                    shapes, complete = [s for s in shapes if s.is_decode and s.tokens in wanted], False
+                self.warm.run(shapes, modes, complete)
+                return len(shapes) * self.pipeline.num_slots
             finally:
                 deactivate()
                 self._restore_gc()

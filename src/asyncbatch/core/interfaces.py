@@ -79,7 +79,13 @@ class StreamTopology(ABC):
 
 
 class GraphContext(ABC):
-    """What the engine gives a graph policy: the compute body, slot buffers, and capture."""
+    """What the engine gives a graph policy: the compute body, slot buffers, and capture.
+
+    `static_mixed` tells whether steps holding prefill chunks have a bounded set of shapes (the attention
+    backend's launch depends only on padded counts): only then can they be captured ahead of a run.
+    """
+
+    static_mixed: bool = False
 
     @abstractmethod
     def body(self, slot_buffers: Any, shape: StepShape) -> None:
@@ -144,6 +150,12 @@ class AttentionBackend(ABC):
 
     #: Whether the launch depends on the padded context length (then `StepShape.kv_blocks` is part of graph keys).
     needs_kv_blocks: bool = False
+    #: Whether the launch of a step holding prefill chunks depends on its longest query (`StepShape.max_query`,
+    #: then part of graph keys). A backend that reads query lengths on the device and sizes its launch from the
+    #: padded token and sequence counts alone sets False; with `needs_kv_blocks` also False, every mix of prefill
+    #: chunks and decodes with the same padded token count replays one graph, so mixed steps can be captured
+    #: ahead of time (see `has_static_launch`).
+    needs_max_query: bool = True
     #: Rank for `attention: auto` (highest available wins); None never takes part in `auto`.
     auto_priority: int | None = None
 
@@ -151,6 +163,11 @@ class AttentionBackend(ABC):
     def forward(self, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float,
                 sliding_window: int | None) -> Any:
         """q [T, Hq, D], k/v [T, Hkv, D], caches [num_blocks, block_size, Hkv, D] -> output [T, Hq, D]."""
+
+    @property
+    def has_static_launch(self) -> bool:
+        """True when a step's launch depends only on its padded token count, sequence count and sampling path."""
+        return not self.needs_kv_blocks and not self.needs_max_query
 
     def check(self, device: Any, dtype: Any, head_dim: int, block_size: int) -> None:
         """Called once at engine build. Raise `UnsupportedError` with the reason if this backend cannot run

@@ -37,7 +37,7 @@ def resolve_dtype(name: str, device: Any) -> Any:
 
 def preset_config(cfg: ModelConfig, host: Any) -> Any:
     """The transformers config of a preset, with `overrides` applied (each key must exist)."""
-    component = host.registry("model_preset").get(cfg.preset, "engine.model.preset")
+    component = host.registry("model_preset").get(cfg.source_preset, "engine.model.preset")
     hf_config = component.factory(component.make_config({}, "engine.model.preset"))
     for key, value in cfg.overrides.items():
         if not hasattr(hf_config, key):
@@ -49,30 +49,133 @@ def preset_config(cfg: ModelConfig, host: Any) -> Any:
 
 def build_model(cfg: ModelConfig, host: Any) -> tuple[Any, Any]:
     """(model, tokenizer or None), on the configured device and dtype. The engine switches it to asyncbatch
-    attention (`prepare_model`) when it wraps it."""
+    attention (`prepare_model`) when it wraps it.
+
+    A `path` that is not a loadable checkpoint fails with a one-line `ConfigError` on `engine.model.path` that
+    says what is missing; the cheap checks (directory, config.json, architecture, weight files) run before any
+    weights are read."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = None
-    if cfg.preset is not None:
+    preset = cfg.source_preset
+    if preset is not None:
         hf_config = preset_config(cfg, host)
         torch.manual_seed(cfg.seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        log.info("built %s with random weights (seed %d), %.2fB parameters, %s on %s", cfg.preset, cfg.seed,
+        log.info("built %s with random weights (seed %d), %.2fB parameters, %s on %s", preset, cfg.seed,
                  sum(p.numel() for p in model.parameters()) / 1e9, dtype, device)
     else:
-        path = Path(cfg.path)
-        if not path.is_dir():
-            raise ConfigError("engine.model.path", f"no such checkpoint directory: {path}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+        path = Path(cfg.path).expanduser()
+        hf_config = checkpoint_config(path)
+        model = _load_weights(AutoModelForCausalLM, path, hf_config, dtype).to(device)
+        log.info("loaded %s (%s) from %s, %.2fB parameters, %s on %s", type(model).__name__, hf_config.model_type,
+                 path, sum(p.numel() for p in model.parameters()) / 1e9, dtype, device)
         if cfg.tokenizer is None and (path / "tokenizer_config.json").is_file():
-            tokenizer = load_tokenizer(str(path))
+            tokenizer = _load_tokenizer_or_fail(str(path), _PATH_KEY)
     if cfg.tokenizer is not None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = _load_tokenizer_or_fail(cfg.tokenizer, "engine.model.tokenizer")
     return model.eval(), tokenizer
+
+
+_PATH_KEY = "engine.model.path"
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model*.bin.index.json")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def checkpoint_config(path: Path) -> Any:
+    """The transformers config of the checkpoint directory `path`, after checking (without reading weights) that
+    it holds a config of a known causal-LM architecture and weight files; `ConfigError` naming what is missing."""
+    import json
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not path.exists():
+        raise ConfigError(_PATH_KEY, f"no such checkpoint directory: {path}")
+    if not path.is_dir():
+        raise ConfigError(_PATH_KEY, f"{path} is a file, not a checkpoint directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(_PATH_KEY, f"{path} has no config.json: not a transformers checkpoint directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(_PATH_KEY, f"{config_file} is unreadable: {_first_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(_PATH_KEY, f"{config_file} is unreadable: expected a JSON object, got "
+                                     f"{type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if not model_type or not isinstance(model_type, str):
+        raise ConfigError(_PATH_KEY, f"{config_file} has no 'model_type': cannot tell the architecture")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(_PATH_KEY, f"{config_file} names an unknown architecture: model_type {model_type!r} is "
+                                     "not known to this transformers version")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(_PATH_KEY, f"{config_file} names architecture {model_type!r}, which transformers cannot "
+                                     "load as a causal language model")
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise ConfigError(_PATH_KEY, f"{path} has no weights: no *.safetensors or pytorch_model*.bin file (nor "
+                                     "their index files)")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(_PATH_KEY, f"{config_file} is unreadable: {_first_line(exc)}") from exc
+
+
+def _load_weights(auto_cls: Any, path: Path, hf_config: Any, dtype: Any) -> Any:
+    """`from_pretrained`, with every failure (unreadable files, missing or mis-shaped tensors) a one-line
+    `ConfigError`. transformers' multi-line load report is silenced: its findings are raised or logged here; its
+    progress bar shows on a terminal only."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if bar and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        model, info = auto_cls.from_pretrained(path, config=hf_config, dtype=dtype, local_files_only=True,
+                                               output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as exc:  # noqa: BLE001  (any failure to read the weights is a bad checkpoint)
+        raise ConfigError(_PATH_KEY, f"cannot load the weights in {path}: {_first_line(exc)}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, got, want = mismatched[0]
+        raise ConfigError(_PATH_KEY, f"cannot load the weights in {path}: {len(mismatched)} tensor(s) of the wrong "
+                                     f"shape, e.g. {name} is {tuple(got)} in the checkpoint but {tuple(want)} in "
+                                     f"the model its config.json describes")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ConfigError(_PATH_KEY, f"cannot load the weights in {path}: {len(missing)} of the model's tensors are "
+                                     f"missing from the weight files, e.g. {', '.join(missing[:3])}")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        log.warning("%s: %d tensor(s) of the weight files are not used by %s, e.g. %s", path, len(unexpected),
+                    type(model).__name__, ", ".join(unexpected[:3]))
+    return model
+
+
+def _load_tokenizer_or_fail(path: str, key: str) -> Any:
+    try:
+        return load_tokenizer(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(key, f"cannot load the tokenizer in {path}: {_first_line(exc)}") from exc
 
 
 def load_tokenizer(path: str) -> Any:
@@ -109,3 +212,17 @@ def model_geometry(model: Any) -> dict[str, int]:
         "vocab": model.get_output_embeddings().weight.shape[0],
         "max_positions": getattr(c, "max_position_embeddings", 1 << 20),
     }
+
+
+def eos_token_ids(model: Any, vocab: int) -> tuple[int, ...]:
+    """The end-of-sequence tokens `generate()` would stop at: the model's generation config, else its config.
+    Ids outside the vocabulary are dropped (they can never be sampled)."""
+    gen = getattr(model, "generation_config", None)
+    value = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if value is None:
+        c = model.config
+        value = getattr(getattr(c, "text_config", None) or c, "eos_token_id", None)
+    if value is None:
+        return ()
+    ids = [value] if isinstance(value, int) else list(value)
+    return tuple(sorted({int(t) for t in ids if isinstance(t, int) and 0 <= t < vocab}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -94,7 +94,8 @@ class Pipeline:
         self.slots = [Slot(i, runtime.host_buffer(layout.numel, i32), runtime.host_buffer(layout.max_seqs, i32),
                            make_buffers()) for i in range(self.num_slots)]
         self.graph_ctx = EngineGraphContext(body, self.slots, make_buffers,
-                                            lambda fn: runtime.capture(fn, self.stream["compute"]))
+                                            lambda fn: runtime.capture(fn, self.stream["compute"]),
+                                            static_mixed=backend.has_static_launch)
         graphs.bind(self.graph_ctx)
         self._events: dict[int, InFlight] = {}
         self._last_pool: Event | None = None
@@ -173,17 +174,42 @@ class Pipeline:
         t_pad = cfg.pad_tokens(T)
         b_pad = min(cfg.pad_tokens(B), self.layout.max_seqs)
         decode = T == B
-        max_q = 1 if decode else min(_pow2(max(e.num_tokens for e in entries)), t_pad)
+        if decode:
+            max_q = 1
+        elif self.backend.has_static_launch:
+            # The launch depends on padded counts only: one shape per token bucket (padded sequences cost nothing
+            # but their sampling row), so every mixed step has a shape that was captured ahead of the run.
+            max_q = t_pad
+            b_pad = min(t_pad, self.layout.max_seqs)
+        else:
+            max_q = min(_pow2(max(e.num_tokens for e in entries)), t_pad)
         kv = 0
         if self.backend.needs_kv_blocks:
             most = max(-(-(e.start + e.num_tokens) // self.block_size) for e in entries)
             kv = min(_pow2(most), self.layout.max_blocks)
-        mode = "greedy"
-        for e in entries:
-            p = e.req.params
-            if e.samples and not p.is_greedy:
-                mode = "filter" if p.needs_filter else ("sample" if mode == "greedy" else mode)
+        modes = {e.req.params.sample_mode for e in entries if e.samples}
+        mode = "filter" if "filter" in modes else "sample" if "sample" in modes else "greedy"
         return StepShape(t_pad, b_pad, max_q, kv, mode, decode)
+
+    def step_shapes(self, modes: Sequence[str]) -> tuple[list[StepShape], bool]:
+        """Every shape `_shape` can give a step with sampling path in `modes`, and whether that list is complete.
+
+        Decode steps: one shape per token bucket up to `max_seqs` (times the context buckets where the backend
+        bakes them in). Steps holding prefill chunks: one shape per token bucket where the backend's launch depends
+        on padded counts only; otherwise their shapes are not enumerable and the list is incomplete.
+        """
+        cfg, max_seqs = self.batch_cfg, self.layout.max_seqs
+        kvs = [0]
+        if self.backend.needs_kv_blocks:
+            kvs = sorted({min(_pow2(n), self.layout.max_blocks) for n in range(1, self.layout.max_blocks + 1)})
+        decode_buckets = sorted({cfg.pad_tokens(b) for b in range(1, max_seqs + 1)})
+        shapes = [StepShape(t, min(t, max_seqs), 1, kv, mode, True)
+                  for mode in modes for t in decode_buckets for kv in kvs]
+        static = self.backend.has_static_launch
+        if static:
+            shapes += [StepShape(t, min(t, max_seqs), t, 0, mode, False) for mode in modes for t in cfg.buckets()
+                       if t >= 2]
+        return shapes, static
 
     def _comp_accesses(self, s: int, entries: list[BatchEntry], uses_graph: bool) -> list:
         bs = self.block_size
@@ -295,14 +321,15 @@ class Pipeline:
             num_decode=sum(1 for e in rec.entries if e.num_tokens == 1 and e.start > 0),
             padded_tokens=rec.shape.tokens, graph_replay=rec.replayed, schedule_s=rec.schedule_s,
             prepare_s=rec.prepare_s, launch_s=rec.launch_s, wait_s=rec.wait_s + (t1 - t0), update_s=t2 - t1,
-            compute_s=rt.op_seconds(rec.comp))
+            compute_s=rt.op_seconds(rec.comp), num_context=sum(e.start + e.num_tokens for e in rec.entries))
         if on_step is not None:
             on_step(stats)
         return stats
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, shapes: list[StepShape]) -> int:
-        """Run (and so capture, under a graph policy) each shape on padding-only inputs, largest first."""
+    def warmup(self, shapes: list[StepShape], *, on_shape: Callable[[], None] | None = None) -> int:
+        """Run (and so capture, under a graph policy) each shape on padding-only inputs in every slot, largest
+        first so that the shared pool is sized once. `on_shape` is called after each (progress bars)."""
         count = 0
         for s in range(self.num_slots):
             slot = self.slots[s]
@@ -314,6 +341,8 @@ class Pipeline:
                                     lambda s=s, shape=shape: self.graphs.run(s, shape), waits=[h2d])
                 self.rt.host_wait(ev)
                 count += 1
+                if on_shape is not None:
+                    on_shape()
         self.rt.synchronize()
         return count
 

@@ -28,7 +28,8 @@ class RequestState:
         "max_new_tokens", "max_len", "stop_ids", "seed", "num_preemptions", "finish_time", "cancel_requested",
     )
 
-    def __init__(self, request: Request, index: int, max_len: int, seed: int) -> None:
+    def __init__(self, request: Request, index: int, max_len: int, seed: int,
+                 eos_ids: frozenset[int] | tuple[int, ...] = ()) -> None:
         self.request = request
         self.index = index
         self.tokens: list[int] = list(request.prompt_ids)  # prompt + outputs read by the host
@@ -47,7 +48,9 @@ class RequestState:
         self.admit_order = -1
         self.max_new_tokens = request.params.max_new_tokens
         self.max_len = max_len
-        self.stop_ids = frozenset(request.params.stop_token_ids)
+        # The model's EOS ends a request like a stop token (finish reason `stop`), unless the request ignores it.
+        eos = () if request.params.ignore_eos else eos_ids
+        self.stop_ids = frozenset(request.params.stop_token_ids).union(eos)
         self.seed = seed
         self.num_preemptions = 0
         self.finish_time = 0.0

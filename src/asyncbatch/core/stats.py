@@ -27,6 +27,7 @@ class StepStats:
     wait_s: float
     update_s: float
     compute_s: float | None = None
+    num_context: int = 0  # KV positions the step's sequences attend over (their lengths after the step)
 
     @property
     def host_s(self) -> float:
@@ -74,10 +75,12 @@ class RunSummary:
     compute_busy_fraction: float | None
     preemptions: int
     hook_errors: int = 0
+    startup_s: float | None = None  # build, compile and capture before the clock started (not in wall_s)
 
     @classmethod
     def build(cls, outputs: Sequence[Output], steps: Sequence[StepStats], wall_s: float, *,
-              busy_fraction: float | None, preemptions: int, hook_errors: int = 0) -> RunSummary:
+              busy_fraction: float | None, preemptions: int, hook_errors: int = 0,
+              startup_s: float | None = None) -> RunSummary:
         reasons: dict[str, int] = {}
         for o in outputs:
             reasons[o.finish_reason] = reasons.get(o.finish_reason, 0) + 1
@@ -99,7 +102,8 @@ class RunSummary:
             prepare_ms=_scale(_mean([s.prepare_s for s in steps]), ms),
             update_ms=_scale(_mean([s.update_s for s in steps]), ms),
             compute_step_ms=_scale(_mean(computes), ms),
-            compute_busy_fraction=busy_fraction, preemptions=preemptions, hook_errors=hook_errors)
+            compute_busy_fraction=busy_fraction, preemptions=preemptions, hook_errors=hook_errors,
+            startup_s=startup_s)
 
 
 def _scale(x: float | None, k: float) -> float | None:

@@ -71,7 +71,8 @@ class EngineGraphContext(GraphContext):
     """The engine's side of the graph-policy contract."""
 
     def __init__(self, body: StepBody, slots: list[Slot], make_buffers: Callable[[], DeviceBuffers],
-                 capture: Callable[[Callable[[], None]], Any]) -> None:
+                 capture: Callable[[Callable[[], None]], Any], *, static_mixed: bool = False) -> None:
+        self.static_mixed = static_mixed
         self._body = body
         self._slots = slots
         self._make = make_buffers

@@ -28,6 +28,8 @@ def _check_sampling(params: SamplingParams) -> None:
         raise RequestError(f"top_p must be in (0, 1], got {params.top_p!r}")
     if params.seed is not None and (not isinstance(params.seed, int) or params.seed < 0):
         raise RequestError(f"seed must be a non-negative int or None, got {params.seed!r}")
+    if not isinstance(params.ignore_eos, bool):
+        raise RequestError(f"ignore_eos must be a bool, got {params.ignore_eos!r}")
     for tok in params.stop_token_ids:
         if not isinstance(tok, int) or tok < 0:
             raise RequestError(f"stop_token_ids must hold non-negative ints, got {tok!r}")
@@ -41,6 +43,9 @@ class SamplingParams:
     sampling is reproducible whatever else shares the batch: the noise for token i of a request is a pure function
     of (seed, i, vocabulary index). Without one, the engine derives a seed from its own seed and the request id.
 
+    The model's end-of-sequence tokens (its generation config) end a request with finish reason `stop`, as they
+    end `generate()`; `ignore_eos` keeps generating past them (benchmarks of fixed output lengths).
+
     Validation is lazy on purpose: a bad value fails the one request that carries it (see `validate`), not the
     whole `generate` call.
     """
@@ -52,6 +57,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
     seed: int | None = None
     priority: int = 0
+    ignore_eos: bool = False
 
     def validate(self) -> None:
         """Raise `RequestError` naming the first invalid field."""
@@ -64,6 +70,11 @@ class SamplingParams:
     @property
     def needs_filter(self) -> bool:
         return not self.is_greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+    @property
+    def sample_mode(self) -> str:
+        """The sampling path: `greedy`, `sample`, or `filter` (top-k/top-p). A batch takes its most general one."""
+        return "greedy" if self.is_greedy else "filter" if self.needs_filter else "sample"
 
 
 @attrs.frozen

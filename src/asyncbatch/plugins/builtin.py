@@ -59,6 +59,7 @@ def asyncbatch_register_graph_policies(register: Any) -> None:
     register("eager", g.Eager)
     register("per_slot", g.PerSlot)
     register("staged", g.Staged)
+    register("mixed", g.Mixed)
 
 
 @hookimpl

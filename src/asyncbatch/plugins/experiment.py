@@ -16,6 +16,7 @@ import json
 import platform
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def summary_table(summary: RunSummary, runtime: str) -> str:
         ("requests", s.num_requests),
         ("generated tokens", s.generated_tokens),
         ("prompt tokens", s.prompt_tokens),
+        ("start-up s (not in wall)", fmt(s.startup_s)),
         ("wall s", f"{s.wall_s:.3f}"),
         ("tokens/s", f"{s.tokens_per_s:.1f}"),
         ("TTFT p50 / p99 ms", f"{fmt(_ms(s.ttft_p50))} / {fmt(_ms(s.ttft_p99))}"),
@@ -235,8 +237,12 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     from ..core.engine import Engine
 
     _free_memory()
+    start = time.perf_counter()
     model, tokenizer = cache.get(cfg.engine.model)
-    engine = Engine.from_model(model, cfg.engine, tokenizer=tokenizer, host=cache.host)
+    model_s = time.perf_counter() - start  # zero when an earlier sweep cell built the same model
+    show = progress and cfg.output.progress and cfg.engine.startup.progress
+    engine_cfg = attrs.evolve(cfg.engine, startup=attrs.evolve(cfg.engine.startup, progress=show))
+    engine = Engine.from_model(model, engine_cfg, tokenizer=tokenizer, host=cache.host)
     factory = cache.host.registry("workload").get(cfg.workload.name, "workload").factory
     workload = factory(cfg.workload.config, vocab_size=engine.geometry["vocab"], seed=cfg.seed)
     requests = workload.requests(cfg.sampling, tokenizer=engine.tokenizer)
@@ -248,6 +254,9 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     finally:
         if bar is not None:
             bar.close()
+    # Start-up of this cell: building the model, the engine, and every compile and capture before the clock.
+    result = attrs.evolve(result, summary=attrs.evolve(result.summary,
+                                                       startup_s=model_s + (result.summary.startup_s or 0.0)))
     runtime = engine.runtime.name
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results_dict(index, assignment, cfg, result, runtime))
@@ -296,7 +305,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, *, argv: Sequence[str] 
 
 METRIC_COLUMNS = ("tok_s", "generated_tokens", "wall_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
                   "e2e_p50_ms", "e2e_p99_ms", "busy_fraction", "host_ms_step", "compute_ms_step", "steps",
-                  "preemptions")
+                  "preemptions", "startup_s")
 
 
 def sweep_row(cell: CellResult) -> dict[str, Any]:
@@ -306,7 +315,8 @@ def sweep_row(cell: CellResult) -> dict[str, Any]:
             "ttft_p50_ms": _ms(s.ttft_p50), "ttft_p99_ms": _ms(s.ttft_p99), "itl_p50_ms": _ms(s.itl_p50),
             "itl_p99_ms": _ms(s.itl_p99), "e2e_p50_ms": _ms(s.e2e_p50), "e2e_p99_ms": _ms(s.e2e_p99),
             "busy_fraction": s.compute_busy_fraction, "host_ms_step": s.host_step_ms,
-            "compute_ms_step": s.compute_step_ms, "steps": s.steps, "preemptions": s.preemptions}
+            "compute_ms_step": s.compute_step_ms, "steps": s.steps, "preemptions": s.preemptions,
+            "startup_s": s.startup_s}
 
 
 def write_sweep(out_dir: Path, keys: Sequence[str], cells: Sequence[CellResult]) -> list[dict[str, Any]]:

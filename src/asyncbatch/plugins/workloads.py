@@ -20,8 +20,8 @@ from ..core.types import Request, SamplingParams
 
 @attrs.frozen
 class LengthDist:
-    """A token-length distribution: `fixed` (value), `uniform` (min..max), `lognormal` (mean, sigma; clipped to
-    min..max)."""
+    """A token-length distribution: `fixed` (value), `uniform` (min..max), `lognormal` (mean, or `median` when
+    given, and sigma of the underlying normal; clipped to min..max)."""
 
     dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
     value: int = 32
@@ -29,19 +29,22 @@ class LengthDist:
     max: int = 1024
     mean: float = 64.0
     sigma: float = 0.5
+    median: float | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.value < 1 or self.min < 1 or self.max < self.min:
             raise ConfigError("length", f"need value >= 1 and 1 <= min <= max, got {self}")
-        if self.dist == "lognormal" and (self.mean <= 0 or self.sigma < 0):
-            raise ConfigError("length", f"lognormal needs mean > 0 and sigma >= 0, got {self}")
+        if self.dist == "lognormal" and (self.mean <= 0 or self.sigma < 0 or (self.median is not None
+                                                                               and self.median <= 0)):
+            raise ConfigError("length", f"lognormal needs mean > 0 (or median > 0) and sigma >= 0, got {self}")
 
     def draw(self, rng: random.Random) -> int:
         if self.dist == "fixed":
             return self.value
         if self.dist == "uniform":
             return rng.randint(self.min, self.max)
-        mu = math.log(self.mean) - self.sigma**2 / 2  # so that the mean is `mean`
+        # mu is the log of the median; from a mean, shift it so that the mean is `mean`
+        mu = math.log(self.median) if self.median is not None else math.log(self.mean) - self.sigma**2 / 2
         return max(self.min, min(self.max, round(rng.lognormvariate(mu, self.sigma))))
 
 

@@ -61,6 +61,7 @@ class _Capturing(GraphPolicy):
         self.config = config or CaptureConfig()
         self.ctx: GraphContext | None = None
         self.graphs: dict[Any, Any] = {}
+        self.captures = 0  # graphs captured so far (a warmed engine captures none during a run)
         self._disabled: str | None = None
 
     def bind(self, ctx: GraphContext) -> None:
@@ -93,6 +94,7 @@ class _Capturing(GraphPolicy):
             log.warning("runtime has no graphs: the graph policy runs eagerly")
             return False
         self.graphs[key] = graph
+        self.captures += 1
         return False
 
 
@@ -137,3 +139,39 @@ class Staged(_Capturing):
 
     def resources(self, slot: int) -> list[tuple[Any, str]]:
         return [(("graph_pool",), "w"), (("stage",), "w")]
+
+
+@attrs.frozen
+class MixedConfig:
+    """`max_capture_tokens`: steps with more padded tokens run eagerly (null: every step up to `batch.max_tokens`
+    is captured; the pool is sized by the largest)."""
+
+    max_capture_tokens: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+
+
+class Mixed(PerSlot):
+    """Full-step graphs for decode and mixed prefill+decode steps alike: one graph set per slot in the shared pool.
+
+    A step holding prefill chunks has its own padded shape, one per token bucket, because the attention backend
+    reads every sequence's query and context length on the device (its launch depends on padded counts only).
+    So the whole step, attention included, is one replay, and every shape is known before the run: the engine
+    captures them all at start-up. Where the backend bakes lengths into its launch, mixed steps run eagerly
+    (said once at build).
+    """
+
+    Config = MixedConfig
+
+    def __init__(self, config: MixedConfig | None = None) -> None:
+        super().__init__()
+        self.max_tokens = (config or MixedConfig()).max_capture_tokens
+
+    def bind(self, ctx: GraphContext) -> None:
+        super().bind(ctx)
+        if not ctx.static_mixed:
+            log.info("graphs 'mixed': the attention backend bakes query or context lengths into its launch, so "
+                     "steps holding prefill chunks run eagerly (the triton backend captures them)")
+
+    def uses_graph(self, shape: StepShape) -> bool:
+        if self._disabled or (self.max_tokens is not None and shape.tokens > self.max_tokens):
+            return False
+        return shape.is_decode or self.ctx.static_mixed

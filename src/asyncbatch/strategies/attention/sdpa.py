@@ -15,7 +15,11 @@ from ...core.interfaces import AttentionBackend
 
 @attrs.frozen
 class SdpaConfig:
-    """The reference backend takes no parameters."""
+    """`static_shapes`: gather every sequence's whole block table and size the query grid by the step's padded
+    token count, so the launch depends on nothing but padded counts and any mix of prefill chunks and decodes
+    replays one graph. Much slower; it lets the `sim` runtime study mixed-step graphs without a GPU."""
+
+    static_shapes: bool = False
 
 
 class Sdpa(AttentionBackend):
@@ -27,6 +31,9 @@ class Sdpa(AttentionBackend):
 
     def __init__(self, config: SdpaConfig | None = None) -> None:
         self.config = config or SdpaConfig()
+        if self.config.static_shapes:
+            self.needs_kv_blocks = False
+            self.needs_max_query = False
 
     def forward(self, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float,
                 sliding_window: int | None) -> Any:
@@ -40,6 +47,8 @@ class Sdpa(AttentionBackend):
 
         num_seqs = meta.seq_len.shape[0]
         nb, bs, qmax = meta.kv_blocks, meta.block_size, meta.max_query
+        if self.config.static_shapes:
+            nb, qmax = meta.block_table.shape[1], num_tokens
         ctx_len = nb * bs
         table = meta.block_table[:, :nb].long()
         keys = k_cache[table].reshape(num_seqs, ctx_len, kv_heads, head_dim).transpose(1, 2)

@@ -7,6 +7,10 @@ can be captured in a CUDA graph); work beyond a sequence's real length exits ins
 * `_paged_attn`: one program per (sequence, tile of query tokens, kv head, kv split). Its rows are the query
   heads of a GQA group times the tile's tokens, so K and V are read once per group and `tl.dot` gets >= 16 rows.
   The context is read in chunks of BLOCK_N positions gathered through the block table, with an online softmax.
+  In steps holding prefill chunks the grid is `padded tokens // BLOCK_Q + padded sequences` tiles, an upper bound
+  on the tiles any mix needs: sequence s owns tiles from `query_start[s] // BLOCK_Q + s`, and each program finds
+  its sequence by binary search over those starts. The launch then depends on the padded counts alone, so one
+  captured graph serves every mix of prefill chunks and decodes with the same padded token count.
 * `_combine_splits`: flash-decoding's reduction of the per-split partial outputs via their log-sum-exp; it also
   writes zeros for padding tokens.
 """
@@ -41,14 +45,28 @@ def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
 def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr,
                 sq_t, sq_h, so_t, so_h, so_s, sl_t, sl_h,
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
-                scale_log2, window, n_q_tiles,
+                scale_log2, window, num_seqs,
                 G: tl.constexpr, G_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, EVEN_D: tl.constexpr, BS: tl.constexpr,
-                SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
+                SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+                VARLEN: tl.constexpr):
     # BLOCK_M = BLOCK_Q * G_P rows: row r is query token r // G_P of the tile, head r % G_P of the group
     pid = tl.program_id(0)
-    s = pid // n_q_tiles
-    qt = pid % n_q_tiles
+    if VARLEN:
+        # The last sequence whose first tile index (query_start // BLOCK_Q + s) is <= pid owns this program.
+        lo = 0
+        hi = num_seqs
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            if tl.load(qs_ptr + mid) // BLOCK_Q + mid <= pid:
+                lo = mid
+            else:
+                hi = mid
+        s = lo
+        qt = pid - (tl.load(qs_ptr + s) // BLOCK_Q + s)
+    else:  # decode: one program per sequence
+        s = pid
+        qt = pid * 0
     h = tl.program_id(1)
     split = tl.program_id(2)
     q_begin = tl.load(qs_ptr + s)
@@ -168,11 +186,12 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
     decode = meta.max_query == 1
     q = q if q.stride(-1) == 1 else q.contiguous()
     if decode:  # one token per tile: pad the GQA group to the 16 rows tl.dot needs
-        g_p, block_q, n_q_tiles = max(16, _pow2(group)), 1, 1
-    else:
+        g_p, block_q = max(16, _pow2(group)), 1
+        programs = num_seqs
+    else:  # enough tiles for any mix of query lengths with these padded counts (see the module docstring)
         g_p = _pow2(group)
         block_q = max(1, 64 // g_p)
-        n_q_tiles = triton.cdiv(meta.max_query, block_q)
+        programs = num_tokens // block_q + num_seqs
         splits = 1
     partial = splits > 1
     if partial:
@@ -190,13 +209,14 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
     # V chunks stay within shared memory
     row_bytes = d_p * k_cache.element_size()
     block_n = max(16, min(block_n, block_n * 256 // row_bytes))
-    _paged_attn[(num_seqs * n_q_tiles, kv_heads, splits)](
+    _paged_attn[(programs, kv_heads, splits)](
         q, k_cache, v_cache, out, lse, bt, meta.query_start, meta.positions,
         q.stride(0), q.stride(1), *so, *sl,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), bt.stride(0), scale * 1.4426950408889634, sliding_window or 0, n_q_tiles,
+        v_cache.stride(2), bt.stride(0), scale * 1.4426950408889634, sliding_window or 0, num_seqs,
         G=group, G_P=g_p, BLOCK_Q=block_q, BLOCK_M=block_q * g_p, BLOCK_N=block_n, D=head_dim, D_P=d_p,
-        EVEN_D=d_p == head_dim, BS=k_cache.shape[1], SPLITS=splits, USE_WINDOW=sliding_window is not None, PARTIAL=partial,
+        EVEN_D=d_p == head_dim, BS=k_cache.shape[1], SPLITS=splits, USE_WINDOW=sliding_window is not None,
+        PARTIAL=partial, VARLEN=not decode,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # the default; it only affects fp32
         num_warps=num_warps, num_stages=num_stages)
     if not partial:

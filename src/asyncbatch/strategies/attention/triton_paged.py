@@ -48,6 +48,7 @@ class TritonPaged(AttentionBackend):
 
     Config = TritonPagedConfig
     needs_kv_blocks = False
+    needs_max_query = False  # mixed steps: programs find their sequence on the device
     auto_priority = 50
 
     def __init__(self, config: TritonPagedConfig | None = None) -> None:
