@@ -62,7 +62,6 @@ class _Capturing(GraphPolicy):
         self.ctx: GraphContext | None = None
         self.graphs: dict[Any, Any] = {}
         self.captures = 0  # graphs captured so far (a warmed engine captures none during a run)
-        self._ran: set[StepShape] = set()  # shapes run eagerly once (their kernels are compiled and warm)
         self._disabled: str | None = None
 
     def bind(self, ctx: GraphContext) -> None:
@@ -81,31 +80,21 @@ class _Capturing(GraphPolicy):
         if graph is not None:
             graph.replay()
             return True
-        # First time: run eagerly (this computes the step and warms kernels up), then capture for next time. A shape
-        # already run in another slot has warm kernels: capture at once and replay, which costs no Python.
+        # First time: run eagerly (this computes the step and warms kernels up), then capture for next time.
         ctx = self.ctx
-        warm = shape in self._ran
-        if not warm:
-            ctx.body(bufs, shape)
-            self._ran.add(shape)
+        ctx.body(bufs, shape)
         try:
             graph = ctx.capture(lambda: ctx.body(bufs, shape))
         except Exception as exc:  # e.g. an op that cannot be captured: keep running, eagerly, and say so
             self._disabled = f"{type(exc).__name__}: {exc}"
             log.warning("graph capture failed (%s); the graph policy runs eagerly from now on", self._disabled)
-            graph = None
-        else:
-            if graph is None:
-                self._disabled = "the runtime has no graphs"
-                log.warning("runtime has no graphs: the graph policy runs eagerly")
+            return False
         if graph is None:
-            if warm:
-                ctx.body(bufs, shape)
+            self._disabled = "the runtime has no graphs"
+            log.warning("runtime has no graphs: the graph policy runs eagerly")
             return False
         self.graphs[key] = graph
         self.captures += 1
-        if warm:
-            graph.replay()  # this step's results: capturing computed nothing
         return False
 
 
