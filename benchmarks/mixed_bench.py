@@ -42,8 +42,10 @@ from asyncbatch.plugins.workloads import Arrival, LengthDist, Synthetic, Synthet
 
 # name -> (buffers, streams, graphs). `default` captures whole mixed prefill+decode steps in CUDA graphs (`mixed`);
 # `sync` is the synchronous loop with the same kernels; `per_slot` captures mixed steps only up to 512 tokens.
+# `one_stream` and `staged` isolate where two engines' bf16 tokens part: copy streams, or per-slot graph sets.
 ENGINES = {"default": ("double", "three", "mixed"), "sync": ("single", "one", "mixed"),
-           "per_slot": ("double", "three", "per_slot")}
+           "per_slot": ("double", "three", "per_slot"), "one_stream": ("double", "one", "mixed"),
+           "staged": ("double", "three", {"name": "staged", "max_capture_tokens": 4096})}
 REFERENCE = "sync"
 # Keep in step with configs/llama3-8b-mixed.yaml (the YAML runs the same requests at --len-scale 1).
 PROMPT_LEN = LengthDist(dist="lognormal", median=400, sigma=0.8, min=8, max=3000)
@@ -200,7 +202,7 @@ def main() -> None:
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of: {', '.join(ENGINES)}")
+    ap.add_argument("--engines", default="default,sync,per_slot", help=f"comma-separated, of: {', '.join(ENGINES)}")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0, help="workload seed (the YAML's workload.seed)")
     ap.add_argument("--len-scale", type=float, default=1.0, help="shrink all lengths (quick CPU checks)")
@@ -274,6 +276,9 @@ def main() -> None:
     ref = tokens.get(REFERENCE)
     for n, r in results["engines"].items():
         r["equal_to_sync"] = None if ref is None else sum(a == b for a, b in zip(tokens[n], ref))
+        # Where each request first parts from the reference: early (a race) or late (rounding drift).
+        r["first_diff_vs_sync"] = None if ref is None else [
+            next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(tokens[n], ref)]
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1, default=str)
     print_tables(results["engines"])

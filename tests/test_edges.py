@@ -1,4 +1,4 @@
-"""The test of the tests: remove any one edge of DESIGN.md's event table and the invariant checks fail, for
+"""The test of the tests: remove any one edge of the design's event table and the invariant checks fail, for
 that edge's reason (a conflict on the resource the edge protects, naming the two ops).
 
 Under the design loop (`prep[k]; launch[k]; upd[k-S+1]`) the four slot-reuse edges are also implied by the host's
@@ -73,10 +73,21 @@ def test_removing_an_edge_is_detected_for_the_right_reason(tiny64, edge):
     assert resource in {c.resource[0] for c in found}, [str(c) for c in found[:5]]
 
 
+def test_the_pool_edge_guards_mixed_step_graphs(tiny64):
+    """Under `graphs: mixed` the steps holding prefill chunks replay graphs from the shared pool too: without the
+    `pool` edge, two of them (prefill-only steps of single-token requests, which share no request) conflict."""
+    settings = dict(graphs="mixed", max_tokens=16, max_seqs=16, num_blocks=400)
+
+    assert [] == _conflicts(tiny64, settings, ONE_SHOT, False, (), seed=0)
+    found = _conflicts(tiny64, settings, ONE_SHOT, False, ("pool",), seed=0)
+
+    assert "graph_pool" in {c.resource[0] for c in found}, [str(c) for c in found[:5]]
+
+
 @pytest.mark.parametrize("edge", ["h2d->prep", "comp->h2d", "d2h->comp", "upd->d2h"])
 def test_slot_edges_are_implied_in_the_design_loop(tiny64, edge):
     """In the design loop the host's wait before upd[k-S] already orders slot reuse: removing one of these
-    edges alone is harmless there (they are still enforced, as DESIGN.md asks)."""
+    edges alone is harmless there (they are still enforced, as the design asks)."""
     settings, work, _, _ = CASES[edge]
 
     assert [] == _conflicts(tiny64, settings, work, False, (edge,), seed=0)

@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md, checked on the `sim` runtime for every combination of strategies.
+"""The invariants of the design (docs/concepts.md), checked on the `sim` runtime for every combination of strategies.
 
 Hypothesis picks the workload, the combination, the cache geometry and every execution choice of the simulated
 device (which ready op runs next, how far the device runs ahead). For each example: the happens-before checker
@@ -43,7 +43,7 @@ def _reference(model, work, geometry):
 
 
 def check_invariants(model, work, combo, geometry, data, debug=PipelineDebug()):
-    """The properties of DESIGN.md for one workload, combination, geometry and execution order."""
+    """The design's properties for one workload, combination, geometry and execution order."""
     runtime = SimRuntime(SimRuntimeConfig(), chooser=DataChooser(data))
     engine = Engine.from_model(model, EngineConfig.from_dict(engine_dict(*combo, **geometry)), runtime=runtime,
                                debug=debug)

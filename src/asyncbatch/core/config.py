@@ -13,20 +13,13 @@ from typing import Any, Literal
 
 import attrs
 
+from .engine_parts import BatchConfig, CacheConfig, ModelConfig, StartupConfig
 from .errors import ConfigError
 from .structure import structure, unstructure
 from .types import SamplingParams
 
-
-def _positive(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(attribute.name, f"must be > 0, got {value}")
-
-
-def _fraction(_: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise ConfigError(attribute.name, f"must be in (0, 1], got {value}")
-
+__all__ = ["BatchConfig", "CacheConfig", "ComponentSpec", "EngineConfig", "ExperimentConfig", "ModelConfig",
+           "OutputConfig", "StartupConfig", "load_yaml", "unstructure"]
 
 # ---------------------------------------------------------------- components
 
@@ -67,108 +60,6 @@ def _spec_field(family: str, default: str) -> Any:
 
 
 # ---------------------------------------------------------------- engine
-
-
-@attrs.frozen
-class ModelConfig:
-    """Where the model comes from: a random-weight `preset` (built from a config) or a local pretrained checkpoint
-    directory `path` (as written by `save_pretrained`). Give one of them, not both; with neither, the `tiny`
-    preset is built.
-    """
-
-    # Not a field (no annotation): what neither `preset` nor `path` means. The fields keep what was given (`preset`
-    # stays None when left out) so that a saved config, or a sweep cell that sets `path`, reloads the same way;
-    # `source_preset` is the preset actually built.
-    default_preset = "tiny"
-
-    preset: str | None = None
-    path: str | None = None
-    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    overrides: dict = attrs.Factory(dict)
-    tokenizer: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.preset is not None and self.path is not None:
-            raise ConfigError("model", f"give one of 'preset' (random weights, got {self.preset!r}) or 'path' "
-                                       f"(local checkpoint, got {self.path!r}), not both")
-
-    @property
-    def source_preset(self) -> str | None:
-        """The preset to build: `preset`, else `tiny` when no `path` is given; None for a checkpoint."""
-        if self.path is not None:
-            return None
-        return self.preset if self.preset is not None else self.default_preset
-
-
-@attrs.frozen
-class CacheConfig:
-    """Paged KV cache geometry. `num_blocks: null` sizes the cache from free device memory (CUDA) or
-    `cpu_cache_tokens` (CPU)."""
-
-    block_size: int = attrs.field(default=16, validator=_positive)
-    num_blocks: int | None = attrs.field(default=None, validator=_positive)
-    memory_fraction: float = attrs.field(default=0.85, validator=_fraction)
-    cpu_cache_tokens: int = attrs.field(default=65536, validator=_positive)
-    max_model_len: int | None = attrs.field(default=None, validator=_positive)
-
-
-@attrs.frozen
-class BatchConfig:
-    """Per-batch budgets, shared by the scheduler (as its budget) and the buffers (as their size).
-
-    `token_buckets` are the padded token counts a batch is rounded up to, so that graph keys repeat; every engine
-    uses the same padding, so that all combinations compute the same numbers. Empty = automatic buckets.
-    """
-
-    max_tokens: int = attrs.field(default=2048, validator=_positive)
-    max_seqs: int = attrs.field(default=256, validator=_positive)
-    token_buckets: tuple[int, ...] = ()
-
-    def __attrs_post_init__(self) -> None:
-        if self.max_seqs > self.max_tokens:
-            raise ConfigError("batch.max_seqs", f"must be <= batch.max_tokens ({self.max_tokens}), got {self.max_seqs}")
-        if any(b <= 0 for b in self.token_buckets) or list(self.token_buckets) != sorted(set(self.token_buckets)):
-            raise ConfigError("batch.token_buckets", f"must be strictly increasing positive ints, got {self.token_buckets}")
-
-    def buckets(self) -> tuple[int, ...]:
-        if self.token_buckets:
-            top = [b for b in self.token_buckets if b < self.max_tokens]
-            return (*top, self.max_tokens)
-        out, b = [], 1
-        while b < self.max_tokens:
-            out.append(b)
-            nxt = b * 2
-            if b >= 16 and b + b // 2 < self.max_tokens:
-                out.append(b + b // 2)
-            b = nxt
-        out.append(self.max_tokens)
-        return tuple(sorted(set(out)))
-
-    def pad_tokens(self, n: int) -> int:
-        for b in self.buckets():
-            if b >= n:
-                return b
-        raise ValueError(f"{n} tokens exceed batch.max_tokens={self.max_tokens}")
-
-
-@attrs.frozen
-class StartupConfig:
-    """What building an engine does before any run is timed.
-
-    `warmup`: `auto` compiles and captures, at build time, every step shape a run can need (every decode bucket up
-    to `batch.max_seqs`, and every mixed-step shape the graph policy captures) where steps are captured in device
-    graphs (the `cuda` runtime); `always` does it on every runtime (on `sim` it proves that a run captures
-    nothing); `never` leaves compile and capture to the first steps that need them, inside the timed run.
-    `compile_cache`: a directory that keeps torch.compile's artifacts across processes, so a second run of the
-    same model starts in seconds (null: torch's own default; the `TORCHINDUCTOR_CACHE_DIR` variable wins).
-    `progress`: a progress bar while warming up (on a terminal only).
-    """
-
-    warmup: Literal["auto", "always", "never"] = "auto"
-    compile_cache: str | None = "~/.cache/asyncbatch/compile"
-    progress: bool = True
 
 
 _ENGINE_FAMILIES = {

@@ -2,7 +2,7 @@
 
 For batch k in slot s = k mod S:  prep[k] (host) -> h2d[k] -> comp[k] -> d2h[k] -> upd[k] (host).
 The host runs `prep[k]; launch[k]; upd[k-S+1]`, so up to S-1 batches are in flight while it prepares the next.
-Every ordering between ops is a declared event (`EDGES`); see DESIGN.md for the table and why each exists.
+Every ordering between ops is a declared event (`EDGES`); docs/concepts.md has the table and why each exists.
 """
 
 from __future__ import annotations
