@@ -23,11 +23,17 @@ def _prompts(n: int = 18, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(512) for _ in range(length)] for length in lengths]
 
 
-def _hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[tuple[int, ...]]:
+def _hf_greedy(model, prompts: list[list[int]], new_tokens: int, *, eos: bool = False) -> list[tuple[int, ...]]:
+    """generate() greedily: exactly `new_tokens` tokens, or with `eos` the model's own generation config (its EOS
+    on, stopping early; pad tokens follow)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           eos_token_id=None, pad_token_id=0)
+    if eos:
+        cfg = copy.deepcopy(model.generation_config)
+        cfg.update(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=None, pad_token_id=0)
+    else:
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               eos_token_id=None, pad_token_id=0)
     try:
         out = []
         with torch.no_grad():
@@ -120,24 +126,6 @@ class _EosSet:
         self.model.generation_config.eos_token_id = self.previous
 
 
-def _hf_greedy_eos(model, prompts: list[list[int]], new_tokens: int) -> list[tuple[int, ...]]:
-    """generate() with the model's own generation config (its EOS on, as set by `_EosSet`)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    cfg = copy.deepcopy(model.generation_config)
-    cfg.update(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=None, pad_token_id=0)
-    try:
-        out = []
-        with torch.no_grad():
-            for p in prompts:
-                x = torch.tensor([p])
-                ids = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
-                out.append(tuple(ids[0, len(p):].tolist()))
-        return out
-    finally:
-        model.set_attn_implementation(previous)
-
-
 @pytest.fixture(scope="module")
 def eos_references(model_factory, references):
     """Per architecture: the EOS chosen from the EOS-free reference, and generate()'s outputs with it on."""
@@ -146,7 +134,7 @@ def eos_references(model_factory, references):
     for arch in ARCHITECTURES:
         eos = _eos_candidate(refs[arch])
         with _EosSet(model_factory(arch), eos) as model:
-            out[arch] = eos, _hf_greedy_eos(model, prompts, NEW_TOKENS)
+            out[arch] = eos, _hf_greedy(model, prompts, NEW_TOKENS, eos=True)
     return out
 
 
