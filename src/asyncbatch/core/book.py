@@ -7,6 +7,7 @@ request's last batch (see `pools`), so in-flight batches can still touch what th
 from __future__ import annotations
 
 import heapq
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,8 +19,12 @@ from .types import FinishReason, Output, TokenEvent
 
 class RequestBook:
     def __init__(self, requests: Sequence[RequestState], *, num_blocks: int, num_rows: int,
-                 on_finish: Callable[[Output], None] | None = None) -> None:
+                 on_finish: Callable[[Output], None] | None = None,
+                 on_end: Callable[[TokenEvent], None] | None = None) -> None:
+        """`on_finish` gets every request's output when it ends; `on_end` gets a token-less event (`token_id` -1)
+        for a request that ends without a token: cancelled, or failed (validation included)."""
         self.states = list(requests)
+        self._on_end = on_end
         self.blocks = DeferredPool(num_blocks - 1, first=1, name="block")  # block 0 is the trash block
         self.rows = DeferredPool(num_rows, name="row")
         self._arrivals = [(r.arrival_time, r.index, r) for r in self.states if r.status is Status.WAITING]
@@ -31,6 +36,8 @@ class RequestBook:
         self._on_finish = on_finish
         self.num_preemptions = 0
         self.cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+        self.ids = frozenset(r.request_id for r in self.states)
         for r in self.states:
             if r.status is Status.FINISHED:  # failed validation before the run
                 self._record(r)
@@ -148,16 +155,43 @@ class RequestBook:
             error=req.error, token_times=tuple(req.token_times), arrival_time=req.arrival_time,
             finish_time=req.finish_time, num_preemptions=req.num_preemptions)
         self.outputs[req.index] = out
+        if self._on_end is not None and out.finish_reason in ("cancelled", "error"):
+            self._on_end(TokenEvent(req.request_id, -1, req.num_output, req.finish_time, out.finish_reason))
         if self._on_finish is not None:
             self._on_finish(out)
+
+    def cancel(self, request_id: str) -> bool:
+        """Mark `request_id` for cancellation at the next step (any thread). False if no request of this run has
+        that id."""
+        if request_id not in self.ids:
+            return False
+        with self._cancel_lock:
+            self.cancelled.add(request_id)
+        return True
 
     def apply_cancellations(self, now: float) -> None:
         if not self.cancelled:
             return
+        with self._cancel_lock:  # swap under the lock: a cancel arriving meanwhile lands in the next set
+            ids, self.cancelled = self.cancelled, set()
         for req in self.states:
-            if req.request_id in self.cancelled and req.status is not Status.FINISHED:
+            if req.request_id in ids and req.status is not Status.FINISHED:
                 self.finish(req, "cancelled", now)
-        self.cancelled.clear()
+
+    def fail_stuck(self, now: float, *, max_tokens: int, max_seqs: int, block_size: int) -> None:
+        """Nothing is in flight, nothing arrives and the scheduler added nothing: fail the oldest waiting request,
+        with the reason, so that the others can go on. Raise only if there is nothing to fail (a bug)."""
+        stuck = next((r for r in self.waiting if r.is_schedulable), None)
+        if stuck is None:
+            raise RuntimeError(f"no progress possible with {self.unfinished} unfinished requests: "
+                               f"running={self.running} waiting={self.waiting}")
+        need = stuck.num_remaining
+        why = (f"its prompt of {need} tokens does not fit one batch (batch.max_tokens={max_tokens}) and the "
+               "scheduler does not split prefills (chunked_prefill: false)") if need > max_tokens else (
+               f"the scheduler never scheduled it although nothing else was running ({need} tokens to prefill, "
+               f"batch.max_tokens={max_tokens}, max_seqs={max_seqs}, {self.blocks.num_free} free KV blocks of "
+               f"{block_size} tokens)")
+        self.finish(stuck, "error", now, error=f"request {stuck.request_id!r} cannot be scheduled: {why}")
 
     def apply_token(self, entry: BatchEntry, token: int, now: float) -> TokenEvent | None:
         """Deliver one sampled token to its request (or drop it if the request already ended)."""

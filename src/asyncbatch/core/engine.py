@@ -15,12 +15,13 @@ import attrs
 from .attention_api import AttentionContext, activate, deactivate
 from .book import RequestBook
 from .config import EngineConfig
-from .errors import ConfigError, RequestError, UnsupportedError
+from .errors import ConfigError, UnsupportedError
+from .intake import Intake
 from .layout import HostBatchWriter, SlotLayout
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
 from .plugin_host import PluginHost, get_plugin_host
-from .requests import RequestState, Status
+from .requests import Status
 from .runtime.base import Runtime
 from .startup import Warmup, request_modes, use_compile_cache
 from .stats import RunSummary, StepStats
@@ -37,12 +38,6 @@ class RunResult:
     steps: list[StepStats]
 
 
-def _derive_seed(engine_seed: int, index: int) -> int:
-    x = (engine_seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & ((1 << 64) - 1)
-    x ^= x >> 31
-    return x & ((1 << 63) - 1)
-
-
 class Engine:
     """Continuous batching over a transformers causal LM, composed from the configured strategies."""
 
@@ -53,6 +48,7 @@ class Engine:
         built = time.perf_counter()
         self.host = host or get_plugin_host()
         self.config = config = config.with_defaults_resolved(self.host)
+        self._caller_attention = getattr(model.config, "_attn_implementation", None)  # for release()
         self.model = prepare_model(model)
         self.tokenizer = tokenizer
         geo = self.geometry = model_geometry(model)
@@ -91,6 +87,9 @@ class Engine:
             limits.append(cache.max_model_len)
         self.max_len = min(limits)
         self.num_blocks = num_blocks
+        self.intake = Intake(tokenizer=tokenizer, vocab=geo["vocab"], max_len=self.max_len, seed=config.seed,
+                             eos_ids=self.eos_ids, limits=f"model context {geo['max_positions']}, KV cache "
+                                                          f"{(num_blocks - 1) * bs} tokens")
         max_blocks = -(-self.max_len // bs)
         shape = (num_blocks, bs, geo["kv_heads"], geo["head_dim"])
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])]
@@ -107,6 +106,9 @@ class Engine:
         self.graphs = graphs
         self._book: RequestBook | None = None
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside run(): a call back into the engine from it must fail
+        self._cancel_lock = threading.Lock()
+        self._pending_cancels: set[str] = set()  # cancels for requests whose run has not started yet
         self.last_result: RunResult | None = None
         log.info("engine: runtime=%s scheduler=%s buffers=%s streams=%s graphs=%s attention=%s; %d KV blocks of %d "
                  "tokens, max_len %d", self.runtime.name, config.scheduler.name, config.buffers.name,
@@ -193,112 +195,84 @@ class Engine:
         return max(2, cache.cpu_cache_tokens // cache.block_size + 1)
 
     # ------------------------------------------------------------------ requests
-    def _encode(self, prompt: Any) -> Any:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise TypeError("text prompts need a tokenizer (engine.model.tokenizer or a checkpoint with one); "
-                                "pass token-id lists instead")
-            return self.tokenizer.encode(prompt)
-        return prompt
-
-    def _state(self, request: Request, index: int) -> RequestState:
-        req = RequestState(request, index, self.max_len,
-                           request.params.seed if request.params.seed is not None
-                           else _derive_seed(self.config.seed, index), eos_ids=self.eos_ids)
-        try:
-            self._validate(request)
-        except RequestError as exc:
-            req.status = Status.FINISHED
-            req.finish_reason = "error"
-            req.error = str(exc)
-        return req
-
-    def _validate(self, request: Request) -> None:
-        vocab = self.geometry["vocab"]
-        ids = request.prompt_ids
-        if len(ids) == 0:
-            raise RequestError("empty prompt: a request needs at least one prompt token")
-        for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise RequestError(f"prompt token {t!r} at position {i} is outside the vocabulary [0, {vocab})")
-        request.params.validate()
-        for t in request.params.stop_token_ids:
-            if t >= vocab:
-                raise RequestError(f"stop token {t} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_len:
-            raise RequestError(f"prompt of {len(ids)} tokens leaves no room to generate: at most {self.max_len - 1} "
-                               f"prompt tokens fit (model context {self.geometry['max_positions']}, KV cache "
-                               f"{(self.num_blocks - 1) * self.config.cache.block_size} tokens)")
-
     def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None,
                       *, request_ids: Sequence[str] | None = None,
                       arrival_times: Sequence[float] | None = None) -> list[Request]:
-        """Pair prompts with parameters (one shared, or one per prompt). Call-level mistakes raise here."""
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise TypeError("prompts must be a list of prompts (token-id lists or strings)")
-        n = len(prompts)
-        if params is None:
-            params = SamplingParams()
-        plist = [params] * n if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != n:
-            raise ValueError(f"got {n} prompts but {len(plist)} SamplingParams")
-        ids = list(request_ids) if request_ids is not None else [str(i) for i in range(n)]
-        if len(ids) != n or len(set(ids)) != n:
-            raise ValueError("request_ids must be unique, one per prompt")
-        times = list(arrival_times) if arrival_times is not None else [0.0] * n
-        out = []
-        for i in range(n):
-            p = self._encode(prompts[i])
-            prompt = tuple(p) if isinstance(p, (list, tuple)) else p
-            if not isinstance(prompt, tuple):
-                raise TypeError(f"prompt {i} must be a list of token ids or a string, got {type(p).__name__}")
-            out.append(Request(ids[i], prompt, plist[i], times[i]))
-        return out
+        """Pair prompts with parameters (one shared, or one per prompt). Call-level mistakes raise here; default
+        request ids are unique over the engine's lifetime."""
+        return self.intake.make_requests(prompts, params, request_ids=request_ids, arrival_times=arrival_times)
 
     # ------------------------------------------------------------------ running
     def run(self, requests: Sequence[Request], *, on_token: Callable[[TokenEvent], None] | None = None) -> RunResult:
-        """Serve `requests` (arrival times honoured) until all end. Outputs come back in input order."""
+        """Serve `requests` (arrival times honoured) until all end. Outputs come back in input order.
+
+        `on_token` gets every token as the host learns it, and one event with `token_id == -1` for a request that
+        ends without a token (cancelled, or failed with an error). Calling back into this engine from `on_token` or
+        a lifecycle hook raises `RuntimeError` (the run holds the engine).
+        """
+        self._check_not_reentrant()
         with self._lock:
-            states = [self._state(r, i) for i, r in enumerate(requests)]
-            host = self.host
-            notify_finish = host.has_lifecycle_impls("asyncbatch_request_finished")
-            notify_step = host.has_lifecycle_impls("asyncbatch_step_finished")
-            errors_before = len(host.hook_errors)
-            book = RequestBook(states, num_blocks=self.num_blocks, num_rows=self.config.batch.max_seqs,
-                               on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
-                               if notify_finish else None)
+            self._owner = threading.get_ident()
+            try:
+                return self._run_locked(requests, on_token)
+            finally:
+                self._owner = None
+
+    def _check_not_reentrant(self) -> None:
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this engine is running a call on this thread (an on_token callback or a lifecycle "
+                               "hook called back into it); call it after the run returns, or use another engine")
+
+    def _run_locked(self, requests: Sequence[Request], on_token: Callable[[TokenEvent], None] | None) -> RunResult:
+        states = [self.intake.state(r, i) for i, r in enumerate(requests)]
+        host = self.host
+        notify_finish = host.has_lifecycle_impls("asyncbatch_request_finished")
+        notify_step = host.has_lifecycle_impls("asyncbatch_step_finished")
+        errors_before = host.hook_error_count
+        book = RequestBook(states, num_blocks=self.num_blocks, num_rows=self.config.batch.max_seqs,
+                           on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
+                           if notify_finish else None, on_end=on_token)
+        with self._cancel_lock:  # cancels sent before the run started apply now
             self._book = book
+            for rid in self._pending_cancels & book.ids:
+                book.cancel(rid)
+            self._pending_cancels -= book.ids
+        rt = self.runtime
+        try:
             self._bind_model()
             if self.warms_up:  # sampling paths the build did not warm up, before the clock starts
                 self.startup_s += self.warm.modes(request_modes(r.params for r in states
                                                                 if r.status is not Status.FINISHED))
             startup_s, self.startup_s = self.startup_s, 0.0
-            rt = self.runtime
             rt.reset_timeline()
             start = rt.now()
-            try:
-                steps = self.pipeline.run(
-                    book, on_token=on_token,
-                    on_step=(lambda s: host.notify("asyncbatch_step_finished", stats=s)) if notify_step else None)
-            finally:
+            steps = self.pipeline.run(
+                book, on_token=on_token,
+                on_step=(lambda s: host.notify("asyncbatch_step_finished", stats=s)) if notify_step else None)
+        finally:
+            with self._cancel_lock:
                 self._book = None
-                deactivate()
-                self._restore_gc()
-            wall = rt.now() - start
-            book.check_released()
-            outputs = [self._texted(o) for o in book.results()]
-            busy = rt.compute_busy()
-            summary = RunSummary.build(outputs, steps, wall, busy_fraction=busy and busy.get("busy_fraction"),
-                                       preemptions=book.num_preemptions,
-                                       hook_errors=len(host.hook_errors) - errors_before, startup_s=startup_s)
-            if host.has_lifecycle_impls("asyncbatch_run_finished"):
-                host.notify("asyncbatch_run_finished", summary=summary)
-            self.last_result = RunResult(outputs, summary, steps)
-            return self.last_result
+            deactivate()
+            self._restore_gc()
+        wall = rt.now() - start
+        book.check_released()
+        outputs = [self._texted(o) for o in book.results()]
+        busy = rt.compute_busy()
+        summary = RunSummary.build(outputs, steps, wall, busy_fraction=busy and busy.get("busy_fraction"),
+                                   preemptions=book.num_preemptions,
+                                   hook_errors=host.hook_error_count - errors_before, startup_s=startup_s)
+        if host.has_lifecycle_impls("asyncbatch_run_finished"):
+            host.notify("asyncbatch_run_finished", summary=summary)
+        self.last_result = RunResult(outputs, summary, steps)
+        return self.last_result
 
     def _bind_model(self) -> None:
         """Put the (possibly shared) model in this engine's state: compiled or not, this engine's caches."""
+        from .attention_api import ATTN_IMPLEMENTATION
         from .compile import attention_modules, set_compiled
+
+        if getattr(self.model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            prepare_model(self.model)  # released (or switched back by its owner) since the last run
 
         set_compiled(self.model, self.compiled)  # also undoes an earlier engine's compilation of a shared model
         if self.compiled:
@@ -357,17 +331,36 @@ class Engine:
 
         thread = threading.Thread(target=work, name="asyncbatch-engine", daemon=True)
         thread.start()
-        while (item := events.get()) is not done:
-            yield item
-        thread.join()
+        finished = False
+        try:
+            while (item := events.get()) is not done:
+                yield item
+            finished = True
+        finally:
+            if not finished:  # the consumer stopped early: its requests end at the next step
+                for r in requests:
+                    self.cancel(r.request_id)
+            thread.join()
         if failure:
             raise failure[0]
 
     def cancel(self, request_id: str) -> None:
-        """Cancel a request of the current run (thread-safe); it ends with finish reason `cancelled`."""
-        book = self._book
-        if book is not None:
-            book.cancelled.add(request_id)
+        """Cancel a request (any thread): it ends with finish reason `cancelled` at the next step of its run. A
+        cancel sent before its run starts applies when it starts."""
+        with self._cancel_lock:
+            book = self._book
+            if book is None or not book.cancel(request_id):
+                self._pending_cancels.add(request_id)
+
+    def release(self) -> None:
+        """Give the model back as it was handed over: its own attention implementation, layers not compiled. The
+        engine stays usable: its next run switches the model back (that is also how engines share a model)."""
+        from .compile import set_compiled
+
+        with self._lock:
+            set_compiled(self.model, False)
+            if self._caller_attention is not None:
+                self.model.set_attn_implementation(self._caller_attention)
 
     def warmup(self, sizes: Sequence[int] | None = None, *, modes: Sequence[str] = ("greedy",)) -> int:
         """Compile and capture ahead of time, so that runs replay and never capture.
@@ -377,6 +370,7 @@ class Engine:
         backend's launch depends on padded counts only, one mixed prefill+decode shape per token bucket. With
         `sizes`: the decode buckets of those batch sizes only. Returns how many (shape, slot) pairs ran.
         """
+        self._check_not_reentrant()
         with self._lock:
             self._bind_model()
             try:

@@ -122,11 +122,15 @@ class Pipeline:
             if rec is None:
                 if inflight:
                     update_oldest()
+                elif not book.unfinished:
+                    continue  # cancellations ended the last requests
                 elif book.next_arrival() is not None:
                     self.rt.idle_until(book.next_arrival())
                 elif not book.break_deadlock(self.scheduler):
-                    raise RuntimeError(f"no progress possible with {book.unfinished} unfinished requests: "
-                                       f"running={book.running} waiting={book.waiting}")
+                    # Nothing runs and the scheduler added nothing: the oldest waiting request can never be
+                    # scheduled. It fails with the reason; everyone else goes on.
+                    book.fail_stuck(now, max_tokens=self.batch_cfg.max_tokens, max_seqs=self.layout.max_seqs,
+                                    block_size=self.block_size)
                 continue
             self._launch(rec, inflight, keep, update_oldest)
             k += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.metadata
 import logging
@@ -38,6 +39,8 @@ LIFECYCLE_HOOKS: tuple[str, ...] = (
 )
 
 
+MAX_KEPT_HOOK_ERRORS = 1000
+
 class PluginHost:
     """A plugin manager plus the registries its plugins filled.
 
@@ -48,7 +51,10 @@ class PluginHost:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self.registries: dict[str, Registry] = {f: Registry(f) for f in FAMILIES}
-        self.hook_errors: list[PluginError] = []
+        # The newest failures (bounded: a hook failing on every step must not grow memory); `hook_error_count`
+        # counts them all.
+        self.hook_errors: collections.deque[PluginError] = collections.deque(maxlen=MAX_KEPT_HOOK_ERRORS)
+        self.hook_error_count = 0
         for family in FAMILIES:
             self._fill(family)
 
@@ -103,6 +109,7 @@ class PluginHost:
                 log.error("%s", err)
                 errors.append(err)
         self.hook_errors.extend(errors)
+        self.hook_error_count += len(errors)
         return errors
 
     def has_lifecycle_impls(self, hook_name: str) -> bool:

@@ -250,7 +250,8 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     bar = _progress_bar(progress and cfg.output.progress, sum(r.params.max_new_tokens for r in requests),
                         cell_label(assignment))
     try:
-        result = engine.run(requests, on_token=(lambda _ev: bar.update(1)) if bar is not None else None)
+        result = engine.run(requests, on_token=(lambda ev: ev.token_id >= 0 and bar.update(1)) if bar is not None
+                            else None)
     finally:
         if bar is not None:
             bar.close()

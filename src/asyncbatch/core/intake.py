@@ -1,0 +1,107 @@
+"""Requests in: prompts encoded and paired with parameters, ids, seeds, and per-request validation.
+
+A mistake in the call itself (prompts not a list, mismatched lengths, duplicate ids) raises at once. A mistake in
+one request (a token outside the vocabulary, a sampling value the step tables cannot hold, an arrival time that is
+not a finite number) fails that request only: it ends with finish reason `error` and a message naming the field,
+before the run starts, and everything else runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import RequestError
+from .requests import RequestState, Status
+from .types import Request, SamplingParams
+
+
+def derive_seed(engine_seed: int, request_id: str) -> int:
+    """A request's sampling seed when it gives none: a function of the engine's seed and the request's id only
+    (stable across processes), so its tokens do not depend on its position in the call."""
+    digest = hashlib.blake2b(f"{engine_seed}:{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Intake:
+    """Turns a call's prompts into requests and requests into request states, for one engine."""
+
+    def __init__(self, *, tokenizer: Any, vocab: int, max_len: int, limits: str, seed: int,
+                 eos_ids: tuple[int, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.max_len = max_len
+        self.limits = limits  # what bounds max_len, for the too-long-prompt message
+        self.seed = seed
+        self.eos_ids = eos_ids
+        self._next_id = itertools.count()  # default request ids, unique over the engine's lifetime
+
+    def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
+                      *, request_ids: Sequence[str] | None, arrival_times: Sequence[float] | None) -> list[Request]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError("prompts must be a list of prompts (token-id lists or strings)")
+        n = len(prompts)
+        if params is None:
+            params = SamplingParams()
+        plist = [params] * n if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != n:
+            raise ValueError(f"got {n} prompts but {len(plist)} SamplingParams")
+        ids = list(request_ids) if request_ids is not None else [str(next(self._next_id)) for _ in range(n)]
+        if len(ids) != n or len(set(ids)) != n:
+            raise ValueError("request_ids must be unique, one per prompt")
+        times = list(arrival_times) if arrival_times is not None else [0.0] * n
+        if len(times) != n:
+            raise ValueError(f"got {n} prompts but {len(times)} arrival times")
+        out = []
+        for i in range(n):
+            p = self._encode(prompts[i])
+            prompt = tuple(p) if isinstance(p, (list, tuple)) else p
+            if not isinstance(prompt, tuple):
+                raise TypeError(f"prompt {i} must be a list of token ids or a string, got {type(p).__name__}")
+            out.append(Request(ids[i], prompt, plist[i], times[i]))
+        return out
+
+    def _encode(self, prompt: Any) -> Any:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("text prompts need a tokenizer (engine.model.tokenizer or a checkpoint with one); "
+                                "pass token-id lists instead")
+            return self.tokenizer.encode(prompt)
+        return prompt
+
+    def state(self, request: Request, index: int) -> RequestState:
+        """The run-time state of `request`; already finished with `error` if the request is invalid."""
+        try:
+            self.validate(request)
+        except RequestError as exc:
+            # A neutral stand-in carries the failure: the bad values never reach a step table or a scheduler.
+            req = RequestState(Request(request.request_id, request.prompt_ids), index, self.max_len, 0)
+            req.status = Status.FINISHED
+            req.finish_reason = "error"
+            req.error = str(exc)
+            return req
+        seed = request.params.seed
+        return RequestState(request, index, self.max_len, seed if seed is not None else
+                            derive_seed(self.seed, request.request_id), eos_ids=self.eos_ids)
+
+    def validate(self, request: Request) -> None:
+        vocab = self.vocab
+        ids = request.prompt_ids
+        if len(ids) == 0:
+            raise RequestError("empty prompt: a request needs at least one prompt token")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise RequestError(f"prompt token {t!r} at position {i} is outside the vocabulary [0, {vocab})")
+        request.params.validate()
+        t = request.arrival_time
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise RequestError(f"arrival_time must be a finite number of seconds >= 0, got {t!r}")
+        for t in request.params.stop_token_ids:
+            if t >= vocab:
+                raise RequestError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_len:
+            raise RequestError(f"prompt of {len(ids)} tokens leaves no room to generate: at most {self.max_len - 1} "
+                               f"prompt tokens fit ({self.limits})")
