@@ -206,3 +206,15 @@ def test_hook_failures_are_counted_but_kept_bounded(tiny64, monkeypatch):
 
     assert result.summary.steps == result.summary.hook_errors == host.hook_error_count > 5
     assert 5 == len(host.hook_errors)
+
+
+def test_a_kv_cache_that_cannot_fit_is_a_config_error_naming_the_key(tiny64, monkeypatch):
+    """Checked before any allocation: torch never gets to fail on it."""
+    from asyncbatch.core.errors import ConfigError
+    from asyncbatch.core.runtime.cpu import CpuRuntime
+
+    monkeypatch.setattr(CpuRuntime, "free_memory", lambda self: 1 << 20)
+    cfg = EngineConfig.from_dict({"runtime": "cpu", "cache": {"num_blocks": 1000, "block_size": 8}})
+
+    with pytest.raises(ConfigError, match=r"engine\.cache\.num_blocks: 1000 KV blocks .* GiB is free"):
+        Engine.from_model(tiny64, cfg)

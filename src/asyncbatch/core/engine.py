@@ -181,18 +181,21 @@ class Engine:
         raise UnsupportedError("no attention backend can run here: " + "; ".join(reasons))
 
     def _num_blocks(self, device: Any, dtype: Any, geo: dict[str, int]) -> int:
-        import torch
-
         cache = self.config.cache
+        per_block = 2 * geo["layers"] * cache.block_size * geo["kv_heads"] * geo["head_dim"] * dtype.itemsize
+        free = self.runtime.free_memory()
         if cache.num_blocks is not None:
             if cache.num_blocks < 2:
                 raise ConfigError("engine.cache.num_blocks", "needs at least 2 (block 0 is reserved for padding)")
-            return cache.num_blocks
-        per_block = 2 * geo["layers"] * cache.block_size * geo["kv_heads"] * geo["head_dim"] * dtype.itemsize
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
+            key, blocks = "engine.cache.num_blocks", cache.num_blocks
+        elif device.type == "cuda":
             return max(2, int(free * cache.memory_fraction) // per_block)
-        return max(2, cache.cpu_cache_tokens // cache.block_size + 1)
+        else:
+            key, blocks = "engine.cache.cpu_cache_tokens", cache.cpu_cache_tokens // cache.block_size + 1
+        if free is not None and blocks * per_block > free:  # fail here, naming the key, not inside torch
+            raise ConfigError(key, f"{blocks} KV blocks of {cache.block_size} tokens need "
+                                   f"{blocks * per_block / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is free on {device}")
+        return max(2, blocks)
 
     # ------------------------------------------------------------------ requests
     def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -93,6 +93,18 @@ class Runtime(ABC):
 
         return torch.zeros(numel, dtype=dtype)
 
+    def free_memory(self) -> int | None:
+        """Bytes free for new buffers on `device` (the engine sizes and checks the KV cache with it); None where it
+        cannot be told. Host memory here (Linux `MemAvailable`)."""
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
     def device_buffer(self, numel: int, dtype: Any) -> Any:
         import torch
 

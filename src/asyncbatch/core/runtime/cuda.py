@@ -66,6 +66,11 @@ class CudaRuntime(Runtime):
         # Never the legacy default stream: it would serialise against everything.
         self.streams = {n: torch.cuda.Stream(device=self._device) for n in names}
 
+    def free_memory(self) -> int | None:
+        import torch
+
+        return torch.cuda.mem_get_info(self._device)[0]
+
     def host_buffer(self, numel: int, dtype: Any) -> Any:
         import torch
 
