@@ -1,7 +1,8 @@
 """The `asyncbatch` command line: run YAML experiments and sweeps, list components, run the simulation study.
 
 Exit codes: 0 success; 2 a configuration or usage error (reported before any model is built); 1 any other
-asyncbatch error (e.g. a feature this machine cannot provide); 130 interrupted.
+asyncbatch error (e.g. a feature this machine cannot provide), or an internal error (a bug: reported in one line,
+with the traceback at `--log-level debug`); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -218,3 +219,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001  (a bug: one line, the traceback only when asked for)
+        return _internal_error(exc, debug=args.log_level == "debug")
+
+
+def _internal_error(exc: BaseException, *, debug: bool) -> int:
+    """Report an unexpected exception in one line (with the traceback first at `--log-level debug`); exit 1."""
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:  # noqa: BLE001  (an exception whose str() fails)
+        text = "<unprintable>"
+    line = f"{PROG}: internal error: {type(exc).__name__}" + (f": {text}" if text else "")
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+        print(line, file=sys.stderr)
+    else:
+        print(f"{line} (rerun with --log-level debug for the traceback)", file=sys.stderr)
+    return 1

@@ -16,7 +16,7 @@ import attrs
 from .engine_parts import BatchConfig, CacheConfig, ModelConfig, StartupConfig
 from .errors import ConfigError
 from .structure import structure, unstructure
-from .types import SamplingParams
+from .types import SamplingParams, show
 
 __all__ = ["BatchConfig", "CacheConfig", "ComponentSpec", "EngineConfig", "ExperimentConfig", "ModelConfig",
            "OutputConfig", "StartupConfig", "load_yaml", "unstructure"]
@@ -44,14 +44,14 @@ class ComponentSpec:
                 raise ConfigError(f"{key}.name", "missing: every component needs a name")
             name = params.pop("name")
             if not isinstance(name, str):
-                raise ConfigError(f"{key}.name", f"expected a string, got {name!r}")
+                raise ConfigError(f"{key}.name", f"expected a string, got {show(name)}")
         else:
-            raise ConfigError(key, f"expected a component name or a mapping with 'name', got {value!r}")
+            raise ConfigError(key, f"expected a component name or a mapping with 'name', got {show(value)}")
         if host is None:
             from .plugin_host import get_plugin_host  # noqa: PLC0415
 
             host = get_plugin_host()
-        component = host.registry(family).get(name, key)
+        component = host.registry(family).get(name, key if isinstance(value, str) else f"{key}.name")
         return cls(name, component.make_config(params, key))
 
 
@@ -184,7 +184,9 @@ class ExperimentConfig:
         try:
             sampling.validate()
         except Exception as exc:
-            raise ConfigError("sampling", str(exc)) from exc
+            field = str(exc).split(" ", 1)[0]  # RequestError messages start with the field's name
+            known_field = field in {f.name for f in attrs.fields(SamplingParams)}
+            raise ConfigError(f"sampling.{field}" if known_field else "sampling", str(exc)) from exc
         rest = structure(_ExperimentScalars, data, "")
         exp = cls(engine=engine, workload=workload, sampling=sampling, **attrs.asdict(rest, recurse=False))
         exp.sweep_cells(host=host)  # validate every sweep cell now, before any model is built
@@ -210,9 +212,11 @@ class ExperimentConfig:
         base.pop("sweep")
         keys = list(self.sweep)
         for k in keys:
+            if not isinstance(k, str):
+                raise ConfigError("sweep", f"keys are dotted config keys (strings), got {show(k)}")
             values = self.sweep[k]
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"sweep.{k}", f"expected a non-empty list of values, got {values!r}")
+                raise ConfigError(f"sweep.{k}", f"expected a non-empty list of values, got {show(values)}")
             _check_path(base, k, host)
         cells: list[tuple[dict[str, Any], ExperimentConfig]] = []
         import itertools
@@ -225,7 +229,8 @@ class ExperimentConfig:
             try:
                 cells.append((assignment, ExperimentConfig.from_dict(data, host=host)))
             except ConfigError as exc:
-                raise ConfigError(f"sweep cell {assignment}", str(exc)) from exc
+                cell = "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in assignment.items()) + "}"
+                raise ConfigError(f"sweep cell {cell}", str(exc)) from exc
         return cells
 
 
@@ -252,6 +257,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(fh)
         except yaml.YAMLError as exc:
             raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+        except ValueError as exc:  # e.g. an int of more than 4300 digits, which Python refuses to read
+            raise ConfigError("", f"{path} holds a value that cannot be read: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -274,7 +281,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(item, "overrides look like dotted.key=value")
     key, text = item.split("=", 1)
-    _set_path(data, key.strip(), parse_value(text))
+    try:
+        value = parse_value(text)
+    except ValueError as exc:  # e.g. an int of more than 4300 digits, which Python refuses to read
+        raise ConfigError(key.strip(), f"cannot read the value: {exc}") from exc
+    _set_path(data, key.strip(), value)
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -287,7 +298,7 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         if child is None:
             child = {}
         if not isinstance(child, dict):
-            raise ConfigError(".".join(parts[: i + 1]), f"is {child!r}, not a mapping; cannot set {dotted}")
+            raise ConfigError(".".join(parts[: i + 1]), f"is {show(child)}, not a mapping; cannot set {dotted}")
         node[part] = child
         node = child
     node[parts[-1]] = value

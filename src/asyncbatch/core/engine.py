@@ -188,10 +188,11 @@ class Engine:
             if cache.num_blocks < 2:
                 raise ConfigError("engine.cache.num_blocks", "needs at least 2 (block 0 is reserved for padding)")
             key, blocks = "engine.cache.num_blocks", cache.num_blocks
-        elif device.type == "cuda":
-            return max(2, int(free * cache.memory_fraction) // per_block)
+        elif device.type == "cuda":  # as many as fit, within the int32 slot indices of the step tables
+            return max(2, min(int(free * cache.memory_fraction) // per_block, (2**31 - 1) // cache.block_size))
         else:
-            key, blocks = "engine.cache.cpu_cache_tokens", cache.cpu_cache_tokens // cache.block_size + 1
+            key, blocks = "engine.cache.cpu_cache_tokens", min(cache.cpu_cache_tokens // cache.block_size + 1,
+                                                               (2**31 - 1) // cache.block_size)
         if free is not None and blocks * per_block > free:  # fail here, naming the key, not inside torch
             raise ConfigError(key, f"{blocks} KV blocks of {cache.block_size} tokens need "
                                    f"{blocks * per_block / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is free on {device}")

@@ -10,16 +10,34 @@ from typing import Any, Literal
 import attrs
 
 from .errors import ConfigError
+from .types import INT32_MAX, show
+
+# torch.manual_seed's range (negative seeds are mapped to 2**64 + seed)
+TORCH_SEED_MIN, TORCH_SEED_MAX = -(2**63), 2**64 - 1
 
 
 def _positive(_: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and value <= 0:
-        raise ConfigError(attribute.name, f"must be > 0, got {value}")
+        raise ConfigError(attribute.name, f"must be > 0, got {show(value)}")
+
+
+def _size(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A positive count that the engine writes into int32 tables (token positions, KV slot indices, lengths)."""
+    _positive(_, attribute, value)
+    if value is not None and value > INT32_MAX:
+        raise ConfigError(attribute.name, f"must be <= {INT32_MAX}, got {show(value)}")
 
 
 def _fraction(_: Any, attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 < value <= 1.0:
-        raise ConfigError(attribute.name, f"must be in (0, 1], got {value}")
+        raise ConfigError(attribute.name, f"must be in (0, 1], got {show(value)}")
+
+
+def _torch_seed(_: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not TORCH_SEED_MIN <= value <= TORCH_SEED_MAX:
+        raise ConfigError(attribute.name, f"must be in [{TORCH_SEED_MIN}, {TORCH_SEED_MAX}] (torch.manual_seed's "
+                                          f"range), got {show(value)}")
+
 
 @attrs.frozen
 class ModelConfig:
@@ -37,7 +55,7 @@ class ModelConfig:
     path: str | None = None
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=_torch_seed)
     overrides: dict = attrs.Factory(dict)
     tokenizer: str | None = None
 
@@ -59,11 +77,18 @@ class CacheConfig:
     """Paged KV cache geometry. `num_blocks: null` sizes the cache from free device memory (CUDA) or
     `cpu_cache_tokens` (CPU)."""
 
-    block_size: int = attrs.field(default=16, validator=_positive)
-    num_blocks: int | None = attrs.field(default=None, validator=_positive)
+    block_size: int = attrs.field(default=16, validator=_size)
+    num_blocks: int | None = attrs.field(default=None, validator=_size)
     memory_fraction: float = attrs.field(default=0.85, validator=_fraction)
-    cpu_cache_tokens: int = attrs.field(default=65536, validator=_positive)
-    max_model_len: int | None = attrs.field(default=None, validator=_positive)
+    cpu_cache_tokens: int = attrs.field(default=65536, validator=_size)
+    max_model_len: int | None = attrs.field(default=None, validator=_size)
+
+    def __attrs_post_init__(self) -> None:
+        # A token's KV slot, block * block_size + offset, is written into an int32 table (the slot mapping).
+        if self.num_blocks is not None and self.num_blocks * self.block_size > INT32_MAX:
+            raise ConfigError("cache.num_blocks", f"num_blocks * block_size must be <= {INT32_MAX} (KV slot indices "
+                                                  f"are int32), got {self.num_blocks} * {self.block_size} = "
+                                                  f"{self.num_blocks * self.block_size}")
 
 
 @attrs.frozen
@@ -74,15 +99,17 @@ class BatchConfig:
     uses the same padding, so that all combinations compute the same numbers. Empty = automatic buckets.
     """
 
-    max_tokens: int = attrs.field(default=2048, validator=_positive)
-    max_seqs: int = attrs.field(default=256, validator=_positive)
+    max_tokens: int = attrs.field(default=2048, validator=_size)
+    max_seqs: int = attrs.field(default=256, validator=_size)
     token_buckets: tuple[int, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.max_seqs > self.max_tokens:
             raise ConfigError("batch.max_seqs", f"must be <= batch.max_tokens ({self.max_tokens}), got {self.max_seqs}")
-        if any(b <= 0 for b in self.token_buckets) or list(self.token_buckets) != sorted(set(self.token_buckets)):
-            raise ConfigError("batch.token_buckets", f"must be strictly increasing positive ints, got {self.token_buckets}")
+        b = self.token_buckets
+        if any(n <= 0 or n > INT32_MAX for n in b) or list(b) != sorted(set(b)):
+            raise ConfigError("batch.token_buckets", f"must be strictly increasing positive ints <= {INT32_MAX}, "
+                                                     f"got {show(b)}")
 
     def buckets(self) -> tuple[int, ...]:
         if self.token_buckets:

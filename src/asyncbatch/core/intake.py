@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import RequestError
 from .requests import RequestState, Status
-from .types import Request, SamplingParams
+from .types import Request, SamplingParams, validate_arrival
 
 
 def derive_seed(engine_seed: int, request_id: str) -> int:
@@ -96,9 +95,7 @@ class Intake:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise RequestError(f"prompt token {t!r} at position {i} is outside the vocabulary [0, {vocab})")
         request.params.validate()
-        t = request.arrival_time
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise RequestError(f"arrival_time must be a finite number of seconds >= 0, got {t!r}")
+        validate_arrival(request.arrival_time)
         for t in request.params.stop_token_ids:
             if t >= vocab:
                 raise RequestError(f"stop token {t} is outside the vocabulary [0, {vocab})")

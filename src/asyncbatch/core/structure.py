@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 import typing
 from typing import Any, Literal
@@ -9,6 +10,7 @@ from typing import Any, Literal
 import attrs
 
 from .errors import ConfigError
+from .types import show
 
 
 def _type_name(tp: Any) -> str:
@@ -22,26 +24,34 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return value
     if origin is Literal:
         if value not in args:
-            raise ConfigError(key, f"{value!r} is not allowed", [str(a) for a in args])
+            raise ConfigError(key, f"{show(value)} is not allowed", [str(a) for a in args])
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own error says more (a nested key, a number too large...)
+            try:
+                return _convert(options[0], value, key)
+            except ConfigError as exc:
+                if exc.key != key or not exc.message.startswith("expected ") or ", got " not in exc.message:
+                    raise
+                message = exc.message.replace(", got ", " or null, got ", 1)  # "expected an int or null, got 'x'"
+                raise ConfigError(key, message, exc.valid) from None
+        for arg in options:
             try:
                 return _convert(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+            except ConfigError:
+                pass
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {show(value)}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {show(value)}")
         item = args[0] if args else Any
         return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {show(value)}")
         return dict(value)
     if isinstance(tp, type) and attrs.has(tp):
         if isinstance(value, tp):
@@ -49,22 +59,29 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return structure(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true/false, got {type(value).__name__} {value!r}")
+            raise ConfigError(key, f"expected true/false, got {type(value).__name__} {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an int, got {type(value).__name__} {value!r}")
+            raise ConfigError(key, f"expected an int, got {type(value).__name__} {show(value)}")
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+        if limit and value.bit_length() * 0.30103 > limit - 2:  # validators could not even print it
+            raise ConfigError(key, f"expected an int, got {show(value)}: more than {limit} digits")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {show(value)}")
+        # NaN and infinities pass: the field's validator (if any) says what range it accepts
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(key, f"expected a number, got {show(value)}: too large for a float") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {show(value)}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {show(value)}")
     return value
 
 
@@ -73,7 +90,7 @@ def structure(cls: type, data: Any, key: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(key, f"expected a mapping of {cls.__name__} fields, got {type(data).__name__} {data!r}")
+        raise ConfigError(key, f"expected a mapping of {cls.__name__} fields, got {type(data).__name__} {show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
     hook = getattr(cls, "__structure_field__", None)
@@ -82,12 +99,15 @@ def structure(cls: type, data: Any, key: str) -> Any:
         if name not in fields:
             raise ConfigError(f"{key}.{name}" if key else name, "unknown key", list(fields))
         sub = f"{key}.{name}" if key else name
+        tp = hints[name]
+        if value is None and isinstance(tp, type) and attrs.has(tp) and fields[name].default is not attrs.NOTHING:
+            continue  # `section:` with nothing under it: the field's own default, not the class's
         if hook is not None:
             handled, value = hook(name, value, sub)
             if handled:
                 kwargs[name] = value
                 continue
-        kwargs[name] = _convert(hints[name], value, sub)
+        kwargs[name] = _convert(tp, value, sub)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -95,7 +115,7 @@ def structure(cls: type, data: Any, key: str) -> Any:
         if key and not exc.key.startswith(key):
             raise ConfigError(f"{key}.{exc.key.split('.')[-1]}" if exc.key else key, exc.message, exc.valid) from None
         raise
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise ConfigError(key or cls.__name__, str(exc)) from exc
 
 

@@ -13,26 +13,96 @@ FinishReason = Literal["length", "stop", "cancelled", "error"]
 FINISH_REASONS: tuple[str, ...] = ("length", "stop", "cancelled", "error")
 
 
+# The engine's per-step tables hold temperature and top_p as float32 bits, top_k and the two halves of the seed as
+# int32 (`core.layout.HostBatchWriter.bind_row`); token ids and counts are int32 too. A value outside these ranges
+# cannot be written faithfully: it fails its request (see `SamplingParams.validate`).
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SEED_MAX = 2**64 - 1
+# Below 1e-4, logits / temperature overflow float32 (1e-40 is a subnormal: every positive logit becomes inf and the
+# pick is garbage); above 1e4 every distribution is uniform to float32 precision. 0 means greedy.
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 1e4
+TOP_P_MIN = 2.0**-126  # the smallest normal float32: anything smaller rounds to (or towards) 0 in the table
+
+
+def show(value: object, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters; ints too long to print (Python refuses to convert ints of more
+    than 4300 digits to text) are described by their size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"{'-' if value < 0 else ''}<an int of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  (a value whose repr fails still gets a message)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_in(value: object, lo: int, hi: int) -> bool:
+    return _is_int(value) and lo <= value <= hi  # type: ignore[operator]
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _check_sampling(params: SamplingParams) -> None:
-    if not isinstance(params.max_new_tokens, int) or isinstance(params.max_new_tokens, bool):
-        raise RequestError(f"max_new_tokens must be an int, got {params.max_new_tokens!r}")
-    if params.max_new_tokens < 1:
-        raise RequestError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    if not (isinstance(params.temperature, (int, float)) and math.isfinite(params.temperature)):
-        raise RequestError(f"temperature must be a finite number, got {params.temperature!r}")
-    if params.temperature < 0:
-        raise RequestError(f"temperature must be >= 0 (0 means greedy), got {params.temperature}")
-    if not isinstance(params.top_k, int) or params.top_k < 0:
-        raise RequestError(f"top_k must be an int >= 0 (0 disables it), got {params.top_k!r}")
-    if not (isinstance(params.top_p, (int, float)) and 0.0 < params.top_p <= 1.0):
-        raise RequestError(f"top_p must be in (0, 1], got {params.top_p!r}")
-    if params.seed is not None and (not isinstance(params.seed, int) or params.seed < 0):
-        raise RequestError(f"seed must be a non-negative int or None, got {params.seed!r}")
+    v = params.max_new_tokens
+    if not _int_in(v, 1, INT32_MAX):
+        raise RequestError(f"max_new_tokens must be >= 1: an int in [1, {INT32_MAX}], got {show(v)}")
+    v = params.temperature
+    if not (_is_real(v) and _finite(v) and (v == 0 or TEMPERATURE_MIN <= v <= TEMPERATURE_MAX)):
+        raise RequestError(f"temperature must be >= 0: 0 (greedy) or a finite number in "
+                           f"[{TEMPERATURE_MIN}, {TEMPERATURE_MAX}], got {show(v)}")
+    v = params.top_k
+    if not _int_in(v, 0, INT32_MAX):
+        raise RequestError(f"top_k must be an int >= 0: in [0, {INT32_MAX}] (0 disables it), got {show(v)}")
+    v = params.top_p
+    if not (_is_real(v) and _finite(v) and TOP_P_MIN <= v <= 1.0):
+        raise RequestError(f"top_p must be in (0, 1] (at least {TOP_P_MIN:.3g}, the smallest float32; "
+                           f"1 disables it), got {show(v)}")
+    v = params.seed
+    if v is not None and not _int_in(v, 0, SEED_MAX):
+        raise RequestError(f"seed must be None or an int in [0, {SEED_MAX}], got {show(v)}")
+    v = params.stop_token_ids
+    if not isinstance(v, tuple):
+        raise RequestError(f"stop_token_ids must be a list of token ids, ints in [0, {INT32_MAX}], got {show(v)}")
+    for tok in v:
+        if not _int_in(tok, 0, INT32_MAX):
+            raise RequestError(f"stop_token_ids must hold ints in [0, {INT32_MAX}], got {show(tok)}")
+    v = params.priority
+    if not _int_in(v, INT64_MIN, INT64_MAX):
+        raise RequestError(f"priority must be an int in [{INT64_MIN}, {INT64_MAX}], got {show(v)}")
     if not isinstance(params.ignore_eos, bool):
-        raise RequestError(f"ignore_eos must be a bool, got {params.ignore_eos!r}")
-    for tok in params.stop_token_ids:
-        if not isinstance(tok, int) or tok < 0:
-            raise RequestError(f"stop_token_ids must hold non-negative ints, got {tok!r}")
+        raise RequestError(f"ignore_eos must be a bool (true/false), got {show(params.ignore_eos)}")
+
+
+def validate_arrival(t: object) -> None:
+    """Raise `RequestError` unless `t` (a request's `arrival_time`, seconds after the run starts) is a finite
+    number >= 0."""
+    if not (_is_real(t) and _finite(t) and t >= 0):  # type: ignore[operator]
+        raise RequestError(f"arrival_time must be a finite number >= 0, got {show(t)}")
+
+
+def _stop_ids(value: object) -> object:
+    """Lists (any iterable but text) become tuples; anything else is kept as given, so that `validate` fails
+    the one request that carries it instead of the constructor failing the whole call."""
+    if isinstance(value, (str, bytes)):
+        return value
+    try:
+        return tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        return value
 
 
 @attrs.frozen
@@ -47,20 +117,22 @@ class SamplingParams:
     end `generate()`; `ignore_eos` keeps generating past them (benchmarks of fixed output lengths).
 
     Validation is lazy on purpose: a bad value fails the one request that carries it (see `validate`), not the
-    whole `generate` call.
+    whole `generate` call. Valid values are those the engine's per-step tables hold: `temperature` 0 or in
+    [1e-4, 1e4], `top_k` and `max_new_tokens` and stop token ids int32, `top_p` in (0, 1], `seed` 64 bits,
+    `priority` an int64.
     """
 
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_stop_ids)
     seed: int | None = None
     priority: int = 0
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        """Raise `RequestError` naming the first invalid field."""
+        """Raise `RequestError` naming the first invalid field and its allowed range."""
         _check_sampling(self)
 
     @property
@@ -79,7 +151,8 @@ class SamplingParams:
 
 @attrs.frozen
 class Request:
-    """One prompt to complete. `arrival_time` is seconds after the run starts (online workloads); 0 = at once."""
+    """One prompt to complete. `arrival_time` is seconds after the run starts (online workloads); 0 = at once.
+    Like sampling values, it is checked per request (`validate_arrival`), not here."""
 
     request_id: str
     prompt_ids: tuple[int, ...] = attrs.field(converter=tuple)

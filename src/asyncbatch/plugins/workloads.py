@@ -15,13 +15,20 @@ from typing import Any, Literal
 import attrs
 
 from ..core.errors import ConfigError
-from ..core.types import Request, SamplingParams
+from ..core.types import INT32_MAX, Request, SamplingParams, show
+
+
+def _finite(owner: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {value}")
 
 
 @attrs.frozen
 class LengthDist:
     """A token-length distribution: `fixed` (value), `uniform` (min..max), `lognormal` (mean, or `median` when
-    given, and sigma of the underlying normal; clipped to min..max)."""
+    given, and sigma of the underlying normal; clipped to min..max). Lengths are at most 2**31 - 1 (int32)."""
 
     dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
     value: int = 32
@@ -32,20 +39,35 @@ class LengthDist:
     median: float | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.value < 1 or self.min < 1 or self.max < self.min:
-            raise ConfigError("length", f"need value >= 1 and 1 <= min <= max, got {self}")
-        if self.dist == "lognormal" and (self.mean <= 0 or self.sigma < 0 or (self.median is not None
-                                                                               and self.median <= 0)):
-            raise ConfigError("length", f"lognormal needs mean > 0 (or median > 0) and sigma >= 0, got {self}")
+        # Errors name the field; structuring prefixes the path (`workload.prompt_len.min`).
+        for name in ("value", "min", "max"):
+            v = getattr(self, name)
+            if not 1 <= v <= INT32_MAX:
+                raise ConfigError(name, f"must be in [1, {INT32_MAX}], got {show(v)}")
+        if self.max < self.min:
+            raise ConfigError("max", f"must be >= min ({self.min}), got {self.max}")
+        _finite(self, ("mean", "sigma", "median"))
+        if self.dist == "lognormal":
+            if self.median is not None and self.median <= 0:
+                raise ConfigError("median", f"lognormal needs median > 0, got {self.median}")
+            if self.median is None and self.mean <= 0:
+                raise ConfigError("mean", f"lognormal needs mean > 0 (or median > 0), got {self.mean}")
+            if self.sigma < 0:
+                raise ConfigError("sigma", f"lognormal needs sigma >= 0, got {self.sigma}")
 
     def draw(self, rng: random.Random) -> int:
         if self.dist == "fixed":
             return self.value
         if self.dist == "uniform":
             return rng.randint(self.min, self.max)
-        # mu is the log of the median; from a mean, shift it so that the mean is `mean`
-        mu = math.log(self.median) if self.median is not None else math.log(self.mean) - self.sigma**2 / 2
-        return max(self.min, min(self.max, round(rng.lognormvariate(mu, self.sigma))))
+        # mu is the log of the median; from a mean, shift it so that the mean is `mean`. Done in log space and
+        # clipped there, so that extreme parameters give min or max instead of overflowing exp() (the same
+        # draws as `rng.lognormvariate(mu, sigma)` otherwise).
+        mu = math.log(self.median) if self.median is not None else math.log(self.mean) - self.sigma * self.sigma / 2
+        x = mu + rng.normalvariate(0.0, 1.0) * self.sigma
+        lo, hi = math.log(self.min) - 1.0, math.log(self.max) + 1.0
+        x = lo if math.isnan(x) else min(max(x, lo), hi)  # NaN: -inf + inf, a huge sigma's mean shift won
+        return max(self.min, min(self.max, round(math.exp(x))))
 
 
 @attrs.frozen
@@ -56,6 +78,8 @@ class Arrival:
     rate: float = 10.0
 
     def __attrs_post_init__(self) -> None:
+        if not math.isfinite(self.rate):
+            raise ConfigError("arrival.rate", f"must be a finite number, got {self.rate}")
         if self.process == "poisson" and self.rate <= 0:
             raise ConfigError("arrival.rate", f"must be > 0 for poisson arrivals, got {self.rate}")
 
@@ -81,7 +105,7 @@ class SyntheticConfig:
 
     def __attrs_post_init__(self) -> None:
         if self.num_requests < 1:
-            raise ConfigError("workload.num_requests", f"must be >= 1, got {self.num_requests}")
+            raise ConfigError("workload.num_requests", f"must be >= 1, got {show(self.num_requests)}")
 
 
 class Synthetic:
@@ -115,6 +139,10 @@ class JsonlConfig:
     path: str = "prompts.jsonl"
     arrival: Arrival = Arrival()
     limit: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("workload.limit", f"must be >= 1 (or null: every line), got {show(self.limit)}")
 
 
 class JsonlPrompts:
