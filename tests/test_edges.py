@@ -100,7 +100,7 @@ def test_the_hypothesis_suite_itself_fails_without_an_edge(tiny64, edge):
     (`reuse` and `pool` matter only when consecutive batches share no request; random workloads rarely build
     that, so the targeted cases above are where those two are shown to be load-bearing.)"""
 
-    @settings(max_examples=60, deadline=None, phases=[Phase.generate], database=None,
+    @settings(max_examples=100, deadline=None, phases=[Phase.generate], database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(work=workloads(min_requests=3), combo=combinations, geometry=geometries, data=st.data())
     def suite(work, combo, geometry, data):
