@@ -76,19 +76,22 @@ def test_stress(tiny64, work, buffers, cancels, moment, data):
     engine = _engine(tiny64, buffers, runtime)
     reqs = engine.make_requests([w[0] for w in work], [w[1] for w in work], request_ids=ids,
                                 arrival_times=[w[2] for w in work])
-    # Cancels come from another thread once `moment` tokens were delivered (or when the run ends).
+    # Cancels come from another thread once `moment` tokens were delivered (or when the run ends). The engine's
+    # thread waits for them at that moment, so hypothesis sees the same execution for the same example.
     to_cancel = sorted({ids[i] for i in cancels if i < len(ids)})
-    seen, go = [0], threading.Event()
+    seen, go, sent = [0], threading.Event(), threading.Event()
 
     def on_token(ev):
         seen[0] += 1
-        if seen[0] >= moment:
+        if seen[0] == moment:
             go.set()
+            sent.wait(timeout=30)
 
     def canceller():
         go.wait(timeout=30)
         for rid in to_cancel:
             engine.cancel(rid)
+        sent.set()
 
     thread = threading.Thread(target=canceller)
     thread.start()
