@@ -162,7 +162,8 @@ class Request:
 
 @attrs.frozen
 class TokenEvent:
-    """One token delivered to the host, in order, for streaming consumers."""
+    """One token delivered to the host, in order, for streaming consumers. A request that ends without a token
+    (cancelled, or failed with an error) gets one last event with `token_id == -1` and its `finish_reason`."""
 
     request_id: str
     token_id: int
