@@ -1,4 +1,5 @@
-"""The `asyncbatch` command line: run (results, reruns, traces), config errors, list, simulate.
+"""The `asyncbatch` command line: run (results, reruns, traces), config errors, simulate. (`list`: test_list.py;
+`compare`: test_compare.py; `--out`/`--force`, `repeat`: test_replicates.py.)
 
 CPU only. Commands run in-process through `main(argv)` (one interpreter start instead of one per command); one
 test goes through `python -m asyncbatch` to check the real exit code. Runs are shrunk with `--set`.
@@ -16,7 +17,6 @@ import torch
 import yaml
 
 from asyncbatch.cli import main
-from asyncbatch.core.registry import FAMILIES
 from asyncbatch.core.stats import percentile
 from asyncbatch.plugins.trace import to_chrome_trace
 
@@ -60,6 +60,19 @@ def test_run_writes_consistent_results(first_run):
     assert s["finish_reasons"] == reasons == {"length": 8}
     assert s["ttft_p50"] == pytest.approx(percentile([o["ttft"] for o in outs], 50))
     assert s["e2e_p99"] == pytest.approx(percentile([o["latency"] for o in outs], 99))
+    assert s["e2e_p90"] == pytest.approx(percentile([o["latency"] for o in outs], 90))
+    assert s["ttft_mean"] == pytest.approx(sum(o["ttft"] for o in outs) / len(outs))
+    assert s["ttft_p50"] <= s["ttft_p90"] <= s["ttft_p95"] <= s["ttft_p99"]
+    # Every token's time, rounded to the microsecond: the latencies can be recomputed from the file alone.
+    gaps = []
+    for o in outs:
+        times = o["token_times"]
+        assert len(times) == o["output_tokens"]
+        assert times == sorted(times) and all(round(t, 6) == t for t in times)
+        assert o["ttft"] == pytest.approx(times[0] - o["arrival_time"], abs=2e-6)
+        assert o["latency"] == pytest.approx(o["finish_time"] - o["arrival_time"], abs=2e-6)
+        gaps += [b - a for a, b in zip(times, times[1:])]
+    assert s["itl_p50"] == pytest.approx(percentile(gaps, 50), abs=2e-6)
     assert s["tokens_per_s"] == pytest.approx(s["generated_tokens"] / s["wall_s"])
     # Every token is sampled by some step: the steps' sampling rows cover the outputs.
     assert sum(st["num_tokens"] for st in steps) >= s["prompt_tokens"]
@@ -67,6 +80,8 @@ def test_run_writes_consistent_results(first_run):
     assert env["torch"] == torch.__version__ and env["seed"] == 0 and env["runtime"] == "cpu"
     assert env["command"][:2] == ["asyncbatch", "--log-level"] and "run" in env["command"]
     assert env["device_name"]
+    assert "asyncbatch.plugins.builtin" in env["plugins"]["loaded"]
+    assert all(not any(w in k for w in ("TOKEN", "KEY", "SECRET", "PASSWORD")) for k in env["env"])
 
 
 def test_saved_config_is_fully_resolved_and_reruns_identically(first_run, tmp_path, capsys):
@@ -75,7 +90,11 @@ def test_saved_config_is_fully_resolved_and_reruns_identically(first_run, tmp_pa
     assert saved["engine"]["scheduler"] == {"name": "fifo", "chunked_prefill": True}  # defaults written out
     code, out, _ = _run(capsys, "run", str(first_run / "config.yaml"), "--out", str(tmp_path / "b"), "--no-progress")
     assert code == 0
-    assert "generated tokens" in out and "TTFT p50 / p99 ms" in out
+    assert "generated tokens" in out
+    ttft = next(line for line in out.splitlines() if line.startswith("TTFT ms p50 / p90 / p99 / mean"))
+    summary = json.loads((tmp_path / "b" / "results.json").read_text())["summary"]
+    shown = [f"{summary[f'ttft_{q}'] * 1e3:.2f}" for q in ("p50", "p90", "p99", "mean")]
+    assert " / ".join(shown) == ttft.split("mean", 1)[1].strip()
     a = json.loads((first_run / "results.json").read_text())["outputs"]
     b = json.loads((tmp_path / "b" / "results.json").read_text())["outputs"]
     assert [o["output_tokens"] for o in a] == [o["output_tokens"] for o in b]
@@ -233,68 +252,3 @@ def test_usage_errors_return_2(capsys):
     assert main(["--version"]) == 0
     capsys.readouterr()
 
-
-# ---------------------------------------------------------------- list
-
-
-def test_list_shows_every_family_and_builtin(capsys):
-    code, out, _ = _run(capsys, "list")
-    assert code == 0
-    rows = [line.split() for line in out.splitlines()[2:]]
-    pairs = {(r[0], r[1]) for r in rows}
-    assert {r[0] for r in rows} == set(FAMILIES)
-    for pair in [("scheduler", "fifo"), ("scheduler", "priority"), ("buffer_policy", "single"),
-                 ("buffer_policy", "n_slot"), ("stream_topology", "three"), ("graph_policy", "per_slot"),
-                 ("graph_policy", "staged"), ("attention_backend", "sdpa"), ("runtime", "sim"),
-                 ("runtime", "cuda"), ("model_preset", "tiny"), ("model_preset", "llama3-8b"),
-                 ("workload", "synthetic"), ("workload", "jsonl")]:
-        assert pair in pairs, pair
-    assert all(r[2] == "asyncbatch.plugins.builtin" for r in rows)
-    n_slot = next(line for line in out.splitlines() if line.split()[:2] == ["buffer_policy", "n_slot"])
-    assert "num_slots=3" in n_slot
-    sim = next(line for line in out.splitlines() if line.split()[:2] == ["runtime", "sim"])
-    assert "order=random" in sim and "gpu_compute_ms: 10.0" in sim
-
-
-def test_list_one_family(capsys):
-    code, out, _ = _run(capsys, "list", "--family", "scheduler")
-    assert code == 0
-    assert {line.split()[0] for line in out.splitlines()[2:]} == {"scheduler"}
-    code, _, err = _run(capsys, "list", "--family", "schedulers")
-    assert code == 2 and "buffer_policy" in err
-
-
-# ---------------------------------------------------------------- simulate
-
-
-def test_simulate_reproduces_the_published_shape(tmp_path, capsys):
-    path = tmp_path / "sim.json"
-    code, out, _ = _run(capsys, "simulate", "--steps", "12", "--out", str(path))
-    assert code == 0
-    rows = {(r["buffers"], r["streams"], r["graphs"]): r for r in json.loads(path.read_text())["rows"]}
-    assert len(rows) == 18
-    assert rows["single", "one", "eager"]["busy"] == pytest.approx(0.76, abs=0.02)
-    for key in [("double", "three", "per_slot"), ("n_slot(3)", "three", "per_slot"), ("double", "two", "eager")]:
-        assert rows[key]["busy"] > 0.98, key
-    for r in rows.values():
-        assert r["busy"] == pytest.approx(r["expected_busy"], abs=0.03)
-    assert rows["double", "three", "per_slot"]["tokens_per_s"] > 1.2 * rows["single", "one", "eager"]["tokens_per_s"]
-    line = next(x for x in out.splitlines() if x.split()[:3] == ["single", "one", "eager"])
-    assert 0.74 < float(line.split()[3]) < 0.78
-    assert "synchronous loop" in out and "overlapped loop" in out
-
-
-def test_simulate_says_when_overlap_cannot_help(capsys):
-    code, out, _ = _run(capsys, "simulate", "--cpu-ms", "40", "--steps", "6")
-    assert code == 0
-    assert "host-bound" in out
-    busy = {tuple(x.split()[:3]): float(x.split()[3]) for x in out.splitlines()
-            if x.split()[:1] in (["single"], ["double"], ["n_slot(3)"])}
-    assert max(busy.values()) < 0.9
-
-
-def test_simulate_rejects_bad_costs(capsys):
-    code, _, err = _run(capsys, "simulate", "--gpu-ms", "0")
-    assert code == 2 and "--gpu-ms" in err
-    code, _, err = _run(capsys, "simulate", "--h2d-ms", "-1")
-    assert code == 2 and "--h2d-ms" in err

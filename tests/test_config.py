@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import attrs
 import pytest
 import yaml
 
@@ -125,6 +126,55 @@ def test_overrides_apply_dotted_keys(tmp_path):
 
     assert ("single", 3, (4, 8)) == (exp.engine.buffers.name, exp.workload.config.num_requests,
                                      exp.engine.batch.token_buckets)
+
+
+def test_overrides_on_a_section_the_file_leaves_out_start_from_its_default(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text("name: short\nengine: {model: {preset: tiny}}\n")
+
+    exp = ExperimentConfig.from_yaml(path, overrides=["workload.num_requests=8", "engine.cache.block_size=8",
+                                                      "output.plots=false"])
+
+    assert ("synthetic", 8) == (exp.workload.name, exp.workload.config.num_requests)
+    assert (8, False, "short") == (exp.engine.cache.block_size, exp.output.plots, exp.name)
+    default = ExperimentConfig.from_dict({"workload": "synthetic"}).workload.config
+    assert attrs.evolve(default, num_requests=8) == exp.workload.config
+
+
+def test_an_unknown_preset_fails_with_the_config_not_with_the_run():
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict({"engine": {"model": {"preset": "llama9"}}})
+
+    assert "engine.model.preset" == err.value.key
+    assert "tiny" in err.value.valid
+
+
+@pytest.mark.parametrize("threads", [0, -1, 5000, "two"])
+def test_engine_threads_is_checked(threads):
+    with pytest.raises(ConfigError) as err:
+        EngineConfig.from_dict({"threads": threads})
+    assert "threads" == err.value.key
+
+
+def test_engine_threads_sets_torch_intra_op_threads(tiny32):
+    import torch
+
+    from asyncbatch import Engine
+
+    before = torch.get_num_threads()
+    try:
+        Engine.from_model(tiny32, EngineConfig.from_dict({"threads": 1, "runtime": "cpu"}))
+        assert 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("count", "text"), [(640, "640"), (140_352, "140K"), (1_235_000, "1.24M"),
+                                             (8_030_261_248, "8.03B")])
+def test_parameter_counts_read_well_at_every_scale(count, text):
+    from asyncbatch.core.models import count_text
+
+    assert text == count_text(count)
 
 
 def test_import_is_light():

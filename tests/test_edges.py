@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from strategies import combinations, engine_dict, geometries, workloads
-from test_pipeline_sim import check_invariants
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core.pipeline import EDGES, PipelineDebug
 from asyncbatch.core.runtime.sim import SimRuntime, SimRuntimeConfig
+from asyncbatch.testing import InvariantError, check_engine, combinations, engine_dict, geometries, workloads
 
 RNG = random.Random(5)
 MIXED = [([RNG.randrange(512) for _ in range(RNG.randint(1, 24))], SamplingParams(max_new_tokens=RNG.randint(2, 8)))
@@ -95,18 +95,20 @@ def test_slot_edges_are_implied_in_the_design_loop(tiny64, edge):
 
 @pytest.mark.parametrize("edge", ["h2d->comp", "comp->d2h", "d2h->upd", "comp->comp"])
 def test_the_hypothesis_suite_itself_fails_without_an_edge(tiny64, edge):
-    """Run the property suite of test_pipeline_sim with one edge removed: hypothesis finds a violation.
+    """Run the property suite of test_pipeline_sim (the kit's `check_engine`) with one edge removed: hypothesis
+    finds a violation of an invariant.
 
     (`reuse` and `pool` matter only when consecutive batches share no request; random workloads rarely build
     that, so the targeted cases above are where those two are shown to be load-bearing.)"""
 
     @settings(max_examples=100, deadline=None, phases=[Phase.generate], database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(work=workloads(min_requests=3), combo=combinations, geometry=geometries, data=st.data())
+    @given(work=workloads(min_requests=3), combo=combinations(), geometry=geometries, data=st.data())
     def suite(work, combo, geometry, data):
-        if combo[0] == "single":
-            combo = ("double", *combo[1:])  # a synchronous loop orders everything through the host
-        check_invariants(tiny64, work, combo, geometry, data, PipelineDebug(disabled_edges=frozenset([edge])))
+        if combo.buffers == "single":
+            combo = attrs.evolve(combo, buffers="double")  # a synchronous loop orders everything through the host
+        check_engine(tiny64, combo.config(**geometry), work, data=data,
+                     debug=PipelineDebug(disabled_edges=frozenset([edge])))
 
-    with pytest.raises(Exception):  # noqa: B017  (an assertion, or the step failing on garbage inputs)
+    with pytest.raises(InvariantError):  # a race, or the step failing on the garbage inputs a race produced
         suite()

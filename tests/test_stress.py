@@ -17,10 +17,10 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import BUFFERS, VOCAB, DataChooser, engine_dict
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core.runtime.sim import SimRuntime, SimRuntimeConfig
+from asyncbatch.testing import BUFFERS, VOCAB, DataChooser, engine_dict
 
 EXAMPLES = int(os.environ.get("ASYNCBATCH_STRESS_EXAMPLES", "25"))
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(600, EXAMPLES * 2))]

@@ -165,3 +165,78 @@ def test_trace_per_cell(tmp_path, capsys):
         data = json.loads((tmp_path / "tr" / f"trace-{i:02d}.json").read_text())
         names.append({e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"})
     assert names == [{"host", "main"}, {"host", "h2d", "compute", "d2h"}]
+
+
+# ---------------------------------------------------------------- which plot, and how it reads
+
+
+def _rows(keys: list[str], values: list[tuple], tok=lambda i: 100.0 + i) -> list[dict]:
+    from asyncbatch.plugins.sweeps import METRIC_COLUMNS
+
+    return [{**dict(zip(keys, v)), "rep": 0, **dict.fromkeys(METRIC_COLUMNS), "tok_s": tok(i), "busy_fraction": 0.5}
+            for i, v in enumerate(values)]
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What each saved figure held: per axes, its scales and its error-bar series (lines) or bars."""
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    import asyncbatch.plugins.plots as plots
+
+    figures, real = {}, plots._save
+
+    def save(plt, fig, path):
+        figures[path.name] = [{"scales": (ax.get_xscale(), ax.get_yscale()),
+                               "lines": sum(isinstance(c, ErrorbarContainer) for c in ax.containers),
+                               "yerr": any(isinstance(c, ErrorbarContainer) and c.has_yerr for c in ax.containers),
+                               "bars": sum(isinstance(c, BarContainer) for c in ax.containers),
+                               "horizontal": bool(ax.get_yticklabels()) and ax.yaxis_inverted(),
+                               "size": tuple(fig.get_size_inches())} for ax in fig.axes if ax.get_visible()]
+        return real(plt, fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    return figures
+
+
+def test_numeric_key_with_three_values_gives_lines_grouped_by_the_other_key(tmp_path, drawn):
+    from asyncbatch.plugins.plots import plot_sweep
+
+    keys = ["engine.buffers", "engine.batch.max_seqs"]
+    rows = _rows(keys, [(b, n) for b in ("single", "double") for n in (1, 2, 4)])
+    assert [tmp_path / "throughput.png", tmp_path / "busy.png"] == plot_sweep(tmp_path, keys, rows, online=False)
+    (ax,) = drawn["throughput.png"]
+    assert (2, 0, ("linear", "linear"), False) == (ax["lines"], ax["bars"], ax["scales"], ax["yerr"])
+    two = _rows(keys, [(b, n) for b in ("single", "double") for n in (1, 2)])
+    plot_sweep(tmp_path, keys, two, online=True)
+    assert (0, 1) == (drawn["throughput.png"][0]["lines"], drawn["throughput.png"][0]["bars"])  # one bar series
+    assert 4 == drawn["latency.png"][0]["bars"]  # TTFT and ITL, p50 and p99, one bar series each
+
+
+def test_lines_log_axes_error_bars_and_zipped_keys(tmp_path, drawn):
+    from asyncbatch.plugins.plots import plot_sweep
+    from asyncbatch.plugins.sweeps import aggregate
+
+    keys = ["engine.batch.max_seqs", "workload.num_requests", "seed"]  # the first two zipped: one line, not three
+    rows = _rows(keys, [(n, 4 * n, s) for n in (1, 10, 100) for s in (0, 1)], tok=lambda i: 10.0 ** (i // 2 * 2) + i % 2)
+    plot_sweep(tmp_path, keys, rows, online=True, aggregate=aggregate(keys, rows))
+    (ax,) = drawn["throughput.png"]
+    assert (1, True, ("log", "log")) == (ax["lines"], ax["yerr"], ax["scales"])
+    assert 4 == len(drawn["latency.png"])  # one panel per latency percentile
+
+
+def test_many_cells_give_horizontal_bars_that_grow(tmp_path, drawn):
+    from asyncbatch.plugins.plots import plot_sweep
+
+    keys = ["engine.buffers", "engine.streams", "engine.scheduler"]
+    many = [(b, s, c) for b in ("single", "double", "n_slot") for s in ("one", "two", "three")
+            for c in ("fifo", "prefill_first")]
+    plot_sweep(tmp_path, keys, _rows(keys, many), online=False)
+    (wide,) = drawn["throughput.png"]
+    plot_sweep(tmp_path, keys, _rows(keys, many[:4]), online=False)
+    (few,) = drawn["throughput.png"]
+    assert (True, False) == (wide["horizontal"], few["horizontal"])
+    assert wide["size"][1] / len(many) >= 0.2  # the figure grows with the cells: every label keeps its row
+    plot_sweep(tmp_path, keys, _rows(keys, many[:13]), online=False)
+    assert drawn["throughput.png"][0]["horizontal"]  # past 12 cells
+    assert _is_png(tmp_path / "throughput.png")

@@ -1,4 +1,5 @@
-"""The `asyncbatch` command line: run YAML experiments and sweeps, list components, run the simulation study.
+"""The `asyncbatch` command line: run YAML experiments and sweeps, compare results, list components, run the
+simulation study.
 
 Exit codes: 0 success; 2 a configuration or usage error (reported before any model is built); 1 any other
 asyncbatch error (e.g. a feature this machine cannot provide), or an internal error (a bug: reported in one line,
@@ -52,38 +53,28 @@ def default_config_path() -> Path:
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .core.config import ExperimentConfig
-    from .plugins.experiment import make_out_dir, run_experiment, summary_table, sweep_table, write_sweep
+    from .plugins.experiment import run_experiment
+    from .plugins.sweeps import report_text
 
     path = Path(args.config) if args.config else default_config_path()
     # Everything is validated here, sweep cells included, before a model is built or a directory created.
     cfg = ExperimentConfig.from_yaml(path, overrides=args.set or [])
-    out_dir = make_out_dir(cfg, args.out)
     progress = not args.no_progress and sys.stderr.isatty()
-    cells = len(cfg.sweep_cells()) if cfg.sweep else 1
-    print(f"experiment {cfg.name!r} from {path}: {cells} run{'s' if cells > 1 else ''} -> {out_dir}")
-    try:
-        results = run_experiment(cfg, out_dir, argv=[PROG, *argv], trace=args.trace, progress=progress)
-    except BaseException:
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # a run that failed before writing anything leaves no empty result directory behind
-        raise
-    if not cfg.sweep:
-        res = results[0]
-        print(summary_table(res.summary, res.runtime))
-        print(f"results: {out_dir / 'results.json'}")
-        if res.trace is not None:
-            print(f"trace: {res.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
-        return 0
-    keys = list(cfg.sweep)
-    rows = write_sweep(out_dir, keys, results)
-    print(sweep_table(keys, rows))
-    print(f"sweep: {out_dir / 'sweep.csv'}, {out_dir / 'sweep.json'}")
-    if cfg.output.plots:
-        from .plugins.plots import plot_sweep
+    result = run_experiment(cfg, args.out, force=args.force, argv=[PROG, *argv], trace=args.trace, progress=progress)
+    print(report_text(result))
+    return 0
 
-        plots = plot_sweep(out_dir, keys, rows, online=any(r.online for r in results))
-        if plots:
-            print("plots: " + ", ".join(str(p) for p in plots))
+
+def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .plugins.compare import compare, compare_table, load_results, write_compare
+    from .plugins.report import checked_out_dir, stamped_dir
+
+    a, b = load_results(args.a), load_results(args.b)  # both checked before anything is written
+    out = stamped_dir(".", "compare") if args.out is None else checked_out_dir(args.out, force=args.force)
+    result = compare(a, b)
+    print(compare_table(result))
+    written = write_compare(out, result)
+    print("written: " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -120,34 +111,58 @@ def _describe(component: Any) -> str:
     return text or "-"
 
 
+def _output_width() -> int | None:
+    """`COLUMNS` if set, else the terminal's width; None when stdout is not a terminal (one line per row)."""
+    import os
+    import shutil
+
+    if os.environ.get("COLUMNS", "").strip().isdigit():
+        return max(40, int(os.environ["COLUMNS"]))
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
 def _cmd_list(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .core.errors import ConfigError
     from .core.plugin_host import get_plugin_host
     from .core.registry import FAMILIES
-    from .plugins.experiment import format_table
+    from .plugins.environment import entry_point_versions, lifecycle_only_plugins
+    from .plugins.report import wrapped_table
 
     if args.family is not None and args.family not in FAMILIES:
         raise ConfigError("--family", f"unknown family {args.family!r}", list(FAMILIES))
     host = get_plugin_host()
+    width = _output_width()
     rows = [(c.family, c.name, c.plugin, _describe(c), _config_fields(c.config_cls))
             for family in ([args.family] if args.family else FAMILIES) for c in host.registry(family)]
-    print(format_table(("family", "name", "plugin", "description", "config (defaults)"), rows))
+    # Too wide for the terminal: each description goes under its row, and the config column wraps.
+    print(wrapped_table(("family", "name", "plugin", "description", "config (defaults)"), rows, width, below=3))
+    observers = lifecycle_only_plugins(host) if args.family is None else []
+    if observers:
+        versions = entry_point_versions()
+        print("\nplugins with lifecycle hooks only (no components):")
+        print(wrapped_table(("plugin", "version", "hooks"), [
+            (name, (versions.get(name) or {}).get("version") or "-", ", ".join(hooks)) for name, hooks in observers],
+            width))
     return 0
 
 
 def _cmd_simulate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import json
 
-    from .plugins.simulate import StudyCosts, run_study, study_json, study_table
+    from .core.plugin_host import get_plugin_host
+    from .plugins.simulate import run_study, study_json, study_table
+    from .plugins.simulate_config import FLAG_KEYS, load_study
 
-    costs = StudyCosts(gpu_ms=args.gpu_ms, cpu_ms=args.cpu_ms, launch_eager_ms=args.launch_eager_ms,
-                       launch_graph_ms=args.launch_graph_ms, h2d_ms=args.h2d_ms, d2h_ms=args.d2h_ms, steps=args.steps)
-    rows = run_study(costs)
-    print(study_table(costs, rows))
+    host = get_plugin_host()
+    # argparse leaves flags that were not given as None: only given ones override the file.
+    flags = {f: getattr(args, f[2:].replace("-", "_")) for f in FLAG_KEYS}
+    study = load_study(args.config, {f: v for f, v in flags.items() if v is not None}, host=host)
+    rows = run_study(study, host=host)
+    print(study_table(study, rows))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(study_json(costs, rows), indent=2) + "\n")
+        out.write_text(json.dumps(study_json(study, rows), indent=2) + "\n")
         print(f"written: {out}")
     return 0
 
@@ -171,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="experiment file (default: the embedded configs/default.yaml)")
     run.add_argument("--set", action="append", metavar="dotted.key=value",
                      help="override one config value (YAML syntax), e.g. --set workload.num_requests=8; repeatable")
-    run.add_argument("--out", metavar="DIR", help="output directory (default: output.dir/<name>-<timestamp>)")
+    run.add_argument("--out", metavar="DIR", help="output directory (default: output.dir/<name>-<timestamp>); "
+                                                  "refused if it exists and is not empty, unless --force")
+    run.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     run.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of host phases and streams")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
@@ -180,19 +197,43 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--family", metavar="F", help="only this family (scheduler, buffer_policy, ...)")
     lst.set_defaults(func=_cmd_list)
 
+    cmp = sub.add_parser(
+        "compare", help="compare two run or sweep result directories, metric by metric",
+        description="Print the metrics of A and B side by side with B - A and B / A (sweeps: cells matched by "
+                    "assignment; with replicates, means) and write compare.json, compare.csv and compare.png.")
+    cmp.add_argument("a", metavar="A", help="a run directory (results.json) or a sweep directory (sweep.json)")
+    cmp.add_argument("b", metavar="B", help="the same for the other side")
+    cmp.add_argument("--out", metavar="DIR", help="output directory (default: ./compare-<timestamp>); refused if it "
+                                                  "exists and is not empty, unless --force")
+    cmp.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
+    cmp.set_defaults(func=_cmd_compare)
+
     sim = sub.add_parser(
         "simulate", help="virtual GPU busy fraction of every pipeline combination for given per-step costs",
-        description="Run buffers (single, double, n_slot 3) x streams (one, two, three) x graphs (eager, per_slot) "
-                    "on the sim runtime with a cost model, and compare with the analytic expectation. Host cpu "
-                    "time is split 75% prep / 25% update; launch cost is charged on top of it.")
-    sim.add_argument("--gpu-ms", type=float, default=28.0, help="compute time per step (default 28)")
-    sim.add_argument("--cpu-ms", type=float, default=8.3,
+        description="Run every buffers x streams x graphs combination (default: slots 1,2,3 x one,two,three x "
+                    "eager,per_slot) on the sim runtime with a cost model; print the busy fraction over the whole "
+                    "run and in steady state next to the analytic values. Any registered component may be named, "
+                    "plugins' included. Host cpu time is split 75%% prep / 25%% update; launch cost is charged on "
+                    "top of it. Flags override the file's `simulate:` mapping.")
+    sim.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                     help="a file with a `simulate:` mapping (e.g. configs/simulate.yaml); default: built-in values")
+    sim.add_argument("--gpu-ms", type=float, help="compute time per step (default 28)")
+    sim.add_argument("--cpu-ms", type=float,
                      help="host work per step besides the launch: schedule, prepare, update (default 8.3)")
-    sim.add_argument("--launch-eager-ms", type=float, default=0.5, help="launch cost of an eager step (default 0.5)")
-    sim.add_argument("--launch-graph-ms", type=float, default=0.05, help="launch cost of a graph replay (0.05)")
-    sim.add_argument("--h2d-ms", type=float, default=0.05, help="host-to-device copy per step (default 0.05)")
-    sim.add_argument("--d2h-ms", type=float, default=0.02, help="device-to-host copy per step (default 0.02)")
-    sim.add_argument("--steps", type=int, default=32, help="steps per combination (default 32)")
+    sim.add_argument("--launch-eager-ms", type=float, help="launch cost of an eager step (default 0.5)")
+    sim.add_argument("--launch-graph-ms", type=float, help="launch cost of a graph replay (default 0.05)")
+    sim.add_argument("--h2d-ms", type=float, help="host-to-device copy per step (default 0.05)")
+    sim.add_argument("--d2h-ms", type=float, help="device-to-host copy per step (default 0.02)")
+    sim.add_argument("--steps", type=int, help="horizon: tokens per request = steps per combination (default 96)")
+    sim.add_argument("--requests", type=int, help="requests, all in one batch (default 8)")
+    sim.add_argument("--prompt-len", type=int, help="prompt tokens per request (default 4)")
+    sim.add_argument("--slots", metavar="N,...", help="buffer axis as slot counts: 1 single, 2 double, k n_slot(k) "
+                                                      "(default 1,2,3 unless --buffers or the file gives buffers)")
+    sim.add_argument("--buffers", metavar="NAME,...", help="buffer policies by name, added to --slots; "
+                                                           "parameters as name:key=value, or a YAML list [...]")
+    sim.add_argument("--streams", metavar="NAME,...", help="stream topologies (default one,two,three)")
+    sim.add_argument("--graphs", metavar="NAME,...", help="graph policies (default eager,per_slot)")
+    sim.add_argument("--scheduler", metavar="NAME", help="scheduler, name or name:key=value (default fifo)")
     sim.add_argument("--out", metavar="PATH", help="also write the results as JSON")
     sim.set_defaults(func=_cmd_simulate)
     return parser
@@ -207,12 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     _setup_logging(args.log_level)
     from .core.errors import AsyncBatchError, ConfigError
+    from .core.races import RaceError
 
     try:
         return args.func(args, argv)
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return 2
+    except RaceError as exc:  # the simulator found races: the whole report, not just its first line
+        print(f"{PROG}: error: {exc}\n{exc.report}", file=sys.stderr)
+        return 1
     except AsyncBatchError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

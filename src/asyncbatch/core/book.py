@@ -64,7 +64,7 @@ class RequestBook:
         return running, waiting
 
     def plan(self, scheduler: Any, batch: int, *, max_tokens: int, max_seqs: int,
-             block_size: int) -> SchedulingState:
+             block_size: int, in_flight: int = 0) -> SchedulingState:
         """Open batch `batch`: free ids whose last use is over, preempt until running decodes fit, then let the
         scheduler fill a `SchedulingState`. The caller writes inputs, then calls `on_scheduled`."""
         self.blocks.begin_batch(batch)
@@ -72,7 +72,7 @@ class RequestBook:
         self._make_room(scheduler, block_size)
         running, waiting = self.schedulable()
         state = SchedulingState(batch, running, waiting, max_tokens=max_tokens, max_seqs=max_seqs,
-                                blocks=self.blocks, rows=self.rows, block_size=block_size)
+                                blocks=self.blocks, rows=self.rows, block_size=block_size, in_flight=in_flight)
         scheduler.schedule(state)
         return state
 

@@ -8,18 +8,21 @@ the valid choices, before any model is built.
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
-from .engine_parts import BatchConfig, CacheConfig, ModelConfig, StartupConfig
+from .dotted import apply_override, check_path, parse_value, set_path, sweep_axes
+from .engine_parts import BatchConfig, CacheConfig, ModelConfig, StartupConfig, threads_validator
 from .errors import ConfigError
 from .structure import structure, unstructure
 from .types import SamplingParams, show
 
 __all__ = ["BatchConfig", "CacheConfig", "ComponentSpec", "EngineConfig", "ExperimentConfig", "ModelConfig",
-           "OutputConfig", "StartupConfig", "load_yaml", "unstructure"]
+           "OutputConfig", "StartupConfig", "apply_override", "load_yaml", "parse_value", "unstructure"]
+_set_path = set_path  # the name tests and older plugins import
 
 # ---------------------------------------------------------------- components
 
@@ -54,13 +57,20 @@ class ComponentSpec:
         component = host.registry(family).get(name, key if isinstance(value, str) else f"{key}.name")
         return cls(name, component.make_config(params, key))
 
+    def __unstructure__(self) -> dict[str, Any]:
+        """The YAML form: `{name: ..., **params}` (structure.unstructure calls this, so it needs no import of
+        this module)."""
+        out = {"name": self.name}
+        if self.config is not None:
+            out.update(unstructure(self.config))
+        return out
+
 
 def _spec_field(family: str, default: str) -> Any:
     return attrs.field(default=default, metadata={"family": family})
 
 
 # ---------------------------------------------------------------- engine
-
 
 _ENGINE_FAMILIES = {
     "runtime": "runtime",
@@ -79,6 +89,9 @@ class EngineConfig:
     `compile`: `layers` compiles the decoder layers with torch.compile (fuses the small kernels between matrix
     products); `auto` compiles where steps are captured in CUDA graphs (eager launches gain nothing from it);
     `none` never.
+
+    `threads`: torch's intra-op CPU threads for this process (`torch.set_num_threads`), set when the engine is
+    built; None keeps torch's default (one per core, which oversubscribes a busy machine).
     """
 
     model: ModelConfig = ModelConfig()
@@ -93,6 +106,7 @@ class EngineConfig:
     compile: Literal["auto", "none", "layers"] = "auto"
     startup: StartupConfig = StartupConfig()
     seed: int = 0
+    threads: int | None = attrs.field(default=None, validator=threads_validator)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, host: Any = None, key: str = "") -> EngineConfig:
@@ -111,6 +125,12 @@ class EngineConfig:
             value = data.pop(field) if field in data else defaults[field].name
             specs[field] = ComponentSpec.resolve(family, value, sub, host)
         base = structure(_EngineScalars, data, key)
+        if base.model.preset is not None:  # an unknown preset fails here, not once the run has started
+            if host is None:
+                from .plugin_host import get_plugin_host  # noqa: PLC0415
+
+                host = get_plugin_host()
+            host.registry("model_preset").get(base.model.preset, f"{key}.model.preset" if key else "model.preset")
         return cls(**attrs.asdict(base, recurse=False), **specs)
 
     @classmethod
@@ -142,6 +162,7 @@ class _EngineScalars:
     compile: Literal["auto", "none", "layers"] = "auto"
     startup: StartupConfig = StartupConfig()
     seed: int = 0
+    threads: int | None = attrs.field(default=None, validator=threads_validator)
 
 
 # ---------------------------------------------------------------- experiments
@@ -157,9 +178,19 @@ class OutputConfig:
     progress: bool = True
 
 
+def _at_least_one(_: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise ConfigError(attribute.name, f"expected an int >= 1 (runs of every sweep cell), got {show(value)}")
+
+
 @attrs.frozen
 class ExperimentConfig:
-    """A YAML experiment: engine, workload, default sampling, and an optional sweep matrix over any keys."""
+    """A YAML experiment: engine, workload, default sampling, and an optional sweep matrix over any keys.
+
+    `sweep` maps dotted keys to lists of values; every combination is one cell. Its `zip` entry, a mapping of
+    dotted keys to lists of equal length, varies those keys together (one cell per position, not their product).
+    `repeat: N` runs every cell N times; repetition i adds i to the workload `seed` and to `engine.seed`.
+    """
 
     name: str = "experiment"
     engine: EngineConfig = EngineConfig()
@@ -168,6 +199,7 @@ class ExperimentConfig:
     sweep: dict = attrs.Factory(dict)
     output: OutputConfig = OutputConfig()
     seed: int = 0
+    repeat: int = attrs.field(default=1, validator=_at_least_one)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, host: Any = None) -> ExperimentConfig:
@@ -175,6 +207,8 @@ class ExperimentConfig:
             raise ConfigError("", f"an experiment is a mapping, got {type(data).__name__}")
         data = copy.deepcopy(data)
         known = {f.name for f in attrs.fields(cls)}
+        if "simulate" in data and "simulate" not in known:
+            raise ConfigError("simulate", "this is a simulation study file: run it with `asyncbatch simulate FILE`")
         for k in data:
             if k not in known:
                 raise ConfigError(k, "unknown key", list(known))
@@ -195,43 +229,56 @@ class ExperimentConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, *, overrides: list[str] = (), host: Any = None) -> ExperimentConfig:
         data = load_yaml(path)
+        defaults = cls().to_dict() if overrides else None  # a section the file leaves out starts from its default
         for item in overrides:
-            apply_override(data, item)
+            apply_override(data, item, defaults)
         return cls.from_dict(data, host=host)
 
     def to_dict(self) -> dict[str, Any]:
         return unstructure(self)
 
+    def sweep_keys(self) -> list[str]:
+        """The swept dotted keys in table order: the `sweep` mapping's order, a `zip` group's keys in its place."""
+        return [k for keys, _ in sweep_axes(self.sweep) for k in keys]
+
     def sweep_cells(self, host: Any = None) -> list[tuple[dict[str, Any], ExperimentConfig]]:
-        """Expand the sweep matrix: one (assignment, config) per cell, each validated; no sweep -> one cell."""
-        if not isinstance(self.sweep, dict):
-            raise ConfigError("sweep", "expected a mapping of dotted key -> list of values")
-        if not self.sweep:
+        """Expand the sweep: one (assignment, config) per cell, each validated; no sweep -> one cell.
+
+        The cells are the product of the axes: every plain key is one axis, and the `zip` group is one axis whose
+        i-th point sets each of its keys to that key's i-th value."""
+        axes = sweep_axes(self.sweep)
+        if not axes:
             return [({}, self)]
         base = self.to_dict()
         base.pop("sweep")
-        keys = list(self.sweep)
-        for k in keys:
-            if not isinstance(k, str):
-                raise ConfigError("sweep", f"keys are dotted config keys (strings), got {show(k)}")
-            values = self.sweep[k]
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"sweep.{k}", f"expected a non-empty list of values, got {show(values)}")
-            _check_path(base, k, host)
+        for keys, _ in axes:
+            for k in keys:
+                check_path(base, k, host)
         cells: list[tuple[dict[str, Any], ExperimentConfig]] = []
-        import itertools
-
-        for combo in itertools.product(*(self.sweep[k] for k in keys)):
-            assignment = dict(zip(keys, combo))
+        for combo in itertools.product(*(points for _, points in axes)):
+            assignment = {k: v for (keys, _), point in zip(axes, combo) for k, v in zip(keys, point)}
             data = copy.deepcopy(base)
             for k, v in assignment.items():
-                _set_path(data, k, v)
+                set_path(data, k, v)
             try:
                 cells.append((assignment, ExperimentConfig.from_dict(data, host=host)))
             except ConfigError as exc:
                 cell = "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in assignment.items()) + "}"
                 raise ConfigError(f"sweep cell {cell}", str(exc)) from exc
         return cells
+
+    def replica(self, index: int) -> ExperimentConfig:
+        """Repetition `index` of this experiment as a single run (`repeat: 1`); repetition 0 is the experiment.
+
+        Repetition i adds i to the workload `seed` (prompts, lengths, arrivals), to `workload.seed` where the
+        workload sets its own, and to `engine.seed` (per-request sampling seeds). The model is the same in every
+        repetition: `engine.model.seed` is not changed."""
+        workload = self.workload
+        own = getattr(workload.config, "seed", None)
+        if isinstance(own, int) and not isinstance(own, bool) and attrs.has(type(workload.config)):
+            workload = attrs.evolve(workload, config=attrs.evolve(workload.config, seed=own + index))
+        return attrs.evolve(self, repeat=1, seed=self.seed + index, workload=workload,
+                            engine=attrs.evolve(self.engine, seed=self.engine.seed + index))
 
 
 @attrs.frozen
@@ -240,6 +287,7 @@ class _ExperimentScalars:
     sweep: dict = attrs.Factory(dict)
     output: OutputConfig = OutputConfig()
     seed: int = 0
+    repeat: int = attrs.field(default=1, validator=_at_least_one)
 
 
 # ---------------------------------------------------------------- YAML and overrides
@@ -264,56 +312,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
-
-
-def parse_value(text: str) -> Any:
-    """`--set` values are YAML scalars/lists: `3`, `0.5`, `true`, `[1, 2]`, `double`."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one `dotted.key=value` override in place."""
-    if "=" not in item:
-        raise ConfigError(item, "overrides look like dotted.key=value")
-    key, text = item.split("=", 1)
-    try:
-        value = parse_value(text)
-    except ValueError as exc:  # e.g. an int of more than 4300 digits, which Python refuses to read
-        raise ConfigError(key.strip(), f"cannot read the value: {exc}") from exc
-    _set_path(data, key.strip(), value)
-
-
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if isinstance(child, str) and (i >= 1 or part == "workload"):  # `buffers: double` -> {name: double}
-            child = {"name": child}
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise ConfigError(".".join(parts[: i + 1]), f"is {show(child)}, not a mapping; cannot set {dotted}")
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def _check_path(base: dict[str, Any], dotted: str, host: Any) -> None:
-    """A sweep key must name an existing config field (component params are checked per cell)."""
-    parts = dotted.split(".")
-    probe = copy.deepcopy(base)
-    node: Any = probe
-    for i, part in enumerate(parts):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-            continue
-        if isinstance(node, dict) and i == len(parts) - 1 and parts[i - 1] == "overrides":
-            break  # model.overrides is free-form: the model config validates it
-        raise ConfigError(f"sweep.{dotted}", f"no such key {'.'.join(parts[: i + 1])!r}",
-                          list(node) if isinstance(node, dict) else None)

@@ -21,10 +21,11 @@ from .layout import HostBatchWriter, SlotLayout
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
 from .plugin_host import PluginHost, get_plugin_host
+from .races import RaceReport, race_report, raise_if_racy
 from .requests import Status
 from .runtime.base import Runtime
 from .startup import Warmup, request_modes, use_compile_cache
-from .stats import RunSummary, StepStats
+from .stats import RunContext, RunSummary, StepStats
 from .step import StepBody
 from .types import Output, Request, SamplingParams, TokenEvent
 
@@ -36,6 +37,7 @@ class RunResult:
     outputs: list[Output]
     summary: RunSummary
     steps: list[StepStats]
+    races: RaceReport | None = None  # None: the runtime does not check; empty (falsey): checked, none found
 
 
 class Engine:
@@ -48,6 +50,8 @@ class Engine:
         built = time.perf_counter()
         self.host = host or get_plugin_host()
         self.config = config = config.with_defaults_resolved(self.host)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self._caller_attention = getattr(model.config, "_attn_implementation", None)  # for release()
         self.model = prepare_model(model)
         self.tokenizer = tokenizer
@@ -207,18 +211,26 @@ class Engine:
         return self.intake.make_requests(prompts, params, request_ids=request_ids, arrival_times=arrival_times)
 
     # ------------------------------------------------------------------ running
-    def run(self, requests: Sequence[Request], *, on_token: Callable[[TokenEvent], None] | None = None) -> RunResult:
+    def run(self, requests: Sequence[Request], *, on_token: Callable[[TokenEvent], None] | None = None,
+            context: RunContext | None = None) -> RunResult:
         """Serve `requests` (arrival times honoured) until all end. Outputs come back in input order.
 
         `on_token` gets every token as the host learns it, and one event with `token_id == -1` for a request that
         ends without a token (cancelled, or failed with an error). Calling back into this engine from `on_token` or
-        a lifecycle hook raises `RuntimeError` (the run holds the engine).
+        a lifecycle hook raises `RuntimeError` (the run holds the engine). `context` is what the run-level
+        lifecycle hooks receive; by default ``{"engine": <this engine's config>}``, cell 0, no output directory.
+
+        On a runtime that checks accesses (`sim` with `check: true`), a run with races raises
+        `asyncbatch.core.races.RaceError`: its `report` names each unordered pair and the missing edge, its `result`
+        holds this run's result where the run completed (`result.races` is the same report).
         """
         self._check_not_reentrant()
+        if context is None:
+            context = RunContext(config={"engine": self.config.to_dict()}, num_requests=len(requests))
         with self._lock:
             self._owner = threading.get_ident()
             try:
-                return self._run_locked(requests, on_token)
+                return self._run_locked(requests, on_token, context)
             finally:
                 self._owner = None
 
@@ -227,7 +239,8 @@ class Engine:
             raise RuntimeError("this engine is running a call on this thread (an on_token callback or a lifecycle "
                                "hook called back into it); call it after the run returns, or use another engine")
 
-    def _run_locked(self, requests: Sequence[Request], on_token: Callable[[TokenEvent], None] | None) -> RunResult:
+    def _run_locked(self, requests: Sequence[Request], on_token: Callable[[TokenEvent], None] | None,
+                    context: RunContext) -> RunResult:
         states = [self.intake.state(r, i) for i, r in enumerate(requests)]
         host = self.host
         notify_finish = host.has_lifecycle_impls("asyncbatch_request_finished")
@@ -248,26 +261,36 @@ class Engine:
                 self.startup_s += self.warm.modes(request_modes(r.params for r in states
                                                                 if r.status is not Status.FINISHED))
             startup_s, self.startup_s = self.startup_s, 0.0
+            if host.has_lifecycle_impls("asyncbatch_run_started"):  # before the clock: hook time is not run time
+                host.notify("asyncbatch_run_started", context=context)
             rt.reset_timeline()
             start = rt.now()
             steps = self.pipeline.run(
                 book, on_token=on_token,
                 on_step=(lambda s: host.notify("asyncbatch_step_finished", stats=s)) if notify_step else None)
+        except Exception as exc:
+            raise_if_racy(rt, exc)  # a recorded race explains the failure: RaceError, chained from it
+            raise
         finally:
             with self._cancel_lock:
                 self._book = None
             deactivate()
             self._restore_gc()
         wall = rt.now() - start
-        book.check_released()
+        try:
+            book.check_released()
+        except Exception as exc:
+            raise_if_racy(rt, exc)
+            raise
         outputs = [self._texted(o) for o in book.results()]
         busy = rt.compute_busy()
         summary = RunSummary.build(outputs, steps, wall, busy_fraction=busy and busy.get("busy_fraction"),
                                    preemptions=book.num_preemptions,
                                    hook_errors=host.hook_error_count - errors_before, startup_s=startup_s)
         if host.has_lifecycle_impls("asyncbatch_run_finished"):
-            host.notify("asyncbatch_run_finished", summary=summary)
-        self.last_result = RunResult(outputs, summary, steps)
+            host.notify("asyncbatch_run_finished", summary=summary, context=context)
+        self.last_result = RunResult(outputs, summary, steps, races=race_report(rt))
+        raise_if_racy(rt, result=self.last_result)  # a racy run is a failed run; its result rides on the error
         return self.last_result
 
     def _bind_model(self) -> None:

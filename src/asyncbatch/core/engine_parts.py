@@ -39,6 +39,17 @@ def _torch_seed(_: Any, attribute: attrs.Attribute, value: int) -> None:
                                           f"range), got {show(value)}")
 
 
+MAX_THREADS = 4096
+
+
+def threads_validator(_: Any, attribute: attrs.Attribute, value: int | None) -> None:
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        raise ConfigError(attribute.name, f"must be between 1 and {MAX_THREADS} (or null: torch's default), "
+                                          f"got {show(value)}")
+
+
+
+
 @attrs.frozen
 class ModelConfig:
     """Where the model comes from: a random-weight `preset` (built from a config) or a local pretrained checkpoint

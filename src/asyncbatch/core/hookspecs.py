@@ -15,6 +15,8 @@ Built-in components are registered through these same hooks (`asyncbatch.plugins
 
 Lifecycle hooks are observers. They are called on the host thread between steps; one that raises is reported
 (naming the plugin) and never loses a request's output. They must not block for long: the GPU may be waiting.
+An implementation may take any subset of its spec's arguments (pluggy's rule): a plugin written against
+``asyncbatch_run_finished(summary)`` keeps working now that the spec also passes ``context``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,13 @@ def asyncbatch_register_workloads(register: Any) -> None:
 
 
 @hookspec
+def asyncbatch_run_started(context: Any) -> None:
+    """A `run` call is about to start its clock (after start-up and warm-up). `context` is a `RunContext` (frozen):
+    the config as a dict, the sweep cell and its assignment, the repetition, the output directory (None outside an
+    experiment) and the number of requests."""
+
+
+@hookspec
 def asyncbatch_step_finished(stats: Any) -> None:
     """A batch was updated on the host. `stats` is a `StepStats` (frozen): batch index, tokens, timings."""
 
@@ -79,5 +88,6 @@ def asyncbatch_request_finished(output: Any) -> None:
 
 
 @hookspec
-def asyncbatch_run_finished(summary: Any) -> None:
-    """A `generate`/`run` call ended. `summary` is a `RunSummary` (frozen) with throughput and latency figures."""
+def asyncbatch_run_finished(summary: Any, context: Any) -> None:
+    """A `generate`/`run` call ended. `summary` is a `RunSummary` (frozen) with throughput and latency figures;
+    `context` is the `RunContext` that `asyncbatch_run_started` got."""

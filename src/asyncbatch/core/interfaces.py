@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .layout import StepShape
     from .requests import RequestState
-    from .scheduling import SchedulingState
+    from .scheduling import PendingView, SchedulingState
 
 ROLES: tuple[str, ...] = ("h2d", "compute", "d2h")
 
@@ -22,16 +22,33 @@ class Scheduler(ABC):
     """Chooses which requests, and how many tokens of each, go into the next batch.
 
     Called by the engine on the host thread, once per batch, while earlier batches may still be running on the
-    device. It sees requests whose newest token may not be known yet (it is pending on the device); it does not
-    need to care: `SchedulingState.add` accounts for pending tokens, KV blocks and rows. A scheduler must not
-    import torch, touch streams or events, block, or mutate requests other than through `state.add`. Any
-    scheduler therefore runs unchanged under every buffer policy, stream topology and graph policy.
+    device. It sees requests whose newest tokens may not be known yet: with S slots, when batch k is planned the
+    host has read the tokens of batches up to k - S, and up to S - 1 batches are in flight
+    (`SchedulingState.in_flight`). A request's `tokens` are the prompt plus the outputs read so far; `num_pending`
+    more were sampled on the device and are not known. A scheduler does not need to care: `SchedulingState.add`
+    accounts for pending tokens, KV blocks and rows. One that must see every token (stop-aware, speculative)
+    asks through `needs_fresh_tokens`, at the cost of that step's overlap.
+
+    A scheduler must not import torch, touch streams or events, block, or mutate requests other than through
+    `state.add`. Any scheduler therefore runs unchanged under every buffer policy, stream topology and graph
+    policy.
     """
 
     @abstractmethod
     def schedule(self, state: SchedulingState) -> None:
         """Fill the batch by calling `state.add(request, num_tokens)` for requests in `state.running` (admitted)
         and `state.waiting` (arrived, not admitted). `add` returns False when something does not fit."""
+
+    def needs_fresh_tokens(self, view: PendingView) -> bool:
+        """Whether the host must read every in-flight token before this batch is planned.
+
+        Called by the pipeline on the host thread before each batch, only while earlier batches are in flight
+        (never in the synchronous loop). Returning True makes the host wait for all of them and apply their
+        tokens, so `schedule` then sees `num_pending == 0` everywhere; the device idles while the host plans, so
+        each True costs about one step of overlap. The default never asks. Must be cheap, and must not block or
+        mutate anything.
+        """
+        return False
 
     def preemption_victim(self, candidates: Sequence[RequestState]) -> RequestState:
         """Which running request gives up its KV blocks when the cache is full (it is recomputed later).

@@ -66,14 +66,14 @@ def build_model(cfg: ModelConfig, host: Any) -> tuple[Any, Any]:
         torch.manual_seed(cfg.seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        log.info("built %s with random weights (seed %d), %.2fB parameters, %s on %s", preset, cfg.seed,
-                 sum(p.numel() for p in model.parameters()) / 1e9, dtype, device)
+        log.info("built %s with random weights (seed %d), %s parameters, %s on %s", preset, cfg.seed,
+                 count_text(sum(p.numel() for p in model.parameters())), dtype, device)
     else:
         path = Path(cfg.path).expanduser()
         hf_config = checkpoint_config(path)
         model = _load_weights(AutoModelForCausalLM, path, hf_config, dtype).to(device)
-        log.info("loaded %s (%s) from %s, %.2fB parameters, %s on %s", type(model).__name__, hf_config.model_type,
-                 path, sum(p.numel() for p in model.parameters()) / 1e9, dtype, device)
+        log.info("loaded %s (%s) from %s, %s parameters, %s on %s", type(model).__name__, hf_config.model_type,
+                 path, count_text(sum(p.numel() for p in model.parameters())), dtype, device)
         if cfg.tokenizer is None and (path / "tokenizer_config.json").is_file():
             tokenizer = _load_tokenizer_or_fail(str(path), _PATH_KEY)
     if cfg.tokenizer is not None:
@@ -226,3 +226,11 @@ def eos_token_ids(model: Any, vocab: int) -> tuple[int, ...]:
         return ()
     ids = [value] if isinstance(value, int) else list(value)
     return tuple(sorted({int(t) for t in ids if isinstance(t, int) and 0 <= t < vocab}))
+
+
+def count_text(n: int) -> str:
+    """A parameter count people can read at every scale: 1.23M, 8.03B, 640."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)

@@ -18,7 +18,7 @@ from .config import BatchConfig
 from .interfaces import AttentionBackend, BufferPolicy, GraphPolicy, Scheduler, StreamTopology
 from .layout import HostBatchWriter, SlotLayout, StepShape
 from .runtime.base import Event, Runtime
-from .scheduling import BatchEntry
+from .scheduling import BatchEntry, PendingView
 from .stats import StepStats
 from .step import DeviceBuffers, EngineGraphContext, Slot, StepBody
 
@@ -56,6 +56,7 @@ class InFlight:
     d2h: Event | None = None
     launch_s: float = 0.0
     replayed: bool = False
+    fresh: bool = False  # the host read every in-flight token before planning it (the scheduler asked)
 
 
 def _pow2(n: int) -> int:
@@ -77,6 +78,8 @@ class Pipeline:
         self.buffers = buffers
         self.graphs = graphs
         self.scheduler = scheduler
+        # Building the view costs host time every step: only for schedulers that override the question.
+        self._asks_fresh = type(scheduler).needs_fresh_tokens is not Scheduler.needs_fresh_tokens
         self.backend = backend
         self.layout = layout
         self.writer = writer
@@ -99,6 +102,7 @@ class Pipeline:
         graphs.bind(self.graph_ctx)
         self._events: dict[int, InFlight] = {}
         self._last_pool: Event | None = None
+        self._start = 0.0
 
     # ------------------------------------------------------------------ loop
     def run(self, book: RequestBook, *, on_token: Callable | None = None,
@@ -114,11 +118,17 @@ class Pipeline:
         def update_oldest() -> None:
             steps.append(self._update(inflight.popleft(), book, on_token, on_step))
 
+        self._start = self.rt.now()
         while book.unfinished:
+            fresh = bool(inflight) and self._asks_fresh and self.scheduler.needs_fresh_tokens(
+                PendingView(k, len(inflight), tuple(book.schedulable()[0])))
+            if fresh:  # the scheduler must see every token: give up this step's overlap
+                while inflight:
+                    update_oldest()
             now = self.rt.now()
             book.admit_arrivals(now)
             book.apply_cancellations(now)
-            rec = self._prepare(k, book)
+            rec = self._prepare(k, book, len(inflight), fresh)
             if rec is None:
                 if inflight:
                     update_oldest()
@@ -140,7 +150,7 @@ class Pipeline:
         return steps
 
     # ------------------------------------------------------------------ prep
-    def _prepare(self, k: int, book: RequestBook) -> InFlight | None:
+    def _prepare(self, k: int, book: RequestBook, in_flight: int, fresh: bool) -> InFlight | None:
         s = self.buffers.slot_for(k)
         t0 = time.perf_counter()
         prev = self._events.get(k - self.num_slots)
@@ -149,8 +159,8 @@ class Pipeline:
         t1 = time.perf_counter()
         tracks = self.rt.tracks_accesses
         with self.rt.host_phase("prep", batch=k, accesses=[(("host_in", s), "w", None)] if tracks else ()):
-            entries = book.plan(self.scheduler, k, max_tokens=self.batch_cfg.max_tokens,
-                                max_seqs=self.layout.max_seqs, block_size=self.block_size).entries
+            entries = book.plan(self.scheduler, k, max_tokens=self.batch_cfg.max_tokens, max_seqs=self.layout.max_seqs,
+                                block_size=self.block_size, in_flight=in_flight).entries
             if not entries:
                 return None
             t2 = time.perf_counter()
@@ -169,7 +179,7 @@ class Pipeline:
             book.on_scheduled(entries, k)
         t3 = time.perf_counter()
         return InFlight(k, s, entries, shape, accesses, uses_graph, schedule_s=t2 - t1, prepare_s=t3 - t2,
-                        wait_s=t1 - t0)
+                        wait_s=t1 - t0, fresh=fresh)
 
     def _shape(self, entries: list[BatchEntry]) -> StepShape:
         cfg = self.batch_cfg
@@ -325,7 +335,8 @@ class Pipeline:
             num_decode=sum(1 for e in rec.entries if e.num_tokens == 1 and e.start > 0),
             padded_tokens=rec.shape.tokens, graph_replay=rec.replayed, schedule_s=rec.schedule_s,
             prepare_s=rec.prepare_s, launch_s=rec.launch_s, wait_s=rec.wait_s + (t1 - t0), update_s=t2 - t1,
-            compute_s=rt.op_seconds(rec.comp), num_context=sum(e.start + e.num_tokens for e in rec.entries))
+            compute_s=rt.op_seconds(rec.comp), num_context=sum(e.start + e.num_tokens for e in rec.entries),
+            time_s=rt.now() - self._start, fresh_tokens=rec.fresh)
         if on_step is not None:
             on_step(stats)
         return stats

@@ -33,6 +33,7 @@ _REGISTER_HOOKS: dict[str, str] = {
     "workload": "asyncbatch_register_workloads",
 }
 LIFECYCLE_HOOKS: tuple[str, ...] = (
+    "asyncbatch_run_started",
     "asyncbatch_step_finished",
     "asyncbatch_request_finished",
     "asyncbatch_run_finished",
@@ -102,8 +103,8 @@ class PluginHost:
             raise ValueError(f"{hook_name} is not a lifecycle hook; lifecycle hooks: {', '.join(LIFECYCLE_HOOKS)}")
         errors: list[PluginError] = []
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            try:
-                impl.function(**kwargs)
+            try:  # only the arguments it declares: pluggy lets an implementation take a subset of the spec's
+                impl.function(**{k: kwargs[k] for k in impl.argnames})
             except Exception as exc:
                 err = PluginError(impl.plugin_name, hook_name, exc)
                 log.error("%s", err)

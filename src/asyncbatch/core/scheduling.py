@@ -32,11 +32,31 @@ class BatchEntry:
     carries: bool = False  # its newest input token is pending on the device
 
 
+@attrs.frozen
+class PendingView:
+    """What `Scheduler.needs_fresh_tokens` sees before batch `batch_index` is planned.
+
+    `in_flight` batches were launched and their tokens are not read yet; `running` are the admitted requests
+    (read-only), each with `num_pending` tokens on the device that the host does not know.
+    """
+
+    batch_index: int
+    in_flight: int
+    running: tuple[RequestState, ...]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens sampled on the device that the host has not read, over all running requests."""
+        return sum(r.num_pending for r in self.running)
+
+
 class SchedulingState:
     """Built by the engine for one batch; passed to `Scheduler.schedule`.
 
     `running` holds admitted requests that still need tokens, in admission order; `waiting` holds arrived
     requests without a row (new or preempted), in arrival order. Both are read-only to the scheduler.
+    `in_flight` is how many earlier batches are still on the device: their tokens are pending (the scheduler's
+    view lags by that many steps; see `Scheduler.needs_fresh_tokens`).
     """
 
     def __init__(
@@ -50,8 +70,10 @@ class SchedulingState:
         blocks: DeferredPool,
         rows: DeferredPool,
         block_size: int,
+        in_flight: int = 0,
     ) -> None:
         self.batch_index = batch_index
+        self.in_flight = in_flight
         self.running = tuple(running)
         self.waiting = tuple(waiting)
         self.token_budget = max_tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
 
@@ -28,6 +29,8 @@ class StepStats:
     update_s: float
     compute_s: float | None = None
     num_context: int = 0  # KV positions the step's sequences attend over (their lengths after the step)
+    time_s: float = 0.0  # when the host finished updating this batch, on the runtime's clock from the run's start
+    fresh_tokens: bool = False  # planned after reading every in-flight token (`Scheduler.needs_fresh_tokens`)
 
     @property
     def host_s(self) -> float:
@@ -51,8 +54,32 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 @attrs.frozen
+class RunContext:
+    """What a run is part of, for lifecycle hooks (`asyncbatch_run_started`, `asyncbatch_run_finished`).
+
+    `config` is the experiment as a plain dict (`ExperimentConfig.to_dict()`); a bare `Engine.run` call gives
+    ``{"engine": <its EngineConfig as a dict>}``, so ``config["engine"]`` is always there. `cell` is the sweep
+    cell's index and `assignment` its dotted key -> value mapping (empty without a sweep); `repetition` counts the
+    runs of one cell under `repeat: N` from 0. `out_dir` is where the run's files go (None outside an
+    experiment); `num_requests` how many requests the run was given.
+    """
+
+    config: dict
+    cell: int = 0
+    assignment: dict = attrs.Factory(dict)
+    repetition: int = 0
+    out_dir: Path | None = None
+    num_requests: int = 0
+
+
+@attrs.frozen
 class RunSummary:
-    """Throughput and latency of one run. Latencies in seconds; None where there was nothing to measure."""
+    """Throughput and latency of one run. Latencies in seconds; None where there was nothing to measure.
+
+    Percentiles interpolate linearly between the nearest ranks (numpy's default): TTFT and end-to-end latency
+    over requests, inter-token latency over every gap between consecutive tokens of a request. The fields added
+    after `startup_s` (p90, p95, mean) have defaults so that older code building a summary keeps working.
+    """
 
     num_requests: int
     finish_reasons: dict
@@ -76,6 +103,15 @@ class RunSummary:
     preemptions: int
     hook_errors: int = 0
     startup_s: float | None = None  # build, compile and capture before the clock started (not in wall_s)
+    ttft_p90: float | None = None
+    ttft_p95: float | None = None
+    ttft_mean: float | None = None
+    itl_p90: float | None = None
+    itl_p95: float | None = None
+    itl_mean: float | None = None
+    e2e_p90: float | None = None
+    e2e_p95: float | None = None
+    e2e_mean: float | None = None
 
     @classmethod
     def build(cls, outputs: Sequence[Output], steps: Sequence[StepStats], wall_s: float, *,
@@ -85,18 +121,19 @@ class RunSummary:
         for o in outputs:
             reasons[o.finish_reason] = reasons.get(o.finish_reason, 0) + 1
         gen = sum(len(o.token_ids) for o in outputs)
-        ttft = [o.ttft for o in outputs if o.ttft is not None]
-        itl = [x for o in outputs for x in o.inter_token_latencies]
-        e2e = [o.latency for o in outputs if o.finish_reason != "error"]
+        latencies = {
+            "ttft": [o.ttft for o in outputs if o.ttft is not None],
+            "itl": [x for o in outputs for x in o.inter_token_latencies],
+            "e2e": [o.latency for o in outputs if o.finish_reason != "error"],
+        }
+        spread = {f"{name}_p{q}": percentile(values, q) for name, values in latencies.items() for q in (50, 90, 95, 99)}
+        spread.update({f"{name}_mean": _mean(values) for name, values in latencies.items()})
         computes = [s.compute_s for s in steps if s.compute_s is not None]
         ms = 1e3
         return cls(
             num_requests=len(outputs), finish_reasons=reasons, generated_tokens=gen,
             prompt_tokens=sum(len(o.prompt_ids) for o in outputs), wall_s=wall_s,
-            tokens_per_s=gen / wall_s if wall_s > 0 else 0.0, steps=len(steps),
-            ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
-            itl_p50=percentile(itl, 50), itl_p99=percentile(itl, 99),
-            e2e_p50=percentile(e2e, 50), e2e_p99=percentile(e2e, 99),
+            tokens_per_s=gen / wall_s if wall_s > 0 else 0.0, steps=len(steps), **spread,
             host_step_ms=_scale(_mean([s.host_s for s in steps]), ms),
             schedule_ms=_scale(_mean([s.schedule_s for s in steps]), ms),
             prepare_ms=_scale(_mean([s.prepare_s for s in steps]), ms),

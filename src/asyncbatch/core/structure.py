@@ -121,13 +121,9 @@ def structure(cls: type, data: Any, key: str) -> Any:
 
 def unstructure(value: Any) -> Any:
     """The inverse of `structure`: plain dicts, lists and scalars, suitable for YAML/JSON."""
-    from .config import ComponentSpec  # noqa: PLC0415  (config builds on this module)
-
-    if isinstance(value, ComponentSpec):
-        out = {"name": value.name}
-        if value.config is not None:
-            out.update(unstructure(value.config))
-        return out
+    own = getattr(value, "__unstructure__", None)  # values that know their YAML form (component specs)
+    if own is not None and not isinstance(value, type):
+        return own()
     if attrs.has(type(value)):
         return {f.name: unstructure(getattr(value, f.name)) for f in attrs.fields(type(value)) if f.init}
     if isinstance(value, (list, tuple)):

@@ -32,6 +32,7 @@ def asyncbatch_register_schedulers(register: Any) -> None:
     register("prefill_first", s.PrefillFirst)
     register("shortest_first", s.ShortestFirst)
     register("priority", s.Priority)
+    register("stop_aware", s.StopAware)
 
 
 @hookimpl

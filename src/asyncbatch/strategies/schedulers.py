@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import attrs
 
 from ..core.interfaces import Scheduler
 from ..core.requests import RequestState
-from ..core.scheduling import SchedulingState
+from ..core.scheduling import PendingView, SchedulingState
 
 
 def _add_prefills(state: SchedulingState, requests: Iterable[RequestState], chunked: bool, *,
@@ -120,3 +121,39 @@ class Priority(Scheduler):
 
     def preemption_victim(self, candidates: Sequence[RequestState]) -> RequestState:
         return min(candidates, key=lambda r: (r.priority, -r.admit_order))
+
+
+@attrs.frozen
+class StopAwareConfig:
+    """`fresh`: when to read every in-flight token before planning. `stops`: only while a running request could
+    end early (it has stop ids, the checkpoint's EOS included unless ignored); `always`: every step (the synchronous loop's view, with
+    the overlap given up each step)."""
+
+    fresh: Literal["stops", "always"] = "stops"
+    chunked_prefill: bool = True
+
+
+class StopAware(Scheduler):
+    """FIFO order, planned on fresh tokens: never schedules a request whose stop token is still in flight.
+
+    With S slots a stop token sampled in batch k is read only after batches k+1..k+S-1 were planned, which
+    may each give the stopped request a wasted row (its extra tokens are dropped). This scheduler asks the
+    pipeline for fresh tokens instead, trading the overlap of those steps for no wasted rows: a research
+    baseline for what the pending-token lag costs.
+    """
+
+    Config = StopAwareConfig
+
+    def __init__(self, config: StopAwareConfig | None = None) -> None:
+        self.config = config or StopAwareConfig()
+
+    def needs_fresh_tokens(self, view: PendingView) -> bool:
+        if self.config.fresh == "always":
+            return True
+        return any(r.num_pending and r.stop_ids for r in view.running)  # stop ids include the EOS unless ignored
+
+    def schedule(self, state: SchedulingState) -> None:
+        _add_decodes(state, state.running)
+        _add_prefills(state, (r for r in state.running if r.is_prefill), self.config.chunked_prefill,
+                      stop_at_first_refusal=False)
+        _add_prefills(state, state.waiting, self.config.chunked_prefill, stop_at_first_refusal=True)

@@ -3,17 +3,24 @@
 Real tensors flow (on the CPU), so a missing dependency shows up twice: as a conflict reported by the
 happens-before checker, naming the ops, streams and buffer, and as wrong tokens. With a cost model it also keeps
 virtual time, so a pipeline's GPU busy fraction can be studied without a GPU.
+
+Host time comes from the cost model (`host: model`) or is measured (`host: measured`): the real time the
+host spends outside this runtime, times `host_scale`; never the time spent in here (running ops, checking).
 """
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol
 
 import attrs
 
+from ..errors import ConfigError
+from ..races import raise_if_racy
 from .base import Access, Event, ImmediateGraph, Runtime, Span
 from .hb import HappensBefore
 
@@ -60,17 +67,26 @@ class CostModel:
         return 0.0
 
 
+def _positive_finite(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(attribute.name, f"must be a finite number > 0, got {value}")
+
+
 @attrs.frozen
 class SimRuntimeConfig:
     """`order`: `random` lets the chooser pick any ready op (exploration); `timed` runs the op that can start
     first in virtual time (a discrete-event simulation). `fifo_streams`: whether a stream orders its ops without
-    events (CUDA does; the default checks the stronger contract that the engine declares every edge)."""
+    events (CUDA does; the default checks the stronger contract that the engine declares every edge).
+    `host`: `model` charges the fixed `cpu_prep_ms`/`cpu_update_ms` per host phase; `measured` charges the
+    host's real time (scheduler included) times `host_scale`, plus the cost model's launch cost."""
 
     order: Literal["random", "timed"] = "random"
     fifo_streams: bool = False
     check: bool = True
     seed: int = 0
     cost: CostModel = CostModel()
+    host: Literal["model", "measured"] = "model"
+    host_scale: float = attrs.field(default=1.0, validator=_positive_finite)
 
 
 @attrs.define(eq=False)
@@ -103,6 +119,8 @@ class SimRuntime(Runtime):
         import torch
 
         self.config = config or SimRuntimeConfig()
+        # Accesses are costly to build and only the checker reads them.
+        self.tracks_accesses = self.config.check
         self._device = torch.device(device)
         self.chooser: Chooser = chooser or RandomChooser(self.config.seed)
         self.reset()
@@ -117,6 +135,14 @@ class SimRuntime(Runtime):
         self._host_time = 0.0
         self.spans = []
         self.executed: list[tuple[str, int]] = []
+        self._mark = time.perf_counter()
+
+    def _charge_host(self) -> None:
+        """Measured mode: the real time since the host last left this runtime was host work; charge it."""
+        if self.config.host == "measured":
+            t = time.perf_counter()
+            self._host_time += (t - self._mark) * 1e3 * self.config.host_scale  # virtual ms
+            self._mark = t
 
     @property
     def device(self) -> Any:
@@ -130,6 +156,8 @@ class SimRuntime(Runtime):
     def launch(self, name: str, stream: str, fn: Callable[[], None], *, waits: Sequence[Event | None] = (),
                accesses: Sequence[Access] = (), batch: int = -1, info: dict | None = None) -> Event:
         info = info or {}
+        self._charge_host()
+        # Measured or not: this stands for the driver's kernel launches, which the sim never makes.
         self._host_time += self.config.cost.host_ms("launch", info) if name == "comp" else 0.0
         preds = [self._host_cursor, *(e.op_id for e in waits if e is not None)]
         if self.config.fifo_streams and stream in self._last_on_stream:
@@ -142,41 +170,52 @@ class SimRuntime(Runtime):
         self._pending.append(op)
         self._last_on_stream[stream] = node
         self._progress()
+        self._mark = time.perf_counter()
         return Event(node, name, stream, op)
 
     def host_wait(self, event: Event | None, *, reason: str = "") -> None:
         if event is None:
             return
+        self._charge_host()
         target = self._ops.get(event.op_id)
         while target is not None and not target.done:
             self._execute_one()
         self._host_cursor = self.hb.add_node("wait", "host", -1, [self._host_cursor, event.op_id])
         if target is not None:
             self._host_time = max(self._host_time, target.end)
+        self._mark = time.perf_counter()
 
     @contextmanager
     def host_phase(self, name: str, *, batch: int = -1, accesses: Sequence[Access] = (),
                    info: dict | None = None) -> Iterator[None]:
+        self._charge_host()
+        self._catch_up()
         node = self.hb.add_node(name, "host", batch, [self._host_cursor])
         self._host_cursor = node
         if self.config.check and accesses:
             self.hb.access(node, list(accesses))
         start = self._host_time
+        self._mark = time.perf_counter()
         yield
-        self._host_time += self.config.cost.host_ms(name, info or {})
+        self._charge_host()
+        if self.config.host == "model":
+            self._host_time += self.config.cost.host_ms(name, info or {})
         self.spans.append(Span("host", name, start / 1e3, self._host_time / 1e3, batch))
         self._progress()
+        self._mark = time.perf_counter()
 
     def capture(self, fn: Callable[[], None], stream: str) -> ImmediateGraph:
         return ImmediateGraph(fn)
 
     def synchronize(self) -> None:
+        self._charge_host()
         while self._pending:
             self._execute_one()
         self._host_cursor = self.hb.add_node("sync", "host", -1,
                                              [self._host_cursor, *self._last_on_stream.values()])
         ends = [op.end for op in self._ops.values()]
         self._host_time = max([self._host_time, *ends])
+        self._mark = time.perf_counter()
 
     # ---- execution
     def _ready(self) -> list[_Op]:
@@ -194,6 +233,19 @@ class SimRuntime(Runtime):
                 break
             self._execute_one()
 
+    def _catch_up(self) -> None:
+        """Timed order: before a host phase touches buffers, run the ops that start by now in virtual time, or
+        it sees them as if the device had stalled since issue (`prep[k]` overwriting `host_in` before
+        `h2d[k-1]` copied it). Same (start, node) order as the waits: the virtual timeline does not change."""
+        while self.config.order == "timed" and (ready := self._ready()):
+            op = min(ready, key=self._timed_key)
+            if self._earliest_start(op) > self._host_time:
+                return
+            self._run(op)
+
+    def _timed_key(self, op: _Op) -> tuple[float, int]:
+        return self._earliest_start(op), op.node
+
     def _earliest_start(self, op: _Op) -> float:
         ops = self._ops
         t = max([op.issue_time, *(ops[p].end for p in op.preds if p in ops)])
@@ -204,14 +256,18 @@ class SimRuntime(Runtime):
         if not ready:
             raise RuntimeError("sim deadlock: ops are pending but none is ready "
                                f"({', '.join(f'{o.name}[{o.batch}]' for o in self._pending)})")
-        if self.config.order == "timed":
-            op = min(ready, key=lambda o: (self._earliest_start(o), o.node))
-        else:
-            op = ready[self.chooser.choose(len(ready))]
+        timed = self.config.order == "timed"
+        self._run(min(ready, key=self._timed_key) if timed else ready[self.chooser.choose(len(ready))])
+
+    def _run(self, op: _Op) -> None:
         op.start = self._earliest_start(op)
         op.end = op.start + self.config.cost.op_ms(op.name, op.info)
         self._stream_free[op.stream] = op.end
-        op.fn()
+        try:
+            op.fn()
+        except Exception as exc:
+            raise_if_racy(self, exc)  # after a race, most likely it broke on corrupted data: say so
+            raise
         op.done = True
         self._pending.remove(op)
         self.executed.append((op.name, op.batch))
@@ -220,6 +276,7 @@ class SimRuntime(Runtime):
     # ---- virtual time
     def idle_until(self, t: float) -> None:
         """Virtual time jumps to the next arrival: nothing sleeps."""
+        self._charge_host()
         self._host_time = max(self._host_time, t * 1e3)
 
     def op_seconds(self, event: Event | None) -> float | None:
@@ -227,6 +284,7 @@ class SimRuntime(Runtime):
         return (op.end - op.start) / 1e3 if op is not None and op.done else None
 
     def now(self) -> float:
+        self._charge_host()
         return self._host_time / 1e3
 
     def compute_busy(self) -> dict[str, float] | None:

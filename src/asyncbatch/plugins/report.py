@@ -1,0 +1,170 @@
+"""Text tables and result files: the formatting and writing that runs, sweeps and comparisons share."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import re
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError
+from ..core.stats import RunSummary
+
+_NUMBER = re.compile(r"-?[0-9.]+(e[-+]?[0-9]+)?|n/a")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table; numbers right-aligned, everything else left-aligned."""
+    cells = [[str(h) for h in headers], *[[fmt(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [len(cells) > 1 and all(_NUMBER.fullmatch(r[i]) for r in cells[1:]) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.rjust(w) if numeric[i] and n else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def wrapped_table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int | None, *,
+                  below: int | None = None) -> str:
+    """`format_table` fitted to `width` characters; `width=None` keeps one line per row (for grep and scripts).
+
+    When a row does not fit, column `below` (if given) moves under its row, indented past the first column and
+    wrapped to the rest of the width; then the columns still too wide wrap, the last first, none below 16."""
+    if width is None or max(len(line) for line in format_table(headers, rows).splitlines()) <= width:
+        return format_table(headers, rows)
+    cells = [[str(h) for h in headers], *[[str(v) for v in row] for row in rows]]
+    under = [r.pop(below) for r in cells] if below is not None else None
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for i in reversed(range(len(widths))):
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        if over <= 0:
+            break
+        widths[i] = max(16, widths[i] - over)
+    indent = " " * (widths[0] + 2)
+    lines = []
+    for n, row in enumerate(cells):
+        pieces = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] for c, w in zip(row, widths, strict=True)]
+        for k in range(max(len(p) for p in pieces)):
+            lines.append("  ".join((p[k] if k < len(p) else "").ljust(w) for p, w in zip(pieces, widths)).rstrip())
+        if under is not None and under[n] not in ("", "-"):
+            lines.extend(textwrap.wrap(under[n], max(width, len(indent) + 16), initial_indent=indent,
+                                       subsequent_indent=indent, break_on_hyphens=False))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.3g}"
+    if isinstance(value, dict):
+        name = value.get("name")
+        rest = ", ".join(f"{k}={fmt(v)}" for k, v in value.items() if k != "name")
+        return f"{name}({rest})" if name is not None else "{" + rest + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def cell_label(assignment: dict[str, Any], sep: str = ", ") -> str:
+    return sep.join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in assignment.items()) or "run"
+
+
+def _spread(s: RunSummary, name: str) -> str:
+    """`p50 / p90 / p99 / mean` of one latency, in ms."""
+    return " / ".join(fmt(ms(getattr(s, f"{name}_{q}"))) for q in ("p50", "p90", "p99", "mean"))
+
+
+def summary_table(summary: RunSummary, runtime: str) -> str:
+    s = summary
+    host = (f"{fmt(s.host_step_ms)} (schedule {fmt(s.schedule_ms)} / prepare {fmt(s.prepare_ms)} / "
+            f"update {fmt(s.update_ms)})")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.finish_reasons.items())) or "none"
+    # The sim runtime's clock is virtual, but step phases are timed on the real host clock.
+    clock = " (wall, latencies, busy: virtual time from the cost model; host ms: real)" if runtime == "sim" else ""
+    rows = [
+        ("runtime", runtime + clock),
+        ("requests", s.num_requests),
+        ("generated tokens", s.generated_tokens),
+        ("prompt tokens", s.prompt_tokens),
+        ("start-up s (not in wall)", fmt(s.startup_s)),
+        ("wall s", f"{s.wall_s:.3f}"),
+        ("tokens/s", f"{s.tokens_per_s:.1f}"),
+        ("TTFT ms p50 / p90 / p99 / mean", _spread(s, "ttft")),
+        ("ITL ms p50 / p90 / p99 / mean", _spread(s, "itl")),
+        ("e2e ms p50 / p90 / p99 / mean", _spread(s, "e2e")),
+        ("steps", s.steps),
+        ("host ms/step", host),
+        ("device compute ms/step", fmt(s.compute_step_ms)),
+        ("compute busy fraction", fmt(s.compute_busy_fraction, 3)),
+        ("preemptions", s.preemptions),
+        ("finish reasons", reasons),
+    ]
+    if s.hook_errors:
+        rows.append(("plugin hook errors", s.hook_errors))
+    return format_table(("metric", "value"), rows)
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_yaml(path: Path, data: Any) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """One row per dict; lists and mappings (component values of sweep keys) as JSON, so they read back."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+
+
+def checked_out_dir(path: str | Path, *, force: bool) -> Path:
+    """A given output directory: refused if it is a file, or holds files and `force` is off, so results are never
+    silently mixed with or written over an earlier run's."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("--out", f"{path} exists and is not a directory")
+    if not force and path.is_dir() and any(path.iterdir()):
+        raise ConfigError("--out", f"{path} exists and is not empty: choose another directory, or pass --force "
+                                   "(force=True) to write into it")
+    return path
+
+
+def stamped_dir(parent: str | Path, name: str) -> Path:
+    """`parent/<name>-<timestamp>`, suffixed -2, -3, ... when that exists (two runs in one second)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(parent) / f"{slug(name)}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def slug(text: str) -> str:
+    """`text` as a file name: runs of other characters than letters, digits and `=._-` become one `_`."""
+    return re.sub(r"[^A-Za-z0-9=._-]+", "_", text).strip("_") or "run"
