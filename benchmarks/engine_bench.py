@@ -119,7 +119,7 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
     blocks = batch * (-(-(len(prompts[0]) + new_tokens) // args.block_size)) + 64
     cfg = EngineConfig.from_dict({
         "runtime": "cuda", "buffers": buffers, "streams": streams, "graphs": graphs, "attention": args.attention,
-        "compile": args.compile,
+        "compile": args.compile, "fuse_projections": args.fuse,
         "batch": {"max_tokens": args.max_tokens, "max_seqs": max(batch, 1)},
         "cache": {"num_blocks": blocks, "block_size": args.block_size}})
     gc.collect()
@@ -232,6 +232,8 @@ def main() -> None:
     ap.add_argument("--trace-new", type=int, default=48, help="new tokens per request in a traced run")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers"])
+    ap.add_argument("--fuse", default="auto", choices=["auto", "always", "never"],
+                    help="engine.fuse_projections (auto: fused on a GPU)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()

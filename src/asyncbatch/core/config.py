@@ -90,6 +90,10 @@ class EngineConfig:
     products); `auto` compiles where steps are captured in CUDA graphs (eager launches gain nothing from it);
     `none` never.
 
+    `fuse_projections`: run sibling projections that read the same input (q/k/v, gate/up) as one matrix product
+    over concatenated weights; `auto` does it where steps are captured on a GPU (the gain is fewer, fuller GEMMs
+    there; elsewhere the model keeps its own layers, so CPU runs match transformers bit for bit).
+
     `threads`: torch's intra-op CPU threads for this process (`torch.set_num_threads`), set when the engine is
     built; None keeps torch's default (one per core, which oversubscribes a busy machine).
     """
@@ -107,6 +111,7 @@ class EngineConfig:
     startup: StartupConfig = StartupConfig()
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
+    fuse_projections: Literal["auto", "always", "never"] = "auto"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, host: Any = None, key: str = "") -> EngineConfig:
@@ -163,6 +168,7 @@ class _EngineScalars:
     startup: StartupConfig = StartupConfig()
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
+    fuse_projections: Literal["auto", "always", "never"] = "auto"
 
 
 # ---------------------------------------------------------------- experiments

@@ -82,6 +82,8 @@ class Engine:
             config.compile == "auto" and self.runtime.graph_support == "native" and graph_spec.name != "eager")
         if self.compiled:
             use_compile_cache(config.startup.compile_cache)
+        self.fused = config.fuse_projections == "always" or (
+            config.fuse_projections == "auto" and self.runtime.graph_support == "native")
 
         cache = config.cache
         bs = cache.block_size
@@ -297,10 +299,12 @@ class Engine:
         """Put the (possibly shared) model in this engine's state: compiled or not, this engine's caches."""
         from .attention_api import ATTN_IMPLEMENTATION
         from .compile import attention_modules, set_compiled
+        from .fusion import set_fused
 
         if getattr(self.model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             prepare_model(self.model)  # released (or switched back by its owner) since the last run
 
+        set_fused(self.model, self.fused)  # as this engine wants it, whatever an earlier engine did
         set_compiled(self.model, self.compiled)  # also undoes an earlier engine's compilation of a shared model
         if self.compiled:
             activate(self.attention_context, attention_modules(self.model))
@@ -380,12 +384,15 @@ class Engine:
                 self._pending_cancels.add(request_id)
 
     def release(self) -> None:
-        """Give the model back as it was handed over: its own attention implementation, layers not compiled. The
+        """Give the model back as it was handed over: its own attention implementation, layers not compiled,
+        projections not fused (their weights stay views of the fused ones: no copy). The
         engine stays usable: its next run switches the model back (that is also how engines share a model)."""
         from .compile import set_compiled
+        from .fusion import set_fused
 
         with self._lock:
             set_compiled(self.model, False)
+            set_fused(self.model, False)
             if self._caller_attention is not None:
                 self.model.set_attn_implementation(self._caller_attention)
 
