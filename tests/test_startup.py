@@ -12,8 +12,8 @@ from strategies import engine_dict, geometries, workloads
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core import startup
-from asyncbatch.core.pipeline import Pipeline
 from asyncbatch.core.runtime.sim import SimRuntime, SimRuntimeConfig
+from asyncbatch.core.shapes import StepShapes
 
 STATIC_SDPA = {"name": "sdpa", "static_shapes": True}
 PROMPTS = [[(7 * i + j) % 500 for j in range(3 + 5 * i)] for i in range(9)]
@@ -77,22 +77,22 @@ def test_mixed_steps_run_eagerly_where_the_backend_bakes_lengths(tiny64):
 @given(work=workloads(max_requests=8, max_prompt=30), geometry=geometries,
        attention=st.sampled_from([STATIC_SDPA, "sdpa"]))
 def test_step_shapes_list_every_shape_a_run_produces(tiny64, work, geometry, attention):
-    """`Pipeline.step_shapes` is what warm-up captures: every shape a run's steps take is in it (decode shapes
-    always; shapes of steps holding prefill chunks where the backend's launch is static)."""
+    """`StepShapes.enumerate` (`Pipeline.step_shapes`) is what warm-up captures: every shape a run's steps take
+    is in it (decode shapes always; shapes of steps holding prefill chunks where the backend's launch is static)."""
     engine = _engine(tiny64, "eager", warmup="never", attention=attention, **geometry)
     seen = []
-    original = Pipeline._shape
+    original = StepShapes.of
 
     def spy(self, entries):
         shape = original(self, entries)
         seen.append(shape)
         return shape
 
-    Pipeline._shape = spy
+    StepShapes.of = spy
     try:
         engine.generate([p for p, _ in work], [s for _, s in work])
     finally:
-        Pipeline._shape = original
+        StepShapes.of = original
     shapes, complete = engine.pipeline.step_shapes(startup.MODES)
     listed = set(shapes)
 

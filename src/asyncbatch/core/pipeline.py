@@ -19,6 +19,7 @@ from .interfaces import AttentionBackend, BufferPolicy, GraphPolicy, Scheduler, 
 from .layout import HostBatchWriter, SlotLayout, StepShape
 from .runtime.base import Event, Runtime
 from .scheduling import BatchEntry, PendingView
+from .shapes import StepShapes
 from .stats import StepStats
 from .step import DeviceBuffers, EngineGraphContext, Slot, StepBody
 
@@ -59,10 +60,6 @@ class InFlight:
     fresh: bool = False  # the host read every in-flight token before planning it (the scheduler asked)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 class Pipeline:
     """Owns slots, streams and the loop; composed by the engine from strategy instances."""
 
@@ -85,6 +82,7 @@ class Pipeline:
         self.writer = writer
         self.batch_cfg = batch
         self.block_size = block_size
+        self.shapes = StepShapes(batch, layout, backend, block_size)
         self.debug = debug
         runtime.setup_streams(topology.streams)
         self.stream = {role: topology.stream_for(role) for role in ("h2d", "compute", "d2h")}
@@ -172,7 +170,7 @@ class Pipeline:
                     writer.bind_row(e.row, p.temperature, p.top_k, p.top_p, req.seed)
                 if e.new_blocks:
                     writer.add_blocks(e.row, len(req.blocks) - len(e.new_blocks), e.new_blocks)
-            shape = self._shape(entries)
+            shape = self.shapes.of(entries)
             uses_graph = self.graphs.uses_graph(shape)
             accesses = self._comp_accesses(s, entries, uses_graph) if tracks else []
             writer.write(self.slots[s].host_in, entries, shape)
@@ -181,49 +179,10 @@ class Pipeline:
         return InFlight(k, s, entries, shape, accesses, uses_graph, schedule_s=t2 - t1, prepare_s=t3 - t2,
                         wait_s=t1 - t0, fresh=fresh)
 
-    def _shape(self, entries: list[BatchEntry]) -> StepShape:
-        cfg = self.batch_cfg
-        T = sum(e.num_tokens for e in entries)
-        B = len(entries)
-        t_pad = cfg.pad_tokens(T)
-        b_pad = min(cfg.pad_tokens(B), self.layout.max_seqs)
-        decode = T == B
-        if decode:
-            max_q = 1
-        elif self.backend.has_static_launch:
-            # The launch depends on padded counts only: one shape per token bucket (padded sequences cost nothing
-            # but their sampling row), so every mixed step has a shape that was captured ahead of the run.
-            max_q = t_pad
-            b_pad = min(t_pad, self.layout.max_seqs)
-        else:
-            max_q = min(_pow2(max(e.num_tokens for e in entries)), t_pad)
-        kv = 0
-        if self.backend.needs_kv_blocks:
-            most = max(-(-(e.start + e.num_tokens) // self.block_size) for e in entries)
-            kv = min(_pow2(most), self.layout.max_blocks)
-        modes = {e.req.params.sample_mode for e in entries if e.samples}
-        mode = "filter" if "filter" in modes else "sample" if "sample" in modes else "greedy"
-        return StepShape(t_pad, b_pad, max_q, kv, mode, decode)
-
     def step_shapes(self, modes: Sequence[str]) -> tuple[list[StepShape], bool]:
-        """Every shape `_shape` can give a step with sampling path in `modes`, and whether that list is complete.
-
-        Decode steps: one shape per token bucket up to `max_seqs` (times the context buckets where the backend
-        bakes them in). Steps holding prefill chunks: one shape per token bucket where the backend's launch depends
-        on padded counts only; otherwise their shapes are not enumerable and the list is incomplete.
-        """
-        cfg, max_seqs = self.batch_cfg, self.layout.max_seqs
-        kvs = [0]
-        if self.backend.needs_kv_blocks:
-            kvs = sorted({min(_pow2(n), self.layout.max_blocks) for n in range(1, self.layout.max_blocks + 1)})
-        decode_buckets = sorted({cfg.pad_tokens(b) for b in range(1, max_seqs + 1)})
-        shapes = [StepShape(t, min(t, max_seqs), 1, kv, mode, True)
-                  for mode in modes for t in decode_buckets for kv in kvs]
-        static = self.backend.has_static_launch
-        if static:
-            shapes += [StepShape(t, min(t, max_seqs), t, 0, mode, False) for mode in modes for t in cfg.buckets()
-                       if t >= 2]
-        return shapes, static
+        """Every shape a step with sampling path in `modes` can take, and whether that list is complete
+        (`StepShapes.enumerate`)."""
+        return self.shapes.enumerate(modes)
 
     def _comp_accesses(self, s: int, entries: list[BatchEntry], uses_graph: bool) -> list:
         bs = self.block_size
