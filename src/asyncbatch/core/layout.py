@@ -90,9 +90,14 @@ class SlotLayout:
 
 class HostBatchWriter:
     """Writes a batch's entries into a slot's host buffer. Keeps per-row tables (blocks, sampling parameters)
-    on the host so that a step copies rows with one gather instead of rebuilding them in Python."""
+    on the host so that a step copies rows with one gather instead of rebuilding them in Python.
+
+    This runs on the host for every step, inside the slack the slots give it: it writes through numpy views of
+    the (pinned) buffers, a few vectorised assignments per field, rather than dozens of small torch ops whose
+    dispatch alone would cost most of a millisecond."""
 
     def __init__(self, layout: SlotLayout, num_rows: int, block_size: int) -> None:
+        import numpy as np
         import torch
 
         self.layout = layout
@@ -101,25 +106,33 @@ class HostBatchWriter:
         self.row_blocks = torch.zeros(num_rows + 1, layout.max_blocks, dtype=torch.int32)
         self.row_params = torch.zeros(num_rows + 1, len(ROW_PARAM_FIELDS), dtype=torch.int32)
         self.row_params[:, 2] = _f32_bits(1.0)
+        self._blocks = self.row_blocks.numpy()  # the same memory
+        self._params = self.row_params.numpy()
+        self._views: dict[int, SimpleNamespace] = {}
+        self._arange = np.arange(max(layout.max_tokens, layout.max_seqs) + 1, dtype=np.int32)
 
     def bind_row(self, row: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
         """Called when a request takes a row: reset its block list, store its sampling parameters."""
-        self.row_blocks[row].zero_()
+        self._blocks[row] = 0
         lo, hi = _split_seed(seed)
-        self.row_params[row, 0] = _f32_bits(temperature)
-        self.row_params[row, 1] = top_k
-        self.row_params[row, 2] = _f32_bits(top_p)
-        self.row_params[row, 3] = lo
-        self.row_params[row, 4] = hi
+        self._params[row] = (_f32_bits(temperature), top_k, _f32_bits(top_p), lo, hi)
 
     def add_blocks(self, row: int, first_index: int, blocks: Sequence[int]) -> None:
         if blocks:
-            import torch
+            self._blocks[row, first_index : first_index + len(blocks)] = blocks
 
-            self.row_blocks[row, first_index : first_index + len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    def _numpy_views(self, buf: Any) -> SimpleNamespace:
+        """numpy views of every field of `buf` (a slot's host buffer lives as long as the engine: cached)."""
+        key = buf.data_ptr()
+        views = self._views.get(key)
+        if views is None:
+            flat = buf.numpy()
+            views = SimpleNamespace(**{name: flat[off : off + n] for name, (off, n) in self.layout.offsets.items()})
+            self._views[key] = views
+        return views
 
     def write(self, buf: Any, entries: Sequence[BatchEntry], shape: StepShape) -> None:
-        import torch
+        import numpy as np
 
         bs = self.block_size
         ids: list[int] = []
@@ -154,37 +167,36 @@ class HostBatchWriter:
 
         T, B = shape.tokens, shape.seqs
         nt, ns = len(ids), len(entries)
-        v = self.layout.views(buf)
-        i32 = torch.int32
-        v.input_ids[:nt] = torch.tensor(ids, dtype=i32)
+        v = self._numpy_views(buf)
+        v.input_ids[:nt] = ids
         v.input_ids[nt:T] = 0
-        v.carry_row[:nt] = torch.tensor(carry, dtype=i32)
+        v.carry_row[:nt] = carry
         v.carry_row[nt:T] = -1
-        v.slot_mapping[:nt] = torch.tensor(slots, dtype=i32)
+        v.slot_mapping[:nt] = slots
         v.slot_mapping[nt:T] = 0
-        qlen_t = torch.tensor(qlens, dtype=i32)
-        start_t = torch.tensor(starts, dtype=i32)
-        cu = torch.zeros(B + 1, dtype=i32)
-        torch.cumsum(qlen_t, 0, out=cu[1 : ns + 1])
-        cu[ns + 1 :] = cu[ns]
-        v.query_start[: B + 1] = cu
-        seq_ids = torch.repeat_interleave(torch.arange(ns, dtype=i32), qlen_t)
-        v.token_seq[:nt] = seq_ids
+        qlen = np.array(qlens, dtype=np.int32)
+        start = np.array(starts, dtype=np.int32)
+        cu = v.query_start
+        cu[0] = 0
+        np.cumsum(qlen, out=cu[1 : ns + 1])
+        cu[ns + 1 : B + 1] = cu[ns]
+        v.token_seq[:nt] = np.repeat(self._arange[:ns], qlen)
         v.token_seq[nt:T] = -1
-        v.positions[:nt] = (start_t.repeat_interleave(qlen_t) + torch.arange(nt, dtype=i32) - cu[:ns].repeat_interleave(qlen_t))
+        # Position of each token: its sequence's start, plus its index within the sequence's chunk.
+        v.positions[:nt] = np.repeat(start - cu[:ns], qlen) + self._arange[:nt]
         v.positions[nt:T] = 0
         v.logits_index[:ns] = cu[1 : ns + 1] - 1
         v.logits_index[ns:B] = 0
-        v.seq_len[:ns] = start_t + qlen_t
+        v.seq_len[:ns] = start + qlen
         v.seq_len[ns:B] = 0
-        rows_t = torch.tensor(rows + [trash] * (B - ns), dtype=torch.long)
-        v.seq_row[:B] = rows_t.to(i32)
-        v.out_row[:ns] = torch.tensor(out_rows, dtype=i32)
+        row_index = np.array(rows + [trash] * (B - ns), dtype=np.intp)
+        v.seq_row[:B] = row_index
+        v.out_row[:ns] = out_rows
         v.out_row[ns:B] = trash
-        v.sample_index[:ns] = torch.tensor(sample_index, dtype=i32)
+        v.sample_index[:ns] = sample_index
         v.sample_index[ns:B] = 0
-        params = self.row_params.index_select(0, rows_t)
+        params = self._params[row_index]
         for j, name in enumerate(ROW_PARAM_FIELDS):
             getattr(v, name)[:B] = params[:, j]
         nb = self.layout.max_blocks
-        v.block_table[: B * nb].view(B, nb).copy_(self.row_blocks.index_select(0, rows_t))
+        v.block_table[: B * nb].reshape(B, nb)[:] = self._blocks[row_index]
