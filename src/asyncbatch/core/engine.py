@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +16,7 @@ from .book import RequestBook
 from .config import EngineConfig
 from .errors import ConfigError, UnsupportedError
 from .intake import Intake
+from .kv_sizing import kv_cache_blocks
 from .layout import HostBatchWriter, SlotLayout
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
@@ -27,6 +27,7 @@ from .runtime.base import Runtime
 from .startup import Warmup, request_modes, use_compile_cache
 from .stats import RunContext, RunSummary, StepStats
 from .step import StepBody
+from .streaming import stream_events
 from .types import Output, Request, SamplingParams, TokenEvent
 
 log = logging.getLogger("asyncbatch")
@@ -87,7 +88,7 @@ class Engine:
 
         cache = config.cache
         bs = cache.block_size
-        num_blocks = self._num_blocks(device, dtype, geo)
+        num_blocks = kv_cache_blocks(cache, device, dtype, geo, self.runtime.free_memory())
         limits = [geo["max_positions"], (num_blocks - 1) * bs]
         if cache.max_model_len is not None:
             limits.append(cache.max_model_len)
@@ -185,24 +186,6 @@ class Engine:
             log.info("attention auto -> %s%s", component.name, f" (skipped: {'; '.join(reasons)})" if reasons else "")
             return backend
         raise UnsupportedError("no attention backend can run here: " + "; ".join(reasons))
-
-    def _num_blocks(self, device: Any, dtype: Any, geo: dict[str, int]) -> int:
-        cache = self.config.cache
-        per_block = 2 * geo["layers"] * cache.block_size * geo["kv_heads"] * geo["head_dim"] * dtype.itemsize
-        free = self.runtime.free_memory()
-        if cache.num_blocks is not None:
-            if cache.num_blocks < 2:
-                raise ConfigError("engine.cache.num_blocks", "needs at least 2 (block 0 is reserved for padding)")
-            key, blocks = "engine.cache.num_blocks", cache.num_blocks
-        elif device.type == "cuda":  # as many as fit, within the int32 slot indices of the step tables
-            return max(2, min(int(free * cache.memory_fraction) // per_block, (2**31 - 1) // cache.block_size))
-        else:
-            key, blocks = "engine.cache.cpu_cache_tokens", min(cache.cpu_cache_tokens // cache.block_size + 1,
-                                                               (2**31 - 1) // cache.block_size)
-        if free is not None and blocks * per_block > free:  # fail here, naming the key, not inside torch
-            raise ConfigError(key, f"{blocks} KV blocks of {cache.block_size} tokens need "
-                                   f"{blocks * per_block / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is free on {device}")
-        return max(2, blocks)
 
     # ------------------------------------------------------------------ requests
     def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -348,32 +331,7 @@ class Engine:
                request_ids: Sequence[str] | None = None) -> Iterator[TokenEvent]:
         """Yield tokens as the host learns them (the engine runs in a background thread)."""
         requests = self.make_requests(prompts, params, request_ids=request_ids)
-        events: queue.Queue = queue.Queue()
-        done = object()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self.run(requests, on_token=events.put)
-            except BaseException as exc:  # re-raised in the consumer's thread
-                failure.append(exc)
-            finally:
-                events.put(done)
-
-        thread = threading.Thread(target=work, name="asyncbatch-engine", daemon=True)
-        thread.start()
-        finished = False
-        try:
-            while (item := events.get()) is not done:
-                yield item
-            finished = True
-        finally:
-            if not finished:  # the consumer stopped early: its requests end at the next step
-                for r in requests:
-                    self.cancel(r.request_id)
-            thread.join()
-        if failure:
-            raise failure[0]
+        yield from stream_events(self.run, self.cancel, requests)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request (any thread): it ends with finish reason `cancelled` at the next step of its run. A

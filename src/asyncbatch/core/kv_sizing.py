@@ -1,0 +1,28 @@
+"""How many KV-cache blocks an engine allocates: as configured, or as many as fit the device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError
+
+INT32_SLOTS = 2**31 - 1  # the step tables hold KV slot indices (block * block_size + offset) as int32
+
+
+def kv_cache_blocks(cache: Any, device: Any, dtype: Any, geo: dict[str, int], free: int | None) -> int:
+    """Blocks for `cache` (an `engine.cache` config) of a model with geometry `geo` on `device`, with `free` bytes
+    free there (None where unknown). A count that cannot fit fails here, naming its key, not inside torch."""
+    per_block = 2 * geo["layers"] * cache.block_size * geo["kv_heads"] * geo["head_dim"] * dtype.itemsize
+    if cache.num_blocks is not None:
+        if cache.num_blocks < 2:
+            raise ConfigError("engine.cache.num_blocks", "needs at least 2 (block 0 is reserved for padding)")
+        key, blocks = "engine.cache.num_blocks", cache.num_blocks
+    elif device.type == "cuda":  # as many as fit, within the int32 slot indices of the step tables
+        return max(2, min(int(free * cache.memory_fraction) // per_block, INT32_SLOTS // cache.block_size))
+    else:
+        key, blocks = "engine.cache.cpu_cache_tokens", min(cache.cpu_cache_tokens // cache.block_size + 1,
+                                                           INT32_SLOTS // cache.block_size)
+    if free is not None and blocks * per_block > free:
+        raise ConfigError(key, f"{blocks} KV blocks of {cache.block_size} tokens need "
+                               f"{blocks * per_block / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is free on {device}")
+    return max(2, blocks)
