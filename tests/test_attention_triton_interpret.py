@@ -9,23 +9,14 @@ does): the interpreter must be chosen when triton is first imported, which happe
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import attrs
 import pytest
 import torch
+from interpreted import import_triton_interpreted, interpreted_module
 
-_prev = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-finally:
-    if _prev is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
+import_triton_interpreted()
 
 from asyncbatch.core.attention_api import AttentionMetadata  # noqa: E402
 from asyncbatch.core.errors import UnsupportedError  # noqa: E402
@@ -33,19 +24,10 @@ from asyncbatch.strategies import attention as attention_pkg  # noqa: E402
 from asyncbatch.strategies.attention.sdpa import Sdpa  # noqa: E402
 from asyncbatch.strategies.attention.triton_paged import TritonPaged, TritonPagedConfig  # noqa: E402
 
-KERNELS = "asyncbatch.strategies.attention.triton_kernels"
-
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted_kernels():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        path = os.path.join(os.path.dirname(attention_pkg.__file__), "triton_kernels.py")
-        spec = importlib.util.spec_from_file_location(KERNELS, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        mp.setitem(sys.modules, KERNELS, module)
-        mp.setattr(attention_pkg, "triton_kernels", module, raising=False)
+    with interpreted_module(attention_pkg, "triton_kernels") as module:
         yield module
 
 
@@ -91,13 +73,15 @@ def make_step(gen, seqs, *, pad_tokens, pad_seqs, block_size, kv_heads, q_heads,
     return (q, k, v, k_cache, v_cache), meta, max(need)
 
 
-def run_both(inputs, meta, kv_blocks, *, window, splits=0, block_n=16):
+def run_both(inputs, meta, kv_blocks, *, window, splits=0, block_n=16, invariant=False):
     q, k, v, k_cache, v_cache = inputs
     scale = q.shape[-1] ** -0.5
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
     ref_meta = attrs.evolve(meta, kv_blocks=kv_blocks)  # Sdpa gathers this many blocks per sequence
     ref = Sdpa().forward(q, k, v, kc_ref, vc_ref, ref_meta, scale=scale, sliding_window=window)
     backend = TritonPaged(TritonPagedConfig(num_splits=splits, block_n=block_n))
+    if invariant:
+        backend.make_batch_invariant()
     out = backend.forward(q, k, v, k_cache, v_cache, meta, scale=scale, sliding_window=window)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
@@ -172,3 +156,19 @@ def test_check_refuses_cpu_and_missing_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
     with pytest.raises(UnsupportedError, match="triton is not importable"):
         backend.check(torch.device("cuda"), torch.bfloat16, 128, 16)
+
+
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("heads,window", [((8, 2), None), ((8, 2), 7), ((4, 4), None), ((16, 1), 20)])
+def test_batch_invariant_mode_is_correct_in_decode_and_mixed_steps(seqs, heads, window):
+    """Invariant mode runs every step through the query-tiled kernel with 16-row tiles and no split; the result is
+    still attention (bitwise identity across batches is asserted on the GPU)."""
+    gen = torch.Generator().manual_seed(heads[0] * 7 + (window or 0))
+    inputs, meta, nb = make_step(gen, seqs, pad_tokens=2, pad_seqs=1, block_size=16, q_heads=heads[0],
+                                 kv_heads=heads[1], head_dim=32)
+    run_both(inputs, meta, nb, window=window, invariant=True)
+
+
+def test_only_the_triton_backend_has_an_invariant_mode():
+    with pytest.raises(UnsupportedError, match="Sdpa has no batch-invariant mode"):
+        Sdpa().make_batch_invariant()

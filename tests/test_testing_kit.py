@@ -338,7 +338,7 @@ import asyncbatch
 from asyncbatch import PluginHost
 from asyncbatch.testing import engine_dict, fixed_workload, invariant_test
 
-settings.register_profile("no_shrink", phases=[Phase.explicit, Phase.generate])
+settings.register_profile("no_shrink", phases=[Phase.explicit, Phase.generate], derandomize=True)
 settings.load_profile("no_shrink")
 
 

@@ -87,12 +87,18 @@ class EngineConfig:
     """Everything needed to build an `Engine`: the model, the four strategy families, runtime and attention.
 
     `compile`: `layers` compiles the decoder layers with torch.compile (fuses the small kernels between matrix
-    products); `auto` compiles where steps are captured in CUDA graphs (eager launches gain nothing from it);
-    `none` never.
+    products); `auto` compiles where steps are captured in CUDA graphs (eager launches gain nothing from it),
+    and always under `batch_invariant` (so every graph policy runs the same program); `none` never.
 
     `fuse_projections`: run sibling projections that read the same input (q/k/v, gate/up) as one matrix product
     over concatenated weights; `auto` does it where steps are captured on a GPU (the gain is fewer, fuller GEMMs
     there; elsewhere the model keeps its own layers, so CPU runs match transformers bit for bit).
+
+    `batch_invariant`: compute every row of a step with kernels whose reduction order does not depend on the rest
+    of the batch (GEMMs with one tile shape and no split-K, RMSNorm per row, one attention path for decode and
+    mixed steps), so that a request's tokens are bitwise identical in bfloat16 whatever shares its batch and
+    whatever the buffer, stream and graph policies. Needs a CUDA device, triton and the `triton` attention
+    backend; costs some speed (see the benchmarks).
 
     `threads`: torch's intra-op CPU threads for this process (`torch.set_num_threads`), set when the engine is
     built; None keeps torch's default (one per core, which oversubscribes a busy machine).
@@ -112,6 +118,7 @@ class EngineConfig:
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
+    batch_invariant: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, host: Any = None, key: str = "") -> EngineConfig:
@@ -169,6 +176,7 @@ class _EngineScalars:
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
+    batch_invariant: bool = False
 
 
 # ---------------------------------------------------------------- experiments

@@ -11,7 +11,8 @@ from typing import Any
 
 import attrs
 
-from .attention_api import AttentionContext, activate, deactivate
+from . import model_state
+from .attention_api import AttentionContext, deactivate
 from .book import RequestBook
 from .config import EngineConfig
 from .errors import ConfigError, UnsupportedError
@@ -76,15 +77,22 @@ class Engine:
         if not self.runtime.is_asynchronous and (buffers.num_slots > 1 or len(topology.streams) > 1):
             log.info("runtime %r runs every op at once in program order: buffers %r and streams %r give the same "
                      "tokens but no overlap here", self.runtime.name, config.buffers.name, config.streams.name)
+        self.batch_invariant = config.batch_invariant
+        if self.batch_invariant:
+            from .invariant import check_supported
+
+            check_supported(device)
         self.backend = self._build_attention(device, dtype, geo["head_dim"])
         # `auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more host
-        # time per layer than fusion saves on the device.
-        self.compiled = config.compile == "layers" or (
-            config.compile == "auto" and self.runtime.graph_support == "native" and graph_spec.name != "eager")
+        # time per layer than fusion saves on the device. Batch-invariant engines always compile, so that every
+        # graph policy runs the same program (inductor's fused elementwise code rounds unlike eager's).
+        self.compiled = config.compile == "layers" or (config.compile == "auto" and (
+            self.batch_invariant or (self.runtime.graph_support == "native" and graph_spec.name != "eager")))
         if self.compiled:
             use_compile_cache(config.startup.compile_cache)
         self.fused = config.fuse_projections == "always" or (
             config.fuse_projections == "auto" and self.runtime.graph_support == "native")
+        self.model_state = model_state.ModelState(self.fused, self.batch_invariant, self.compiled)
 
         cache = config.cache
         bs = cache.block_size
@@ -169,6 +177,8 @@ class Engine:
         registry = self.host.registry("attention_backend")
         if spec.name != "auto":
             backend = self._build("attention_backend", spec)
+            if self.batch_invariant:
+                backend.make_batch_invariant()
             backend.check(device, dtype, head_dim, self.config.cache.block_size)
             self.attention_name = spec.name
             return backend
@@ -178,6 +188,8 @@ class Engine:
         for component in ranked:
             backend = component.factory(component.make_config({}, "engine.attention"))
             try:
+                if self.batch_invariant:
+                    backend.make_batch_invariant()
                 backend.check(device, dtype, head_dim, self.config.cache.block_size)
             except UnsupportedError as exc:
                 reasons.append(f"{component.name}: {exc}")
@@ -279,18 +291,8 @@ class Engine:
         return self.last_result
 
     def _bind_model(self) -> None:
-        """Put the (possibly shared) model in this engine's state: compiled or not, this engine's caches."""
-        from .attention_api import ATTN_IMPLEMENTATION
-        from .compile import attention_modules, set_compiled
-        from .fusion import set_fused
-
-        if getattr(self.model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
-            prepare_model(self.model)  # released (or switched back by its owner) since the last run
-
-        set_fused(self.model, self.fused)  # as this engine wants it, whatever an earlier engine did
-        set_compiled(self.model, self.compiled)  # also undoes an earlier engine's compilation of a shared model
-        if self.compiled:
-            activate(self.attention_context, attention_modules(self.model))
+        """Put the (possibly shared) model in this engine's state, and keep the collector out of the run."""
+        model_state.bind(self.model, self.model_state, self.attention_context)
         if self.runtime.graph_support == "native":
             # No collection in the middle of a run on a real device: a full one stalls the host for tens of
             # milliseconds, longer than the slack the slots give it. Long-lived objects are frozen out of the
@@ -345,14 +347,8 @@ class Engine:
         """Give the model back as it was handed over: its own attention implementation, layers not compiled,
         projections not fused (their weights stay views of the fused ones: no copy). The
         engine stays usable: its next run switches the model back (that is also how engines share a model)."""
-        from .compile import set_compiled
-        from .fusion import set_fused
-
         with self._lock:
-            set_compiled(self.model, False)
-            set_fused(self.model, False)
-            if self._caller_attention is not None:
-                self.model.set_attn_implementation(self._caller_attention)
+            model_state.release(self.model, self._caller_attention)
 
     def warmup(self, sizes: Sequence[int] | None = None, *, modes: Sequence[str] = ("greedy",)) -> int:
         """Compile and capture ahead of time, so that runs replay and never capture.

@@ -30,6 +30,7 @@ class _Group:
     def __init__(self, weight: Any, bias: Any, bounds: list[tuple[int, int]]) -> None:
         self.weight, self.bias, self.bounds = weight, bias, bounds
         self.kept: tuple[Any, Any] | None = None
+        self.linear: Any = None  # another GEMM with F.linear's signature (batch-invariant mode); None: F.linear
 
 
 def _member_class() -> type:
@@ -51,11 +52,11 @@ def _member_class() -> type:
             if kept is not None and kept[0] is x:
                 out = kept[1]
             elif self.index == 0:
-                out = F.linear(x, g.weight, g.bias)
+                out = (g.linear or F.linear)(x, g.weight, g.bias)
                 g.kept = (x, out)
             else:  # called out of the group's order: compute this slice alone
                 bias = None if g.bias is None else g.bias[self.lo:self.hi]
-                return F.linear(x, g.weight[self.lo:self.hi], bias)
+                return (g.linear or F.linear)(x, g.weight[self.lo:self.hi], bias)
             if self.last:
                 g.kept = None
             return out[..., self.lo:self.hi]

@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .errors import UnsupportedError
+
 if TYPE_CHECKING:
     from .layout import StepShape
     from .requests import RequestState
@@ -185,6 +187,13 @@ class AttentionBackend(ABC):
     def has_static_launch(self) -> bool:
         """True when a step's launch depends only on its padded token count, sequence count and sampling path."""
         return not self.needs_kv_blocks and not self.needs_max_query
+
+    def make_batch_invariant(self) -> None:
+        """Called once at engine build, before `check`, when `engine.batch_invariant` is on: from now on a token's
+        output must depend only on its own sequence (same bits whatever shares the step, decode or mixed, padded
+        to any count). Raise `UnsupportedError` with the reason if this backend has no such mode."""
+        raise UnsupportedError(f"attention backend {type(self).__name__} has no batch-invariant mode (use "
+                               "engine.attention: triton)")
 
     def check(self, device: Any, dtype: Any, head_dim: int, block_size: int) -> None:
         """Called once at engine build. Raise `UnsupportedError` with the reason if this backend cannot run

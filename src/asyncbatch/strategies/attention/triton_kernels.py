@@ -83,8 +83,8 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
     qpos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
     # Key range this tile can see; splits share it out in whole chunks.
     hi = tl.max(tl.where(row_ok, qpos, -1)) + 1
-    if USE_WINDOW:
-        lo = tl.maximum(tl.min(tl.where(row_ok, qpos, hi)) - window + 1, 0)
+    if USE_WINDOW:  # chunks start on multiples of BLOCK_N whatever the tile holds (masked extras change nothing)
+        lo = tl.maximum(tl.min(tl.where(row_ok, qpos, hi)) - window + 1, 0) // BLOCK_N * BLOCK_N
     else:
         lo = hi * 0
     per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), SPLITS) * BLOCK_N
@@ -175,17 +175,24 @@ def write_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -
 
 
 def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sliding_window: int | None,
-              splits: int, block_n: int, num_warps: int, num_stages: int) -> Any:
+              splits: int, block_n: int, num_warps: int, num_stages: int, invariant: bool = False) -> Any:
     """Paged causal attention for every real token of the step (the cache already holds this step's K/V).
 
-    `splits` > 1 splits each sequence's context (decode steps only: one query token per sequence)."""
+    `splits` > 1 splits each sequence's context (decode steps only: one query token per sequence). `invariant`:
+    every step, decode or mixed, runs the query-tiled kernel with one tile shape (16 rows) and no split, so a
+    token's output is computed by the same code, over the same KV chunks in the same order, whatever its step."""
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
     num_seqs = meta.block_table.shape[0]
-    decode = meta.max_query == 1
+    decode = meta.max_query == 1 and not invariant
     q = q if q.stride(-1) == 1 else q.contiguous()
-    if decode:  # one token per tile: pad the GQA group to the 16 rows tl.dot needs
+    if invariant:
+        g_p = _pow2(group)
+        block_q = max(1, 16 // g_p)
+        programs = num_tokens // block_q + num_seqs
+        splits = 1
+    elif decode:  # one token per tile: pad the GQA group to the 16 rows tl.dot needs
         g_p, block_q = max(16, _pow2(group)), 1
         programs = num_seqs
     else:  # enough tiles for any mix of query lengths with these padded counts (see the module docstring)

@@ -54,6 +54,12 @@ class TritonPaged(AttentionBackend):
     def __init__(self, config: TritonPagedConfig | None = None) -> None:
         self.config = config or TritonPagedConfig()
         self._sm_count: dict[Any, int] = {}
+        self.invariant = False
+
+    def make_batch_invariant(self) -> None:
+        """One kernel path for every step: query tiles of 16 rows, the context in BLOCK_N chunks from position 0,
+        no split (a split count chosen from the batch would change a token's reduction order)."""
+        self.invariant = True
 
     def check(self, device: Any, dtype: Any, head_dim: int, block_size: int) -> None:
         import torch
@@ -101,9 +107,9 @@ class TritonPaged(AttentionBackend):
         triton_kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         num_seqs, max_blocks = meta.block_table.shape
         splits = 1
-        if meta.max_query == 1:
+        if meta.max_query == 1 and not self.invariant:
             splits = self.num_splits(q.device, num_seqs, k.shape[1], max_blocks, k_cache.shape[1])
         cfg = self.config
         return triton_kernels.attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
                                         splits=splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages)
+                                        num_stages=cfg.num_stages, invariant=self.invariant)

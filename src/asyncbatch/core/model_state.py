@@ -1,0 +1,53 @@
+"""The state a run needs a (possibly shared) transformers model in, set at the start of every run and undone by
+`Engine.release()`: asyncbatch attention, fused projections, batch-invariant kernels, compiled layers.
+
+Each switch is idempotent and in place, so engines that share one model take turns: each run puts the model the
+way its engine was configured, whatever the previous engine did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class ModelState:
+    """What one engine wants of the model: `fused` projections, `invariant` kernels, `compiled` layers."""
+
+    fused: bool
+    invariant: bool
+    compiled: bool
+
+
+def bind(model: Any, state: ModelState, attention_context: Any) -> None:
+    """Put `model` in `state`, with `attention_context` active for compiled layers."""
+    from .attention_api import ATTN_IMPLEMENTATION, activate
+    from .compile import attention_modules, set_compiled
+    from .fusion import set_fused
+    from .invariant import set_batch_invariant
+    from .models import prepare_model
+
+    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        prepare_model(model)  # released (or switched back by its owner) since the last run
+    set_batch_invariant(model, False)  # fusion sees plain Linear layers; the invariant twins are reused below
+    set_fused(model, state.fused)
+    set_batch_invariant(model, state.invariant)
+    set_compiled(model, state.compiled)  # also undoes an earlier engine's compilation of a shared model
+    if state.compiled:
+        activate(attention_context, attention_modules(model))
+
+
+def release(model: Any, caller_attention: str | None) -> None:
+    """Give `model` back as it was handed over: its own attention, layers not compiled, plain `Linear` and norm
+    modules (fused weights stay views of the concatenated ones: no copy)."""
+    from .compile import set_compiled
+    from .fusion import set_fused
+    from .invariant import set_batch_invariant
+
+    set_compiled(model, False)
+    set_batch_invariant(model, False)
+    set_fused(model, False)
+    if caller_attention is not None:
+        model.set_attn_implementation(caller_attention)
