@@ -8,6 +8,7 @@ reference engine (single/one/eager). A second table scales the default engine ov
 
     python benchmarks/engine_bench.py --out results.json              # engines + batch scaling
     python benchmarks/engine_bench.py --out hf.json --only-hf --hf-new 256
+    python benchmarks/engine_bench.py --out hfs.json --engines "" --batches "" --hf-static   # vs hf_static.py
 """
 
 from __future__ import annotations
@@ -113,13 +114,14 @@ def kv_bytes_per_token(engine) -> int:
     return 2 * g["layers"] * g["kv_heads"] * g["head_dim"] * engine.k_cache[0].element_size()
 
 
-def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None = None) -> dict:
+def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None = None, release: bool = False) -> dict:
+    """`release`: hand the model back as it came (not compiled, not fused), for transformers' own paths after it."""
     buffers, streams, graphs = spec
     batch = len(prompts)
     blocks = batch * (-(-(len(prompts[0]) + new_tokens) // args.block_size)) + 64
     cfg = EngineConfig.from_dict({
         "runtime": "cuda", "buffers": buffers, "streams": streams, "graphs": graphs, "attention": args.attention,
-        "compile": args.compile, "fuse_projections": args.fuse,
+        "compile": args.compile, "fuse_projections": args.fuse, "batch_invariant": args.batch_invariant,
         "batch": {"max_tokens": args.max_tokens, "max_seqs": max(batch, 1)},
         "cache": {"num_blocks": blocks, "block_size": args.block_size}})
     gc.collect()
@@ -176,6 +178,8 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
     }
     if trace_path:
         write_chrome_trace(engine.runtime.timeline(), trace_path, "asyncbatch cuda")
+    if release:
+        engine.release()
     del engine, result
     gc.collect()
     torch.cuda.empty_cache()
@@ -227,6 +231,8 @@ def main() -> None:
     ap.add_argument("--hf-new", type=int, default=256)
     ap.add_argument("--hf", action="store_true", help="also run transformers generate_batch (sync and async)")
     ap.add_argument("--only-hf", action="store_true")
+    ap.add_argument("--hf-static", action="store_true",
+                    help="also run transformers generate with a static cache and a compiled forward (--hf-new tokens)")
     ap.add_argument("--trace-dir", default=None, help="write Chrome traces of the --trace-engines runs here")
     ap.add_argument("--trace-engines", default=f"{DEFAULT},{REFERENCE}")
     ap.add_argument("--trace-new", type=int, default=48, help="new tokens per request in a traced run")
@@ -234,6 +240,7 @@ def main() -> None:
     ap.add_argument("--compile", default="auto", choices=["auto", "none", "layers"])
     ap.add_argument("--fuse", default="auto", choices=["auto", "always", "never"],
                     help="engine.fuse_projections (auto: fused on a GPU)")
+    ap.add_argument("--batch-invariant", action="store_true", help="engine.batch_invariant: true for every engine")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()
@@ -251,7 +258,7 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = make_prompts(args.requests, args.prompt, vocab)
-    results: dict = {"info": info, "engines": {}, "scaling": {}, "transformers": {}}
+    results: dict = {"info": info, "engines": {}, "scaling": {}, "transformers": {}, "hf_static": {}}
 
     def save() -> None:
         with open(args.out, "w") as fh:
@@ -284,6 +291,9 @@ def main() -> None:
                   f"{_fmt(r['host_ms_per_step'])} ms, device {_fmt(r['device_ms_per_step'])} ms, busy "
                   f"{_fmt(r['busy_fraction'], '.4f')}, roofline {_fmt(r['roofline_fraction'], '.3f')}", flush=True)
             save()
+    if args.hf_static and not args.only_hf:  # the default engine on HF static's very work; the last engine run
+        results["hf_static"]["asyncbatch"] = run_engine(model, ENGINES[DEFAULT], prompts, args.hf_new, args,
+                                                        release=True)
     if args.hf or args.only_hf:
         for use_async in (False, True):
             name = f"transformers generate_batch async={use_async}"
@@ -294,10 +304,19 @@ def main() -> None:
             results["transformers"][name] = r
             print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['step_ms']:.1f} ms/step", flush=True)
             save()
-    for r in results["engines"].values():
-        r["tokens"] = None
-    for r in results["transformers"].values():
-        r["tokens"] = None
+    if args.hf_static:
+        from hf_static import compare, run_hf_static  # same directory; imported here, as it imports this file
+
+        r = run_hf_static(model, prompts, args.hf_new)
+        c = results["hf_static"]["comparison"] = compare(r, results["hf_static"].get("asyncbatch", {}), DEFAULT)
+        r.update(step_ms=r.get("decode_ms_per_step"), reference=f"{DEFAULT} (same work)",
+                 tokens_equal_reference=c["tokens_equal"])
+        results["transformers"]["transformers generate static compiled"] = r
+        print(c["summary"], flush=True)
+        save()
+    for r in [*results["engines"].values(), *results["transformers"].values(), *results["hf_static"].values()]:
+        if "tokens" in r:
+            r["tokens"] = None
     save()
     print_tables(results)
 
@@ -309,9 +328,11 @@ def print_tables(results: dict) -> None:
              _fmt(r["nvml_util_mean"], ".1f"), _fmt(r["roofline_fraction"], ".3f"), _fmt(r["peak_memory_gib"]),
              f"{_fmt(r['slots_mib'], '.2f')}/{_fmt(r['graphs_mib'], '.0f')}", _fmt(r["host_ms_per_step"]), _fmt(r["device_ms_per_step"]),
              str(r["tokens_equal_reference"])) for n, r in results["engines"].items()]
-    rows += [(n, _fmt(r["tokens_per_s"], ".0f"), _fmt(r["step_ms"]), "-", _fmt(r["nvml_util_mean"], ".1f"), "-",
-              "-", "-", "-", "-", str(r["tokens_equal_reference"])) for n, r in results["transformers"].items()]
+    rows += [(n, _fmt(r.get("tokens_per_s"), ".0f"), _fmt(r.get("step_ms")), "-", _fmt(r.get("nvml_util_mean"), ".1f"),
+              "-", "-", "-", "-", "-", str(r.get("tokens_equal_reference"))) for n, r in results["transformers"].items()]
     _table(head, rows)
+    if "comparison" in results.get("hf_static", {}):
+        print(results["hf_static"]["comparison"]["summary"] + "\n")
     if results["scaling"]:
         head = ("batch", "tok/s", "step ms", "host ms", "device ms", "busy", "roofline")
         _table(head, [(str(b), _fmt(r["tokens_per_s"], ".0f"), _fmt(r["decode_step_ms"]),

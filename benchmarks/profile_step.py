@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--compile", default="none", choices=["none", "layers"])
+    ap.add_argument("--fuse", default="always", choices=["always", "never"], help="fused q/k/v and gate/up")
+    ap.add_argument("--batch-invariant", action="store_true", help="engine.batch_invariant: true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -51,6 +53,7 @@ def main() -> None:
     # compare with the graph-replayed step time the engine measures.
     cfg = EngineConfig.from_dict({"runtime": "cuda", "buffers": "double", "streams": "three", "graphs": "eager",
                                   "compile": args.compile, "batch": {"max_tokens": 4096, "max_seqs": args.batch},
+                                  "fuse_projections": args.fuse, "batch_invariant": args.batch_invariant,
                                   "cache": {"num_blocks": blocks, "block_size": 16}})
     engine = Engine.from_model(model, cfg)
     engine.generate(prompts, SamplingParams(max_new_tokens=4))  # compile and warm caches
@@ -83,7 +86,8 @@ def main() -> None:
     for name, us in per_t.items():
         per_cat[category(name)] += us
         n_cat[category(name)] += per_n[name]
-    print(f"decode step (batch {args.batch}, context ~{args.context}, compile {args.compile}): kernel time "
+    print(f"decode step (batch {args.batch}, context ~{args.context}, compile {args.compile}, fuse {args.fuse}, "
+          f"batch_invariant {args.batch_invariant}): kernel time "
           f"{total / 1e3:.2f} ms in {sum(per_n.values()):.0f} kernels; eager-launched step took "
           f"{measured:.2f} ms")
     for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):

@@ -118,6 +118,7 @@ def main() -> None:
     for r in range(args.runs):
         engine.runtime.record_spans = True
         preps = instrument_prep(engine.pipeline)
+        started = time.time()  # to line the run up with other processes' records (benchmarks/host_jitter.py)
         result = engine.run(engine.make_requests(prompts, params))
         engine.pipeline.__dict__.pop("_prepare", None)
         slow = [p for p in preps if p["wall_ms"] > 5.0]
@@ -133,7 +134,8 @@ def main() -> None:
         for g in gaps:
             total[g["cause"]] += g["gap_ms"]
             count[g["cause"]] += 1
-        runs.append({"run": r, "busy": result.summary.compute_busy_fraction, "steps": result.summary.steps,
+        runs.append({"run": r, "started_epoch": started, "ended_epoch": time.time(),
+                     "busy": result.summary.compute_busy_fraction, "steps": result.summary.steps,
                      "host_ms_step": result.summary.host_step_ms, "compute_ms_step": result.summary.compute_step_ms,
                      "gap_ms_by_cause": dict(total), "gaps_by_cause": dict(count),
                      "largest": sorted(gaps, key=lambda g: -g["gap_ms"])[:10], "slow_preps": slow,
@@ -146,6 +148,7 @@ def main() -> None:
             rows.append((run["run"], f"{run['busy']:.4f}", cause, run["gaps_by_cause"][cause],
                          f"{run['gap_ms_by_cause'][cause]:.2f}"))
     print(format_table(("run", "busy", "cause", "gaps", "total ms"), rows))
+    print("busy by run: " + ", ".join(f"{run['busy']:.4f}" for run in runs))
     for run in runs:
         print(f"run {run['run']} preps > 5 ms (wall/user/sys ms, minor faults, vol/invol switches):",
               ", ".join(f"{p['wall_ms']:.1f}/{p['user_ms']:.1f}/{p['sys_ms']:.1f} {p['minor_faults']}f "
