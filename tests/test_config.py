@@ -14,7 +14,7 @@ from asyncbatch import ConfigError, EngineConfig, ExperimentConfig, UnknownCompo
 
 
 @pytest.mark.parametrize("data,key,fragment", [
-    ({"bogus": 1}, "bogus", "valid: attention, batch, batch_invariant, buffers, cache, compile, fuse_projections, graphs, model, runtime"),
+    ({"bogus": 1}, "bogus", "valid: attention, batch, batch_invariant, buffers, cache, compile, fuse_projections, graphs, model, parallel, runtime"),
     ({"fuse_projections": "yes"}, "fuse_projections", "valid: always, auto, never"),
     ({"scheduler": "fastest"}, "scheduler", "valid: fifo, prefill_first, priority, shortest_first"),
     ({"buffers": {"name": "n_slot", "num_slots": 1}}, "buffers.num_slots", "at least 2 slots"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,12 +58,28 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .plugins.sweeps import report_text
 
     path = Path(args.config) if args.config else default_config_path()
+    overrides = [*(args.set or []), *([f"engine.parallel.data={args.nproc}"] if args.nproc else [])]
     # Everything is validated here, sweep cells included, before a model is built or a directory created.
-    cfg = ExperimentConfig.from_yaml(path, overrides=args.set or [])
+    cfg = ExperimentConfig.from_yaml(path, overrides=overrides)
+    if cfg.engine.parallel.data > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_ranks(cfg, args, argv)
     progress = not args.no_progress and sys.stderr.isatty()
     result = run_experiment(cfg, args.out, force=args.force, argv=[PROG, *argv], trace=args.trace, progress=progress)
     print(report_text(result))
     return 0
+
+
+def _launch_ranks(cfg: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Start one process per data-parallel replica, all writing to the one output directory chosen here."""
+    from .parallel.launch import launch
+    from .plugins.experiment import resolve_out_dir
+
+    out = resolve_out_dir(cfg, args.out, force=args.force)
+    n = cfg.engine.parallel.data
+    print(f"{PROG}: starting {n} ranks (engine.parallel.data={n}); logs of ranks 1-{n - 1} in {out}/ranks",
+          file=sys.stderr)
+    # --force: this process checked the directory; the rank logs are already in it
+    return launch([sys.executable, "-m", "asyncbatch", *argv, "--out", str(out), "--force"], n, log_dir=out / "ranks")
 
 
 def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -191,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     run.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of host phases and streams")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--nproc", type=int, metavar="N", help="data-parallel replicas, one process each "
+                                                            "(sets engine.parallel.data)")
     run.set_defaults(func=_cmd_run)
 
     lst = sub.add_parser("list", help="list registered components and their config fields")

@@ -15,7 +15,14 @@ from typing import Any, Literal
 import attrs
 
 from .dotted import apply_override, check_path, parse_value, set_path, sweep_axes
-from .engine_parts import BatchConfig, CacheConfig, ModelConfig, StartupConfig, threads_validator
+from .engine_parts import (
+    BatchConfig,
+    CacheConfig,
+    ModelConfig,
+    ParallelConfig,
+    StartupConfig,
+    threads_validator,
+)
 from .errors import ConfigError
 from .structure import structure, unstructure
 from .types import SamplingParams, show
@@ -100,6 +107,9 @@ class EngineConfig:
     whatever the buffer, stream and graph policies. Needs a CUDA device, triton and the `triton` attention
     backend; costs some speed (see the benchmarks).
 
+    `parallel`: scale-out over processes (`data`: engine replicas, one per process and device; see
+    `asyncbatch.parallel`).
+
     `threads`: torch's intra-op CPU threads for this process (`torch.set_num_threads`), set when the engine is
     built; None keeps torch's default (one per core, which oversubscribes a busy machine).
     """
@@ -119,6 +129,7 @@ class EngineConfig:
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
+    parallel: ParallelConfig = ParallelConfig()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, host: Any = None, key: str = "") -> EngineConfig:
@@ -177,6 +188,7 @@ class _EngineScalars:
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
+    parallel: ParallelConfig = ParallelConfig()
 
 
 # ---------------------------------------------------------------- experiments
@@ -267,6 +279,9 @@ class ExperimentConfig:
         base.pop("sweep")
         for keys, _ in axes:
             for k in keys:
+                if k.startswith("engine.parallel"):
+                    raise ConfigError(f"sweep.{k}", "the processes of a run are started once for the whole "
+                                                    "experiment: set engine.parallel outside the sweep")
                 check_path(base, k, host)
         cells: list[tuple[dict[str, Any], ExperimentConfig]] = []
         for combo in itertools.product(*(points for _, points in axes)):

@@ -159,3 +159,14 @@ class StartupConfig:
     warmup: Literal["auto", "always", "never"] = "auto"
     compile_cache: str | None = "~/.cache/asyncbatch/compile"
     progress: bool = True
+
+
+@attrs.frozen
+class ParallelConfig:
+    """Scale-out over several processes. `data`: engine replicas, one process (and device) each; requests are
+    shared out by least outstanding tokens and the results merged in input order. `asyncbatch run` starts the
+    processes itself (or runs under `torchrun` with as many ranks). `timeout_s`: how long any collective
+    between the processes may wait before the run fails (a dead or stopped rank never hangs it)."""
+
+    data: int = attrs.field(default=1, validator=_positive)
+    timeout_s: float = attrs.field(default=300.0, validator=_positive)

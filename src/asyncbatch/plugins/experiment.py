@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from ..core.config import ExperimentConfig, ModelConfig
 from ..core.plugin_host import PluginHost, get_plugin_host
 from ..core.races import RaceError, RaceReport
 from ..core.stats import RunContext, RunSummary
+from ..parallel.replicas import run_replicated
+from ..parallel.world import World, join
 from .environment import environment
 from .report import (
     cell_label,
@@ -99,7 +102,7 @@ def _us(t: float) -> float:
 
 
 def results_dict(cell_index: int, assignment: dict, cfg: ExperimentConfig, result: Any, runtime: str,
-                 repetition: int = 0) -> dict:
+                 repetition: int = 0, ranks: Sequence[Any] = ()) -> dict:
     outputs = [{
         "request_id": o.request_id, "prompt_tokens": len(o.prompt_ids), "output_tokens": len(o.token_ids),
         "finish_reason": o.finish_reason, "error": o.error, "arrival_time": _us(o.arrival_time),
@@ -116,7 +119,9 @@ def results_dict(cell_index: int, assignment: dict, cfg: ExperimentConfig, resul
             "summary": attrs.asdict(result.summary),
             # null: the runtime does not check for races; otherwise the report (count 0 when there were none)
             "races": result.races.to_dict() if getattr(result, "races", None) is not None else None,
-            "outputs": outputs, "steps": steps}
+            "outputs": outputs, "steps": steps,
+            # data-parallel runs: each replica's own numbers (the summary above is over all of them)
+            **({"ranks": [attrs.asdict(r) for r in ranks]} if ranks else {})}
 
 
 # ---------------------------------------------------------------- running
@@ -160,7 +165,7 @@ def _progress_bar(enabled: bool, total: int, label: str) -> Any:
 
 def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCache, out_dir: Path, *,
              argv: Sequence[str], trace_path: Path | None, progress: bool, env_path: Path | None,
-             repetition: int = 0) -> CellResult:
+             repetition: int = 0, world: World = World()) -> CellResult:
     """Build the engine (reusing the cached model), run the workload, write the run's files."""
     from ..core.engine import Engine
 
@@ -182,9 +187,13 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     bar = _progress_bar(progress and cfg.output.progress, sum(r.params.max_new_tokens for r in requests), label)
     context = RunContext(config=cfg.to_dict(), cell=index, assignment=dict(assignment), repetition=repetition,
                          out_dir=out_dir, num_requests=len(requests))
+    on_token = (lambda ev: ev.token_id >= 0 and bar.update(1)) if bar is not None else None
+    ranks: list = []
     try:
-        result = engine.run(requests, context=context,
-                            on_token=(lambda ev: ev.token_id >= 0 and bar.update(1)) if bar is not None else None)
+        if world.size > 1:
+            result, ranks = run_replicated(engine, requests, world, context=context, on_token=on_token)
+        else:
+            result = engine.run(requests, context=context, on_token=on_token)
     except RaceError as exc:
         if exc.result is None:
             raise  # the run broke (exc.__cause__): there is no complete result to write
@@ -194,7 +203,7 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
             bar.close()
     runtime = engine.runtime.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "results.json", results_dict(index, assignment, cfg, result, runtime, repetition))
+    write_json(out_dir / "results.json", results_dict(index, assignment, cfg, result, runtime, repetition, ranks))
     write_yaml(out_dir / "config.yaml", cfg.to_dict())
     if env_path is not None:
         write_json(env_path, environment(cfg, engine, argv))
@@ -217,6 +226,22 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
     host = host or get_plugin_host()
     cells = cfg.sweep_cells(host=host)
     runs = [(i, r) for i in range(len(cells)) for r in range(cfg.repeat)]
+    parallel = cfg.engine.parallel
+    world = join(parallel.data, parallel.timeout_s, cfg.engine.model.device)
+    try:
+        if not world.is_root:  # every rank runs every cell; rank 0 alone writes, prints and shows progress
+            with tempfile.TemporaryDirectory(prefix=f"asyncbatch-rank{world.rank}-") as scratch:
+                return _run_all(cfg, cells, runs, Path(scratch) / "out", force=True, argv=argv, trace=None,
+                                progress=False, echo=lambda _: None, host=host, world=world)
+        return _run_all(cfg, cells, runs, out_dir, force=force, argv=argv, trace=trace, progress=progress,
+                        echo=echo, host=host, world=world)
+    finally:
+        world.close()
+
+
+def _run_all(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], out_dir: str | Path | None, *,
+             force: bool, argv: Sequence[str], trace: str | None, progress: bool, echo: Echo, host: PluginHost,
+             world: World) -> ExperimentResult:
     out = resolve_out_dir(cfg, out_dir, force=force)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -225,11 +250,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
         if not cfg.sweep and cfg.repeat == 1:
             path = Path(trace) if trace else (out / "trace.json" if cfg.output.trace else None)
             cell = run_cell(0, {}, cfg, ModelCache(host), out, argv=argv, trace_path=path, progress=progress,
-                            env_path=out / "environment.json")
+                            env_path=out / "environment.json", world=world)
             result = ExperimentResult((cell,), out)
         else:
             result = _run_many(cfg, cells, runs, out, argv=argv, trace=trace, progress=progress, echo=echo,
-                               host=host)
+                               host=host, world=world)
         _fail_on_races(result)
         return result
     except BaseException:
@@ -251,7 +276,7 @@ def _fail_on_races(result: ExperimentResult) -> None:
 
 
 def _run_many(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], out: Path, *, argv: Sequence[str],
-              trace: str | None, progress: bool, echo: Echo, host: PluginHost) -> ExperimentResult:
+              trace: str | None, progress: bool, echo: Echo, host: PluginHost, world: World) -> ExperimentResult:
     from .sweeps import aggregate, write_aggregate, write_sweep
 
     write_yaml(out / "config.yaml", cfg.to_dict())
@@ -271,7 +296,8 @@ def _run_many(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], o
         where = f"cell {i + 1}/{len(cells)}" + (f" rep {rep + 1}/{cfg.repeat}" if cfg.repeat > 1 else "")
         echo(f"{where}: {cell_label(assignment)}")
         res = run_cell(i, assignment, cell.replica(rep), cache, cell_dir, argv=argv, trace_path=path,
-                       progress=progress, env_path=out / "environment.json" if n == 0 else None, repetition=rep)
+                       progress=progress, env_path=out / "environment.json" if n == 0 else None, repetition=rep,
+                       world=world)
         echo(f"  {res.summary.tokens_per_s:.1f} tok/s, {res.summary.steps} steps, busy "
              f"{fmt(res.summary.compute_busy_fraction, 3)}")
         results.append(res)

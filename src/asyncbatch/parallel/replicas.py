@@ -1,0 +1,60 @@
+"""One run served by several engine replicas: each rank runs its share, rank 0 merges the results.
+
+The merged result reads like a single engine's: outputs in input order, the summary over all of them with the
+longest rank's wall time (the ranks run side by side, started together by a barrier), every rank's steps, and
+the mean compute busy fraction. `RankSummary` keeps each rank's own numbers for results.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from ..core.stats import RunSummary
+from .router import assign, request_cost
+from .world import World
+
+
+@attrs.frozen
+class RankSummary:
+    rank: int
+    num_requests: int
+    generated_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    compute_busy_fraction: float | None
+
+
+def run_replicated(engine: Any, requests: Sequence[Any], world: World, *, context: Any,
+                   on_token: Callable | None = None) -> tuple[Any, list[RankSummary]]:
+    """Run this rank's share of `requests` on `engine`. Rank 0 returns the merged RunResult and every rank's
+    summary; the other ranks return their own result and no summaries. Every rank must call it with the same
+    requests."""
+    from ..core.engine import RunResult
+
+    owners = assign([request_cost(len(r.prompt_ids), r.params.max_new_tokens) for r in requests], world.size)
+    mine = [i for i, owner in enumerate(owners) if owner == world.rank]
+    world.barrier()  # the replicas' clocks start together
+    result = engine.run([requests[i] for i in mine], context=attrs.evolve(context, num_requests=len(mine)),
+                        on_token=on_token)
+    parts = world.gather((mine, result))
+    if parts is None:
+        return result, []
+    outputs: list[Any] = [None] * len(requests)
+    steps, ranks = [], []
+    for rank, (indices, part) in enumerate(parts):
+        for i, out in zip(indices, part.outputs, strict=True):
+            outputs[i] = out
+        steps.extend(part.steps)
+        s = part.summary
+        ranks.append(RankSummary(rank, len(indices), s.generated_tokens, s.wall_s, s.tokens_per_s,
+                                 s.compute_busy_fraction))
+    summaries = [p.summary for _, p in parts]
+    busy = [s.compute_busy_fraction for s in summaries if s.compute_busy_fraction is not None]
+    summary = RunSummary.build(
+        outputs, steps, max(s.wall_s for s in summaries), busy_fraction=sum(busy) / len(busy) if busy else None,
+        preemptions=sum(s.preemptions for s in summaries), hook_errors=sum(s.hook_errors for s in summaries),
+        startup_s=max((s.startup_s or 0.0) for s in summaries))
+    return RunResult(outputs, summary, steps), ranks

@@ -1,0 +1,141 @@
+"""Data parallelism on the CPU: gloo processes started by `asyncbatch run --nproc N` give exactly the tokens of
+one process; a rank that dies or hangs fails the run with a message naming it, never a hang; the router shares
+requests by least outstanding tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asyncbatch.core.config import ExperimentConfig
+from asyncbatch.core.errors import ConfigError
+from asyncbatch.parallel.launch import launch
+from asyncbatch.parallel.router import assign
+from asyncbatch.plugins.experiment import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "workload.num_requests=24", "--set", "workload.output_len={dist: uniform, min: 4, max: 24}",
+         "--set", "output.plots=false"]
+
+
+@given(st.lists(st.integers(1, 500), max_size=60), st.integers(1, 6))
+def test_the_router_assigns_every_request_once_and_balances_tokens(costs, replicas):
+    owners = assign(costs, replicas)
+
+    assert len(costs) == len(owners) and all(0 <= o < replicas for o in owners)
+    load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(replicas)]
+    assert max(load) - min(load) <= max(costs, default=0)
+    assert owners == assign(costs, replicas)  # every rank computes the same assignment
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asyncbatch", "run", str(ROOT / "configs/default.yaml"),
+                           "--no-progress", *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _tokens(out: Path) -> list[str]:
+    return [o["tokens_sha1"] for o in json.loads((out / "results.json").read_text())["outputs"]]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    done = _cli("--out", str(out), *SMALL, "--set", "sampling.temperature=0.7")
+    assert 0 == done.returncode, done.stderr
+    return _tokens(out)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_replicas_give_exactly_the_tokens_of_one_process(tmp_path, single, nproc):
+    """Greedy and sampled alike (float32, tiny model): sampling seeds come from request ids, not positions."""
+    out = tmp_path / "run"
+    done = _cli("--out", str(out), "--nproc", str(nproc), *SMALL, "--set", "sampling.temperature=0.7")
+
+    assert 0 == done.returncode, done.stderr
+    assert single == _tokens(out)
+    ranks = json.loads((out / "results.json").read_text())["ranks"]
+    assert list(range(nproc)) == [r["rank"] for r in ranks]
+    assert 24 == sum(r["num_requests"] for r in ranks)
+
+
+def test_a_killed_rank_fails_the_run_and_is_named(tmp_path):
+    out = tmp_path / "run"
+    long = ["--set", "workload.num_requests=400", "--set", "workload.output_len={dist: fixed, value: 200}"]
+    proc = subprocess.Popen([sys.executable, "-m", "asyncbatch", "run", str(ROOT / "configs/default.yaml"),
+                             "--no-progress", "--out", str(out), "--nproc", "2", *long],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = out / "ranks" / "pids.json"
+    deadline = time.monotonic() + 60
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(4)  # into model building or the run
+    os.kill(json.loads(pids.read_text())["1"], signal.SIGKILL)
+
+    _, err = proc.communicate(timeout=120)
+
+    assert 1 == proc.returncode
+    assert "rank 1 of 2 was killed by SIGKILL" in err
+
+
+def test_a_stopped_rank_times_out_instead_of_hanging(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "asyncbatch", "run", str(ROOT / "configs/default.yaml"),
+                             "--no-progress", "--out", str(out), "--nproc", "2", "--set", "engine.parallel.timeout_s=5",
+                             *SMALL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = out / "ranks" / "pids.json"
+    deadline = time.monotonic() + 60
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(json.loads(pids.read_text())["1"], signal.SIGSTOP)  # before it can join the group
+
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+
+    assert 1 == proc.returncode
+    assert "rank 0 of 2 exited with code 1 (rank 1 was still running (stopped or hung?))" in err
+    assert time.monotonic() - start < 60
+
+
+def _ranks(tmp_path, code: str, nproc: int = 2) -> tuple[int, str]:
+    log = tmp_path / "err.txt"
+    with open(log, "w") as f:
+        old, sys.stderr = sys.stderr, f
+        try:
+            rc = launch([sys.executable, "-c", code], nproc, log_dir=tmp_path / "ranks")
+        finally:
+            sys.stderr = old
+    return rc, log.read_text()
+
+
+def test_the_launcher_names_a_rank_that_exits_with_an_error(tmp_path):
+    rc, err = _ranks(tmp_path, "import os, sys, time; r = int(os.environ['RANK']); print('boom', r); "
+                               "sys.exit(3 if r == 1 else time.sleep(30))")
+
+    assert 1 == rc
+    assert "rank 1 of 2 exited with code 3 (rank 0 was still running (stopped or hung?))" in err
+    assert "boom 1" in err  # the end of its log
+
+
+def test_the_launcher_returns_0_when_every_rank_succeeds(tmp_path):
+    rc, err = _ranks(tmp_path, "import os; assert os.environ['WORLD_SIZE'] == '3'", nproc=3)
+
+    assert (0, "") == (rc, err)
+
+
+def test_parallel_settings_are_checked():
+    with pytest.raises(ConfigError, match="engine.parallel.data"):
+        ExperimentConfig.from_dict({"engine": {"parallel": {"data": 0}}})
+    with pytest.raises(ConfigError, match="sweep.engine.parallel.data"):
+        ExperimentConfig.from_dict({"sweep": {"engine.parallel.data": [1, 2]}}).sweep_cells()
+    outside = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2}}})
+    with pytest.raises(ConfigError, match="asyncbatch run --nproc 2"):
+        run_experiment(outside, echo=lambda _: None)
