@@ -1,6 +1,6 @@
-"""Data parallelism on the CPU: gloo processes started by `asyncbatch run --nproc N` give exactly the tokens of
-one process; a rank that dies or hangs fails the run with a message naming it, never a hang; the router shares
-requests by least outstanding tokens."""
+"""Scale-out on the CPU: gloo processes started by `asyncbatch run`, as data-parallel replicas or tensor-parallel
+shards, give exactly the tokens of one process; a rank that dies or hangs fails the run with a message naming it,
+never a hang; the router shares requests by least outstanding tokens."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncbatch.core.config import ExperimentConfig
-from asyncbatch.core.errors import ConfigError
+from asyncbatch.core.errors import ConfigError, UnsupportedError
 from asyncbatch.parallel.launch import launch
 from asyncbatch.parallel.router import assign
 from asyncbatch.plugins.experiment import run_experiment
@@ -67,11 +67,35 @@ def test_replicas_give_exactly_the_tokens_of_one_process(tmp_path, single, nproc
     assert 24 == sum(r["num_requests"] for r in ranks)
 
 
-def test_a_killed_rank_fails_the_run_and_is_named(tmp_path):
+@pytest.mark.parametrize("preset,tensor,extra", [
+    ("tiny", 2, []), ("tiny-qwen2", 2, []), ("tiny-qwen3", 2, []), ("tiny-mistral", 2, []),
+    ("tiny", 4, ["--set", "engine.model.overrides={num_key_value_heads: 4}"]),
+])
+def test_tensor_parallel_ranks_give_exactly_the_tokens_of_one_process(tmp_path, preset, tensor, extra):
+    """Heads and MLP features split over gloo processes (float32): qkv biases (qwen2), per-head norms (qwen3) and
+    a sliding window (mistral) included."""
+    args = [*SMALL, "--set", f"engine.model.preset={preset}", *extra]
+    assert 0 == _cli("--out", str(tmp_path / "one"), *args).returncode
+
+    done = _cli("--out", str(tmp_path / "tp"), "--set", f"engine.parallel.tensor={tensor}", *args)
+
+    assert 0 == done.returncode, done.stderr
+    assert _tokens(tmp_path / "one") == _tokens(tmp_path / "tp")
+
+
+def test_tensor_parallelism_refuses_what_it_cannot_split(tmp_path):
+    done = _cli("--out", str(tmp_path / "tp"), "--set", "engine.parallel.tensor=4", *SMALL)  # 2 KV heads
+
+    assert 1 == done.returncode
+    assert "engine.parallel.tensor=4 does not divide the model's KV heads (2)" in done.stderr
+
+
+@pytest.mark.parametrize("split", [["--nproc", "2"], ["--set", "engine.parallel.tensor=2"]], ids=["data", "tensor"])
+def test_a_killed_rank_fails_the_run_and_is_named(tmp_path, split):
     out = tmp_path / "run"
     long = ["--set", "workload.num_requests=400", "--set", "workload.output_len={dist: fixed, value: 200}"]
     proc = subprocess.Popen([sys.executable, "-m", "asyncbatch", "run", str(ROOT / "configs/default.yaml"),
-                             "--no-progress", "--out", str(out), "--nproc", "2", *long],
+                             "--no-progress", "--out", str(out), *split, *long],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = out / "ranks" / "pids.json"
     deadline = time.monotonic() + 60
@@ -131,11 +155,21 @@ def test_the_launcher_returns_0_when_every_rank_succeeds(tmp_path):
     assert (0, "") == (rc, err)
 
 
+def test_nproc_must_hold_whole_tensor_parallel_replicas(tmp_path):
+    done = _cli("--out", str(tmp_path / "x"), "--nproc", "3", "--set", "engine.parallel.tensor=2")
+
+    assert 2 == done.returncode
+    assert "--nproc: 3 processes cannot hold replicas of engine.parallel.tensor=2 ranks" in done.stderr
+
+
 def test_parallel_settings_are_checked():
     with pytest.raises(ConfigError, match="engine.parallel.data"):
         ExperimentConfig.from_dict({"engine": {"parallel": {"data": 0}}})
     with pytest.raises(ConfigError, match="sweep.engine.parallel.data"):
         ExperimentConfig.from_dict({"sweep": {"engine.parallel.data": [1, 2]}}).sweep_cells()
     outside = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2}}})
-    with pytest.raises(ConfigError, match="asyncbatch run --nproc 2"):
+    with pytest.raises(ConfigError, match="2 ranks configured .* not part of a launched world"):
         run_experiment(outside, echo=lambda _: None)
+    both = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2, "tensor": 2}}})
+    with pytest.raises(UnsupportedError, match="data and tensor parallelism together"):
+        run_experiment(both, echo=lambda _: None)

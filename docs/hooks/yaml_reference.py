@@ -175,7 +175,8 @@ def top_level() -> str:
             parts.append("| " + " | ".join(_row(f, tp, f.name, _default(f, attrs.NOTHING))) + " |")
     parts.append("")
     for name, cls in (("engine.model", c.ModelConfig), ("engine.cache", c.CacheConfig),
-                      ("engine.batch", c.BatchConfig), ("engine.startup", c.StartupConfig), ("sampling", SamplingParams),
+                      ("engine.batch", c.BatchConfig), ("engine.startup", c.StartupConfig),
+                      ("engine.parallel", c.ParallelConfig), ("sampling", SamplingParams),
                       ("output", c.OutputConfig)):
         anchor = name.replace(".", "-")
         parts += [f"### `{name}` {{#{anchor}}}\n", _doc(cls) + "\n", table(field_rows(cls))]

@@ -54,14 +54,21 @@ def default_config_path() -> Path:
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .core.config import ExperimentConfig
+    from .core.errors import ConfigError
     from .plugins.experiment import run_experiment
     from .plugins.sweeps import report_text
 
     path = Path(args.config) if args.config else default_config_path()
-    overrides = [*(args.set or []), *([f"engine.parallel.data={args.nproc}"] if args.nproc else [])]
     # Everything is validated here, sweep cells included, before a model is built or a directory created.
-    cfg = ExperimentConfig.from_yaml(path, overrides=overrides)
-    if cfg.engine.parallel.data > 1 and "WORLD_SIZE" not in os.environ:
+    cfg = ExperimentConfig.from_yaml(path, overrides=args.set or [])
+    if args.nproc:  # processes in all: data-parallel replicas of engine.parallel.tensor ranks each
+        tensor = cfg.engine.parallel.tensor
+        if args.nproc % tensor:
+            raise ConfigError("--nproc", f"{args.nproc} processes cannot hold replicas of engine.parallel.tensor="
+                                         f"{tensor} ranks")
+        cfg = ExperimentConfig.from_yaml(path, overrides=[*(args.set or []),
+                                                          f"engine.parallel.data={args.nproc // tensor}"])
+    if cfg.engine.parallel.data * cfg.engine.parallel.tensor > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_ranks(cfg, args, argv)
     progress = not args.no_progress and sys.stderr.isatty()
     result = run_experiment(cfg, args.out, force=args.force, argv=[PROG, *argv], trace=args.trace, progress=progress)
@@ -75,9 +82,10 @@ def _launch_ranks(cfg: Any, args: argparse.Namespace, argv: Sequence[str]) -> in
     from .plugins.experiment import resolve_out_dir
 
     out = resolve_out_dir(cfg, args.out, force=args.force)
-    n = cfg.engine.parallel.data
-    print(f"{PROG}: starting {n} ranks (engine.parallel.data={n}); logs of ranks 1-{n - 1} in {out}/ranks",
-          file=sys.stderr)
+    p = cfg.engine.parallel
+    n = p.data * p.tensor
+    print(f"{PROG}: starting {n} ranks (engine.parallel: data {p.data}, tensor {p.tensor}); logs of ranks "
+          f"1-{n - 1} in {out}/ranks", file=sys.stderr)
     # --force: this process checked the directory; the rank logs are already in it
     return launch([sys.executable, "-m", "asyncbatch", *argv, "--out", str(out), "--force"], n, log_dir=out / "ranks")
 
@@ -208,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     run.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of host phases and streams")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--nproc", type=int, metavar="N", help="data-parallel replicas, one process each "
-                                                            "(sets engine.parallel.data)")
+    run.add_argument("--nproc", type=int, metavar="N", help="processes in all, one per device: data-parallel "
+                                                            "replicas of engine.parallel.tensor ranks each")
     run.set_defaults(func=_cmd_run)
 
     lst = sub.add_parser("list", help="list registered components and their config fields")

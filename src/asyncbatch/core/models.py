@@ -200,14 +200,16 @@ def prepare_model(model: Any) -> Any:
 
 
 def model_geometry(model: Any) -> dict[str, int]:
-    """Layers, KV heads, head size, vocabulary and context length of a transformers causal LM."""
+    """Layers, KV heads (this rank's, in a tensor-parallel model), head size, vocabulary and context length of a
+    transformers causal LM."""
     c = model.config
     c = getattr(c, "text_config", None) or c
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    shards = getattr(model, "_asyncbatch_tensor_parallel", 1)  # set by asyncbatch.parallel.tensor.shard
     return {
         "layers": c.num_hidden_layers,
-        "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "kv_heads": (getattr(c, "num_key_value_heads", None) or heads) // shards,
         "head_dim": head_dim,
         "vocab": model.get_output_embeddings().weight.shape[0],
         "max_positions": getattr(c, "max_position_embeddings", 1 << 20),

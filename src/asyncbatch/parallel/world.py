@@ -1,9 +1,9 @@
 """The process group of a data-parallel run: who this process is, and the few collectives it needs.
 
-Ranks find each other through the environment `torchrun` (and `asyncbatch run` with `engine.parallel.data > 1`)
-sets: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Replicas exchange only Python objects (outputs and
-summaries), so the group is gloo on every device; each collective fails after `timeout_s` instead of hanging
-when another rank has died or stopped.
+Ranks find each other through the environment `torchrun` (and `asyncbatch run` with several ranks) sets: RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Replicas exchange only Python objects (outputs, summaries),
+over gloo on every device; tensor-parallel layers reduce activations in their own group. Each collective fails
+after `timeout_s` instead of hanging when another rank has died or stopped.
 """
 
 from __future__ import annotations
@@ -14,14 +14,20 @@ from typing import Any
 
 import attrs
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, UnsupportedError
 
 
 @attrs.frozen
 class World:
+    """This process's place: `rank` of `size`; `data` replicas of `tensor` ranks each (one of them is 1 for now).
+    `tp_group` is the process group tensor-parallel layers reduce over (None without tensor parallelism)."""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    data: int = 1
+    tensor: int = 1
+    tp_group: Any = None
 
     @property
     def is_root(self) -> bool:
@@ -43,6 +49,17 @@ class World:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def min(self, value: int) -> int:
+        """The smallest `value` over all ranks (every rank gets it)."""
+        if self.size == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def close(self) -> None:
         if self.size > 1:
             import torch.distributed as dist
@@ -58,25 +75,36 @@ def env_world() -> World:
     return World(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", str(rank))))
 
 
-def join(replicas: int, timeout_s: float, device: str) -> World:
-    """Join the launched world for a run with `replicas` data-parallel replicas (`engine.parallel.data`).
+def join(data: int, tensor: int, timeout_s: float, device: str) -> World:
+    """Join the launched world of a run with `data` replicas of `tensor` ranks each (`engine.parallel`).
 
-    Outside a launched world, with one replica, this is a world of one. Inside one, its size must be the
-    configured replica count. On CUDA each rank takes the device of its local rank."""
-    world = env_world()
-    if world.size != replicas:
-        where = "this process is not part of a launched world" if world.size == 1 else \
-            f"the launched world has {world.size} ranks"
-        raise ConfigError("engine.parallel.data", f"{replicas} replicas configured but {where} (start it with "
-                                                  f"`asyncbatch run --nproc {replicas}` or torchrun)")
-    if world.size == 1:
-        return world
+    Outside a launched world, with one rank, this is a world of one. Inside one, its size must be
+    `data * tensor`. On CUDA each rank takes the device of its local rank. Objects (outputs, summaries) travel
+    over gloo; tensor-parallel layers reduce over NCCL on CUDA and gloo on the CPU."""
+    if data > 1 and tensor > 1:
+        raise UnsupportedError("engine.parallel: data and tensor parallelism together are not supported yet (set "
+                               "one of them to 1)")
+    found = env_world()
+    want = data * tensor
+    if found.size != want:
+        where = "this process is not part of a launched world" if found.size == 1 else \
+            f"the launched world has {found.size} ranks"
+        key = "engine.parallel.data" if tensor == 1 else "engine.parallel.tensor"
+        raise ConfigError(key, f"{want} ranks configured (data {data} x tensor {tensor}) but {where} (start it "
+                               f"with `asyncbatch run` or torchrun with {want} processes)")
+    if want == 1:
+        return found
     import torch
     import torch.distributed as dist
 
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(found.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size,
+        dist.init_process_group("gloo", rank=found.rank, world_size=found.size,
                                 timeout=timedelta(seconds=timeout_s))
-    return world
+    group = None
+    if tensor > 1:
+        group = dist.new_group(list(range(found.size)), backend="nccl" if cuda else "gloo",
+                               timeout=timedelta(seconds=timeout_s))
+    return attrs.evolve(found, data=data, tensor=tensor, tp_group=group)

@@ -24,6 +24,7 @@ from ..core.config import ExperimentConfig, ModelConfig
 from ..core.plugin_host import PluginHost, get_plugin_host
 from ..core.races import RaceError, RaceReport
 from ..core.stats import RunContext, RunSummary
+from ..parallel import tensor as tensor_parallel
 from ..parallel.replicas import run_replicated
 from ..parallel.world import World, join
 from .environment import environment
@@ -175,6 +176,8 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     model_s = time.perf_counter() - start  # zero when an earlier sweep cell built the same model
     show = progress and cfg.output.progress and cfg.engine.startup.progress
     engine_cfg = attrs.evolve(cfg.engine, startup=attrs.evolve(cfg.engine.startup, progress=show))
+    if world.tensor > 1:
+        engine_cfg = tensor_parallel.prepare(model, engine_cfg, world)
     engine = Engine.from_model(model, engine_cfg, tokenizer=tokenizer, host=cache.host)
     # Start-up of this run: building the model, the engine, and every compile and capture before the clock; the
     # summary (and so every hook) reports it.
@@ -182,6 +185,8 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     factory = cache.host.registry("workload").get(cfg.workload.name, "workload").factory
     workload = factory(cfg.workload.config, vocab_size=engine.geometry["vocab"], seed=cfg.seed)
     requests = workload.requests(cfg.sampling, tokenizer=engine.tokenizer)
+    if world.tensor > 1:
+        tensor_parallel.check_requests(requests)
     engine.runtime.record_spans = trace_path is not None
     label = cell_label(assignment)
     bar = _progress_bar(progress and cfg.output.progress, sum(r.params.max_new_tokens for r in requests), label)
@@ -190,7 +195,7 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     on_token = (lambda ev: ev.token_id >= 0 and bar.update(1)) if bar is not None else None
     ranks: list = []
     try:
-        if world.size > 1:
+        if world.data > 1:
             result, ranks = run_replicated(engine, requests, world, context=context, on_token=on_token)
         else:
             result = engine.run(requests, context=context, on_token=on_token)
@@ -227,7 +232,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
     cells = cfg.sweep_cells(host=host)
     runs = [(i, r) for i in range(len(cells)) for r in range(cfg.repeat)]
     parallel = cfg.engine.parallel
-    world = join(parallel.data, parallel.timeout_s, cfg.engine.model.device)
+    world = join(parallel.data, parallel.tensor, parallel.timeout_s, cfg.engine.model.device)
     try:
         if not world.is_root:  # every rank runs every cell; rank 0 alone writes, prints and shows progress
             with tempfile.TemporaryDirectory(prefix=f"asyncbatch-rank{world.rank}-") as scratch:

@@ -1,0 +1,140 @@
+"""Tensor parallelism: one model's decoder layers sharded over the ranks of a group, Megatron style.
+
+In each decoder layer the attention heads and the MLP's intermediate features are split across the group:
+q/k/v and gate/up keep the output rows of this rank's heads or features (column-parallel, no communication);
+o_proj and down_proj keep the matching input columns and sum their partial outputs over the group
+(row-parallel, one all-reduce each). Embeddings, norms and `lm_head` stay whole, so after each all-reduce every
+rank holds the same hidden states, computes the same logits and samples the same tokens. Every rank then runs
+the same scheduler on the same requests and makes the same decisions: no rank has to send the batch to another.
+The KV cache is sharded by KV heads for free, since each rank's attention sees its own heads only.
+
+The sharding is done in place on a model with the transformers layout (`model.<base>.layers[i].self_attn.
+{q,k,v,o}_proj`, `.mlp.{gate,up,down}_proj`); a model without it is refused with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.errors import UnsupportedError
+
+MARK = "_asyncbatch_tensor_parallel"  # set on a sharded model: the group size (model_geometry reads it)
+
+
+def _row_parallel_class() -> type:
+    import torch
+
+    class RowParallelLinear(torch.nn.Module):
+        """A Linear holding some input columns; its output is summed over the group (all-reduce)."""
+
+        def __init__(self, inner: Any, group: Any) -> None:
+            super().__init__()
+            self.inner = inner
+            object.__setattr__(self, "group", group)  # a process group is not a module attribute to trace
+
+        def forward(self, x: Any) -> Any:
+            y = self.inner(x)
+            if torch.compiler.is_compiling():
+                import torch.distributed._functional_collectives as funcol
+
+                return funcol.all_reduce(y, "sum", self.group)
+            import torch.distributed as dist
+
+            dist.all_reduce(y, group=self.group)
+            return y
+
+    return RowParallelLinear
+
+
+def _check(name: str, total: int, size: int) -> None:
+    if total % size:
+        raise UnsupportedError(f"engine.parallel.tensor={size} does not divide the model's {name} ({total})")
+
+
+def _keep_rows(linear: Any, parts: int, rank: int) -> None:
+    import torch
+
+    rows = linear.weight.shape[0] // parts
+    sl = slice(rank * rows, (rank + 1) * rows)
+    linear.weight = torch.nn.Parameter(linear.weight.data[sl].clone(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = torch.nn.Parameter(linear.bias.data[sl].clone(), requires_grad=False)
+    linear.out_features = rows
+
+
+def _keep_columns(linear: Any, parts: int, rank: int) -> None:
+    import torch
+
+    cols = linear.weight.shape[1] // parts
+    linear.weight = torch.nn.Parameter(linear.weight.data[:, rank * cols:(rank + 1) * cols].clone(),
+                                       requires_grad=False)
+    if linear.bias is not None and rank != 0:  # the sum over the group adds the bias once
+        linear.bias = torch.nn.Parameter(torch.zeros_like(linear.bias), requires_grad=False)
+    linear.in_features = cols
+
+
+def shard(model: Any, group: Any, rank: int, size: int) -> bool:
+    """Shard `model` in place for rank `rank` of a tensor-parallel `group` of `size`; False if it already is."""
+    import torch
+
+    from ..core.compile import decoder_layers
+
+    if getattr(model, MARK, 1) == size:
+        return False
+    if getattr(model, MARK, 1) != 1:
+        raise UnsupportedError(f"this model is already sharded {getattr(model, MARK)} ways")
+    c = getattr(model.config, "text_config", None) or model.config
+    heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    _check("attention heads", heads, size)
+    _check("KV heads", kv_heads, size)
+    row_parallel = _row_parallel_class()
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = [(attn, ("q_proj", "k_proj", "v_proj"), "o_proj"), (mlp, ("gate_proj", "up_proj"), "down_proj")]
+        for parent, columns, row in names:
+            mods = [getattr(parent, n, None) for n in (*columns, row)]
+            if parent is None or not all(type(m) is torch.nn.Linear for m in mods):
+                raise UnsupportedError(f"decoder layer {i} of {type(model).__name__} lacks the transformers "
+                                       f"layout tensor parallelism shards ({', '.join((*columns, row))} as Linear)")
+            if parent is mlp:
+                _check("MLP intermediate size", mods[0].out_features, size)
+            for m in mods[:-1]:
+                _keep_rows(m, size, rank)
+            _keep_columns(mods[-1], size, rank)
+            setattr(parent, row, row_parallel(mods[-1], group))
+    setattr(model, MARK, size)
+    return True
+
+
+def prepare(model: Any, engine_cfg: Any, world: Any) -> Any:
+    """Shard the (possibly cached) model for this rank; returns the engine config with the agreed KV cache."""
+    shard(model, world.tp_group, world.rank, world.tensor)
+    return agreed_engine_config(engine_cfg, model, world)
+
+
+def check_requests(requests: Any) -> None:
+    """Every rank schedules on its own, so nothing may depend on its clock: a request that arrives later would
+    be admitted at a slightly different step on each rank, and their batches would differ."""
+    if any(r.arrival_time > 0 for r in requests):
+        raise UnsupportedError("engine.parallel.tensor needs offline arrivals (workload.arrival.process: offline) "
+                               "for now")
+
+
+def agreed_engine_config(engine_cfg: Any, model: Any, world: Any) -> Any:
+    """`engine_cfg` with a KV block count every rank of the group can hold. Sized from free device memory, the
+    count could differ by a few blocks between ranks, and with it the scheduler's decisions: the ranks would no
+    longer run the same batches. So each rank sizes its cache as the engine would, and all take the smallest."""
+    import attrs
+
+    from ..core.kv_sizing import kv_cache_blocks
+    from ..core.models import model_geometry
+
+    cache = engine_cfg.cache
+    param = next(model.parameters())
+    if cache.num_blocks is not None or param.device.type != "cuda":  # the count is fixed already
+        return engine_cfg
+    import torch
+
+    free = torch.cuda.mem_get_info(param.device)[0]
+    blocks = kv_cache_blocks(cache, param.device, param.dtype, model_geometry(model), free)
+    return attrs.evolve(engine_cfg, cache=attrs.evolve(cache, num_blocks=world.min(blocks)))
