@@ -11,11 +11,11 @@ from typing import Any
 
 import attrs
 
-from . import model_state
+from . import assembly, model_state
 from .attention_api import AttentionContext, deactivate
 from .book import RequestBook
 from .config import EngineConfig
-from .errors import ConfigError, UnsupportedError
+from .errors import ConfigError
 from .intake import Intake
 from .kv_sizing import kv_cache_blocks
 from .layout import HostBatchWriter, SlotLayout
@@ -61,19 +61,19 @@ class Engine:
         self.eos_ids = eos_token_ids(model, geo["vocab"])
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
-        self.runtime = runtime or self._build_runtime(device)
+        self.runtime = runtime or assembly.build_runtime(self.host, config.runtime, device)
         if self.runtime.device.type != device.type:
             raise ConfigError("engine.runtime", f"runtime {self.runtime.name!r} runs on {self.runtime.device} but "
                                                 f"the model is on {device}")
-        self.scheduler = self._build("scheduler", config.scheduler)
-        buffers = self._build("buffer_policy", config.buffers)
-        topology = self._build("stream_topology", config.streams)
+        self.scheduler = assembly.build(self.host, "scheduler", config.scheduler)
+        buffers = assembly.build(self.host, "buffer_policy", config.buffers)
+        topology = assembly.build(self.host, "stream_topology", config.streams)
         graph_spec = config.graphs
         if self.runtime.graph_support == "none" and graph_spec.name != "eager":
             log.info("runtime %r has no graphs: graph policy %r falls back to 'eager'", self.runtime.name,
                      graph_spec.name)
             graph_spec = attrs.evolve(graph_spec, name="eager", config=None)
-        graphs = self._build("graph_policy", graph_spec)
+        graphs = assembly.build(self.host, "graph_policy", graph_spec)
         if not self.runtime.is_asynchronous and (buffers.num_slots > 1 or len(topology.streams) > 1):
             log.info("runtime %r runs every op at once in program order: buffers %r and streams %r give the same "
                      "tokens but no overlap here", self.runtime.name, config.buffers.name, config.streams.name)
@@ -82,7 +82,9 @@ class Engine:
             from .invariant import check_supported
 
             check_supported(device)
-        self.backend = self._build_attention(device, dtype, geo["head_dim"])
+        self.backend, self.attention_name = assembly.choose_attention(
+            self.host, config.attention, device, dtype, geo["head_dim"], config.cache.block_size,
+            invariant=self.batch_invariant)
         # `auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more host
         # time per layer than fusion saves on the device. Batch-invariant engines always compile, so that every
         # graph policy runs the same program (inductor's fused elementwise code rounds unlike eager's).
@@ -157,47 +159,6 @@ class Engine:
                    debug: PipelineDebug = PipelineDebug()) -> Engine:
         """Wrap an already-loaded transformers causal LM (`config.model` is ignored)."""
         return cls(model, config or EngineConfig(), tokenizer=tokenizer, host=host, runtime=runtime, debug=debug)
-
-    def _build(self, family: str, spec: Any) -> Any:
-        component = self.host.registry(family).get(spec.name, family)
-        config = spec.config if spec.config is not None else component.make_config({}, family)
-        return component.factory(config)
-
-    def _build_runtime(self, device: Any) -> Runtime:
-        spec = self.config.runtime
-        if spec.name == "auto":
-            name = "cuda" if device.type == "cuda" else "cpu"
-            component = self.host.registry("runtime").get(name)
-            return component.factory(component.make_config({}, "engine.runtime"), device=str(device))
-        component = self.host.registry("runtime").get(spec.name, "engine.runtime")
-        return component.factory(spec.config, device=str(device))
-
-    def _build_attention(self, device: Any, dtype: Any, head_dim: int) -> Any:
-        spec = self.config.attention
-        registry = self.host.registry("attention_backend")
-        if spec.name != "auto":
-            backend = self._build("attention_backend", spec)
-            if self.batch_invariant:
-                backend.make_batch_invariant()
-            backend.check(device, dtype, head_dim, self.config.cache.block_size)
-            self.attention_name = spec.name
-            return backend
-        ranked = sorted((c for c in registry if getattr(c.factory, "auto_priority", None) is not None),
-                        key=lambda c: -c.factory.auto_priority)
-        reasons = []
-        for component in ranked:
-            backend = component.factory(component.make_config({}, "engine.attention"))
-            try:
-                if self.batch_invariant:
-                    backend.make_batch_invariant()
-                backend.check(device, dtype, head_dim, self.config.cache.block_size)
-            except UnsupportedError as exc:
-                reasons.append(f"{component.name}: {exc}")
-                continue
-            self.attention_name = component.name
-            log.info("attention auto -> %s%s", component.name, f" (skipped: {'; '.join(reasons)})" if reasons else "")
-            return backend
-        raise UnsupportedError("no attention backend can run here: " + "; ".join(reasons))
 
     # ------------------------------------------------------------------ requests
     def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -1,0 +1,55 @@
+"""Building the engine's components from the registries: a family's component from its spec, the runtime for a
+device, and the attention backend (`auto`: the highest-ranked one that can run here). The engine decides what to
+build and composes the parts; this module only looks them up and constructs them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .errors import UnsupportedError
+
+log = logging.getLogger("asyncbatch")
+
+
+def build(host: Any, family: str, spec: Any) -> Any:
+    """The component `spec` names in `family`, with its own config (the registered default where none is given)."""
+    component = host.registry(family).get(spec.name, family)
+    config = spec.config if spec.config is not None else component.make_config({}, family)
+    return component.factory(config)
+
+
+def build_runtime(host: Any, spec: Any, device: Any) -> Any:
+    """The runtime `spec` names (`auto`: `cuda` on a CUDA device, else `cpu`) for `device`."""
+    if spec.name == "auto":
+        component = host.registry("runtime").get("cuda" if device.type == "cuda" else "cpu")
+        return component.factory(component.make_config({}, "engine.runtime"), device=str(device))
+    component = host.registry("runtime").get(spec.name, "engine.runtime")
+    return component.factory(spec.config, device=str(device))
+
+
+def choose_attention(host: Any, spec: Any, device: Any, dtype: Any, head_dim: int, block_size: int, *,
+                     invariant: bool) -> tuple[Any, str]:
+    """(backend, name). A named backend must run here; `auto` takes the highest `auto_priority` that does, and
+    says why it skipped the others. `invariant`: the backend must also have a batch-invariant mode."""
+
+    def ready(backend: Any) -> Any:
+        if invariant:
+            backend.make_batch_invariant()
+        backend.check(device, dtype, head_dim, block_size)
+        return backend
+
+    if spec.name != "auto":
+        return ready(build(host, "attention_backend", spec)), spec.name
+    ranked = sorted((c for c in host.registry("attention_backend") if getattr(c.factory, "auto_priority", None)
+                     is not None), key=lambda c: -c.factory.auto_priority)
+    reasons = []
+    for component in ranked:
+        try:
+            backend = ready(component.factory(component.make_config({}, "engine.attention")))
+        except UnsupportedError as exc:
+            reasons.append(f"{component.name}: {exc}")
+            continue
+        log.info("attention auto -> %s%s", component.name, f" (skipped: {'; '.join(reasons)})" if reasons else "")
+        return backend, component.name
+    raise UnsupportedError("no attention backend can run here: " + "; ".join(reasons))
