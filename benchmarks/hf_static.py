@@ -61,7 +61,7 @@ def versions() -> dict:
 
 
 def run_hf_static(model, prompts: list[list[int]], new_tokens: int, *, compile_mode: str = "auto") -> dict:
-    """Time `model.generate` with a static cache, compiled (`compile_mode`: "forward" = the documented recipe, the
+    """Time `model.generate` with a static cache, compiled (`compile_mode`: "forward" = the older recipe, the
     forward compiled by hand with transformers' own auto-compile off so nothing is compiled twice; "auto" =
     transformers' automatic compile of decode steps; "none" = no compile, for checks on a CPU). Any failure
     (compile errors included) comes back as {"error": "<type>: <msg>"}. The model is handed back with its own
@@ -198,8 +198,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--compile", default="auto", choices=COMPILE_MODES,
-                    help="forward: torch.compile(model.forward) by hand (the documented recipe); auto: transformers' "
-                         "own compile of decode steps; none: eager (CPU checks)")
+                    help="auto: transformers' own compile of decode steps (works on transformers 5.17); forward: "
+                         "torch.compile(model.forward) by hand, the older recipe; none: eager (CPU checks)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()

@@ -235,8 +235,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
     world = join(parallel.data, parallel.tensor, parallel.timeout_s, cfg.engine.model.device)
     try:
         if not world.is_root:  # every rank runs every cell; rank 0 alone writes, prints and shows progress
+            # Nothing of this rank's output is kept: no plots, no trace (recording spans costs host time).
+            quiet = attrs.evolve(cfg, output=attrs.evolve(cfg.output, plots=False, trace=False))
             with tempfile.TemporaryDirectory(prefix=f"asyncbatch-rank{world.rank}-") as scratch:
-                return _run_all(cfg, cells, runs, Path(scratch) / "out", force=True, argv=argv, trace=None,
+                return _run_all(quiet, cells, runs, Path(scratch) / "out", force=True, argv=argv, trace=None,
                                 progress=False, echo=lambda _: None, host=host, world=world)
         return _run_all(cfg, cells, runs, out_dir, force=force, argv=argv, trace=trace, progress=progress,
                         echo=echo, host=host, world=world)
