@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncbatch.core.config import ExperimentConfig
-from asyncbatch.core.errors import ConfigError, UnsupportedError
+from asyncbatch.core.errors import ConfigError
 from asyncbatch.parallel.launch import launch
 from asyncbatch.parallel.router import assign
 from asyncbatch.plugins.experiment import run_experiment
@@ -81,6 +81,22 @@ def test_tensor_parallel_ranks_give_exactly_the_tokens_of_one_process(tmp_path, 
 
     assert 0 == done.returncode, done.stderr
     assert _tokens(tmp_path / "one") == _tokens(tmp_path / "tp")
+    ranks = json.loads((tmp_path / "tp" / "results.json").read_text())["ranks"]
+    assert [(r, 0, 24) for r in range(tensor)] == [(r["rank"], r["replica"], r["num_requests"]) for r in ranks]
+
+
+def test_replicas_of_tensor_parallel_groups_give_exactly_the_tokens_of_one_process(tmp_path, single):
+    """Data parallelism over tensor-parallel groups: 4 processes, 2 replicas of 2 shards each."""
+    out = tmp_path / "run"
+    done = _cli("--out", str(out), "--nproc", "4", "--set", "engine.parallel.tensor=2", *SMALL,
+                "--set", "sampling.temperature=0.7")
+
+    assert 0 == done.returncode, done.stderr
+    assert single == _tokens(out)
+    ranks = json.loads((out / "results.json").read_text())["ranks"]
+    assert [0, 0, 1, 1] == [r["replica"] for r in ranks]
+    assert ranks[0]["num_requests"] + ranks[2]["num_requests"] == 24
+    assert ranks[0]["num_requests"] == ranks[1]["num_requests"]
 
 
 def test_tensor_parallelism_refuses_what_it_cannot_split(tmp_path):
@@ -170,6 +186,3 @@ def test_parallel_settings_are_checked():
     outside = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2}}})
     with pytest.raises(ConfigError, match="2 ranks configured .* not part of a launched world"):
         run_experiment(outside, echo=lambda _: None)
-    both = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2, "tensor": 2}}})
-    with pytest.raises(UnsupportedError, match="data and tensor parallelism together"):
-        run_experiment(both, echo=lambda _: None)

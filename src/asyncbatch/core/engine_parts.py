@@ -165,8 +165,8 @@ class StartupConfig:
 class ParallelConfig:
     """Scale-out over several processes. `data`: engine replicas, one process (and device) each; requests are
     shared out by least outstanding tokens and the results merged in input order. `tensor`: one model sharded
-    over that many processes (attention heads and MLP features split, the KV cache by KV heads). One of the two
-    must be 1 for now. `asyncbatch run` starts the `data * tensor` processes itself (or runs under `torchrun`
+    over that many processes (attention heads and MLP features split, the KV cache by KV heads); with both above 1,
+    each replica is a tensor-parallel group of consecutive ranks. `asyncbatch run` starts the `data * tensor` processes itself (or runs under `torchrun`
     with as many ranks). `timeout_s`: how long any collective between the processes may wait before the run
     fails (a dead or stopped rank never hangs it)."""
 

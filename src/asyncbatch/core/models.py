@@ -6,6 +6,7 @@ transformers is imported here lazily, never at `import asyncbatch`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,18 @@ def preset_config(cfg: ModelConfig, host: Any) -> Any:
     return hf_config
 
 
-def build_model(cfg: ModelConfig, host: Any) -> tuple[Any, Any]:
+def build_model(cfg: ModelConfig, host: Any, *, on_layer: Callable[[int, Any], None] | None = None
+                ) -> tuple[Any, Any]:
     """(model, tokenizer or None), on the configured device and dtype. The engine switches it to asyncbatch
     attention (`prepare_model`) when it wraps it.
+
+    A preset's random weights are built a decoder layer at a time (`random_init`); `on_layer(i, layer)` runs on
+    each layer as soon as it exists (a tensor-parallel rank shards it there). A checkpoint is loaded whole, and
+    `on_layer` runs on its layers after loading.
 
     A `path` that is not a loadable checkpoint fails with a one-line `ConfigError` on `engine.model.path` that
     says what is missing; the cheap checks (directory, config.json, architecture, weight files) run before any
     weights are read."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
@@ -62,16 +67,22 @@ def build_model(cfg: ModelConfig, host: Any) -> tuple[Any, Any]:
     tokenizer = None
     preset = cfg.source_preset
     if preset is not None:
+        from .random_init import random_model
+
         hf_config = preset_config(cfg, host)
-        torch.manual_seed(cfg.seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = random_model(hf_config, dtype=dtype, device=device, seed=cfg.seed, on_layer=on_layer)
         log.info("built %s with random weights (seed %d), %s parameters, %s on %s", preset, cfg.seed,
                  count_text(sum(p.numel() for p in model.parameters())), dtype, device)
     else:
         path = Path(cfg.path).expanduser()
         hf_config = checkpoint_config(path)
-        model = _load_weights(AutoModelForCausalLM, path, hf_config, dtype).to(device)
+        model = _load_weights(AutoModelForCausalLM, path, hf_config, dtype)
+        if on_layer is not None:
+            from .compile import decoder_layers
+
+            for i, layer in enumerate(decoder_layers(model)):
+                on_layer(i, layer)
+        model = model.to(device)
         log.info("loaded %s (%s) from %s, %s parameters, %s on %s", type(model).__name__, hf_config.model_type,
                  path, count_text(sum(p.numel() for p in model.parameters())), dtype, device)
         if cfg.tokenizer is None and (path / "tokenizer_config.json").is_file():

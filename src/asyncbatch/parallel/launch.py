@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,14 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+class Terminated(SystemExit):
+    """The launcher got SIGTERM (exit status 143, as a shell reports it)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated(128 + signum)
+
+
 def launch(command: Sequence[str], nproc: int, *, log_dir: Path | None = None) -> int:
     """Run `command` as ranks 0..nproc-1 of one world; 0 when every rank succeeds, else 1 (after stopping the
     others and printing which rank failed and how)."""
@@ -59,12 +68,17 @@ def launch(command: Sequence[str], nproc: int, *, log_dir: Path | None = None) -
         procs.append(subprocess.Popen(list(command), env=env, stdout=f, stderr=subprocess.STDOUT))
     # Which process is which rank, for whoever needs to look at (or signal) one of them.
     (logs / "pids.json").write_text(json.dumps({str(rank): p.pid for rank, p in enumerate(procs)}))
+    # A launcher stopped by a signal stops its ranks first: an orphaned rank would hold its GPU and its peers.
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         failed = _watch(procs)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         _stop(procs)
         raise
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
         for f in files:
             f.close()
     if failed is None:

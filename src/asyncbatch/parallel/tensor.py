@@ -73,42 +73,66 @@ def _keep_columns(linear: Any, parts: int, rank: int) -> None:
     linear.in_features = cols
 
 
-def shard(model: Any, group: Any, rank: int, size: int) -> bool:
-    """Shard `model` in place for rank `rank` of a tensor-parallel `group` of `size`; False if it already is."""
+def _check_heads(config: Any, size: int) -> None:
+    c = getattr(config, "text_config", None) or config
+    heads = c.num_attention_heads
+    _check("attention heads", heads, size)
+    _check("KV heads", getattr(c, "num_key_value_heads", None) or heads, size)
+
+
+def shard_layer(layer: Any, i: int, group: Any, rank: int, size: int, model_name: str = "the model") -> None:
+    """Shard decoder layer `i` in place: this rank keeps its heads and MLP features."""
     import torch
 
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    row_parallel = _row_parallel_class()
+    for parent, columns, row in ((attn, ("q_proj", "k_proj", "v_proj"), "o_proj"),
+                                 (mlp, ("gate_proj", "up_proj"), "down_proj")):
+        mods = [getattr(parent, n, None) for n in (*columns, row)]
+        if parent is None or not all(type(m) is torch.nn.Linear for m in mods):
+            raise UnsupportedError(f"decoder layer {i} of {model_name} lacks the transformers layout tensor "
+                                   f"parallelism shards ({', '.join((*columns, row))} as Linear)")
+        if parent is attn and getattr(attn, "head_dim", None):
+            _check("attention heads", mods[0].out_features // attn.head_dim, size)
+            _check("KV heads", mods[1].out_features // attn.head_dim, size)
+        if parent is mlp:
+            _check("MLP intermediate size", mods[0].out_features, size)
+        for m in mods[:-1]:
+            _keep_rows(m, size, rank)
+        _keep_columns(mods[-1], size, rank)
+        setattr(parent, row, row_parallel(mods[-1], group))
+
+
+def layer_sharder(world: Any) -> Any:
+    """`on_layer` for `build_model`: shards each layer of this rank as it is built (None without tensor
+    parallelism). The caller marks the built model with `mark_sharded`."""
+    if world.tensor == 1:
+        return None
+    return lambda i, layer: shard_layer(layer, i, world.tp_group, world.tp_rank, world.tensor)
+
+
+def mark_sharded(model: Any, size: int) -> None:
+    setattr(model, MARK, size)
+
+
+def shard(model: Any, group: Any, rank: int, size: int) -> bool:
+    """Shard `model` in place for rank `rank` of a tensor-parallel `group` of `size`; False if it already is."""
     from ..core.compile import decoder_layers
 
     if getattr(model, MARK, 1) == size:
         return False
     if getattr(model, MARK, 1) != 1:
         raise UnsupportedError(f"this model is already sharded {getattr(model, MARK)} ways")
-    c = getattr(model.config, "text_config", None) or model.config
-    heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    _check("attention heads", heads, size)
-    _check("KV heads", kv_heads, size)
-    row_parallel = _row_parallel_class()
+    _check_heads(model.config, size)
     for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        names = [(attn, ("q_proj", "k_proj", "v_proj"), "o_proj"), (mlp, ("gate_proj", "up_proj"), "down_proj")]
-        for parent, columns, row in names:
-            mods = [getattr(parent, n, None) for n in (*columns, row)]
-            if parent is None or not all(type(m) is torch.nn.Linear for m in mods):
-                raise UnsupportedError(f"decoder layer {i} of {type(model).__name__} lacks the transformers "
-                                       f"layout tensor parallelism shards ({', '.join((*columns, row))} as Linear)")
-            if parent is mlp:
-                _check("MLP intermediate size", mods[0].out_features, size)
-            for m in mods[:-1]:
-                _keep_rows(m, size, rank)
-            _keep_columns(mods[-1], size, rank)
-            setattr(parent, row, row_parallel(mods[-1], group))
-    setattr(model, MARK, size)
+        shard_layer(layer, i, group, rank, size, type(model).__name__)
+    mark_sharded(model, size)
     return True
 
 
 def prepare(model: Any, engine_cfg: Any, world: Any) -> Any:
     """Shard the (possibly cached) model for this rank; returns the engine config with the agreed KV cache."""
-    shard(model, world.tp_group, world.rank, world.tensor)
+    shard(model, world.tp_group, world.tp_rank, world.tensor)
     return agreed_engine_config(engine_cfg, model, world)
 
 

@@ -14,13 +14,24 @@ from typing import Any
 
 import attrs
 
-from ..core.errors import ConfigError, UnsupportedError
+from ..core.errors import ConfigError
+
+# Set once this process holds an NCCL group. Its communicators are baked into the CUDA graphs the engine captured,
+# and destroying them while those graphs may live hangs (observed with torch 2.11 on H100s); the process ends
+# without tearing them down instead (`asyncbatch.cli.main` exits at once; the driver releases them).
+_nccl_in_graphs = False
+
+
+def exit_skips_teardown() -> bool:
+    """True when this process must end without destroying its process groups (see `_nccl_in_graphs`)."""
+    return _nccl_in_graphs
 
 
 @attrs.frozen
 class World:
-    """This process's place: `rank` of `size`; `data` replicas of `tensor` ranks each (one of them is 1 for now).
-    `tp_group` is the process group tensor-parallel layers reduce over (None without tensor parallelism)."""
+    """This process's place: `rank` of `size`; `data` replicas of `tensor` ranks each, a replica's ranks
+    consecutive (`rank = replica * tensor + tp_rank`, so a tensor-parallel group sits on neighbouring cards).
+    `tp_group` is the process group its tensor-parallel layers reduce over (None without tensor parallelism)."""
 
     rank: int = 0
     size: int = 1
@@ -32,6 +43,14 @@ class World:
     @property
     def is_root(self) -> bool:
         return self.rank == 0
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.tensor
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -64,7 +83,7 @@ class World:
         if self.size > 1:
             import torch.distributed as dist
 
-            if dist.is_initialized():
+            if dist.is_initialized() and not _nccl_in_graphs:
                 dist.destroy_process_group()
 
 
@@ -76,14 +95,12 @@ def env_world() -> World:
 
 
 def join(data: int, tensor: int, timeout_s: float, device: str) -> World:
-    """Join the launched world of a run with `data` replicas of `tensor` ranks each (`engine.parallel`).
+    """Join the launched world of a run with `data` replicas of `tensor` ranks each (`engine.parallel`); both
+    may be above 1 (data parallelism over tensor-parallel groups).
 
     Outside a launched world, with one rank, this is a world of one. Inside one, its size must be
     `data * tensor`. On CUDA each rank takes the device of its local rank. Objects (outputs, summaries) travel
     over gloo; tensor-parallel layers reduce over NCCL on CUDA and gloo on the CPU."""
-    if data > 1 and tensor > 1:
-        raise UnsupportedError("engine.parallel: data and tensor parallelism together are not supported yet (set "
-                               "one of them to 1)")
     found = env_world()
     want = data * tensor
     if found.size != want:
@@ -105,6 +122,16 @@ def join(data: int, tensor: int, timeout_s: float, device: str) -> World:
                                 timeout=timedelta(seconds=timeout_s))
     group = None
     if tensor > 1:
-        group = dist.new_group(list(range(found.size)), backend="nccl" if cuda else "gloo",
-                               timeout=timedelta(seconds=timeout_s))
+        for replica in range(data):  # every rank creates every group, in the same order (torch.distributed's rule)
+            ranks = list(range(replica * tensor, (replica + 1) * tensor))
+            made = dist.new_group(ranks, backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+            if found.rank in ranks:
+                group = made
+        if cuda:
+            global _nccl_in_graphs
+            _nccl_in_graphs = True
+            # NCCL sets up its communicator on a group's first collective; that must not be inside a graph capture.
+            probe = torch.ones(1, device="cuda")
+            dist.all_reduce(probe, group=group)
+            torch.cuda.synchronize()
     return attrs.evolve(found, data=data, tensor=tensor, tp_group=group)

@@ -131,8 +131,9 @@ def results_dict(cell_index: int, assignment: dict, cfg: ExperimentConfig, resul
 class ModelCache:
     """Keeps the last built model, so sweep cells with an identical `engine.model` section share it."""
 
-    def __init__(self, host: PluginHost) -> None:
+    def __init__(self, host: PluginHost, world: World = World()) -> None:
         self.host = host
+        self.world = world  # a tensor-parallel rank builds its shard of the model only
         self.key: ModelConfig | None = None
         self.value: tuple[Any, Any] | None = None
 
@@ -142,7 +143,10 @@ class ModelCache:
         if self.value is None or self.key != cfg:
             self.value = None
             _free_memory()
-            self.value = models.build_model(cfg, self.host)
+            on_layer = tensor_parallel.layer_sharder(self.world)
+            self.value = models.build_model(cfg, self.host, **({"on_layer": on_layer} if on_layer else {}))
+            if on_layer is not None:
+                tensor_parallel.mark_sharded(self.value[0], self.world.tensor)
             self.key = cfg
         return self.value
 
@@ -195,7 +199,7 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     on_token = (lambda ev: ev.token_id >= 0 and bar.update(1)) if bar is not None else None
     ranks: list = []
     try:
-        if world.data > 1:
+        if world.size > 1:
             result, ranks = run_replicated(engine, requests, world, context=context, on_token=on_token)
         else:
             result = engine.run(requests, context=context, on_token=on_token)
@@ -256,7 +260,7 @@ def _run_all(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], ou
     try:
         if not cfg.sweep and cfg.repeat == 1:
             path = Path(trace) if trace else (out / "trace.json" if cfg.output.trace else None)
-            cell = run_cell(0, {}, cfg, ModelCache(host), out, argv=argv, trace_path=path, progress=progress,
+            cell = run_cell(0, {}, cfg, ModelCache(host, world), out, argv=argv, trace_path=path, progress=progress,
                             env_path=out / "environment.json", world=world)
             result = ExperimentResult((cell,), out)
         else:
@@ -287,7 +291,7 @@ def _run_many(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], o
     from .sweeps import aggregate, write_aggregate, write_sweep
 
     write_yaml(out / "config.yaml", cfg.to_dict())
-    cache = ModelCache(host)
+    cache = ModelCache(host, world)
     results: list[CellResult] = []
     for n, (i, rep) in enumerate(runs):
         assignment, cell = cells[i]

@@ -1,5 +1,5 @@
-"""Model presets: transformers configs for random-weight models. `tiny` runs on a CPU in seconds; `llama3-8b` is
-the Llama-3-8B shape for GPU benchmarks (no download: weights are random)."""
+"""Model presets: transformers configs for random-weight models. `tiny` runs on a CPU in seconds; `llama3-8b` and
+`llama3-70b` are the Llama-3 shapes for GPU benchmarks (no download: weights are random)."""
 
 from __future__ import annotations
 
@@ -63,5 +63,17 @@ def llama3_8b(config: PresetConfig) -> Any:
                        eos_token_id=128001)
 
 
+def llama3_70b(config: PresetConfig) -> Any:
+    """The Llama-3-70B shape: hidden 8192, 80 layers, 64 heads / 8 KV heads, FFN 28672, vocab 128256, untied
+    (141 GB in bf16: tensor parallelism over four 80 GB cards, each rank building only its shard)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
+                       eos_token_id=128001)
+
+
 PRESETS = {"tiny": tiny, "tiny-llama": tiny, "tiny-qwen2": tiny_qwen2, "tiny-qwen3": tiny_qwen3,
-           "tiny-mistral": tiny_mistral, "small": small, "llama3-8b": llama3_8b}
+           "tiny-mistral": tiny_mistral, "small": small, "llama3-8b": llama3_8b,
+           "llama3-70b": llama3_70b}

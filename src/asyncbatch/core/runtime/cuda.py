@@ -15,10 +15,13 @@ from .base import Access, Event, GraphHandle, Runtime, Span
 @attrs.frozen
 class CudaRuntimeConfig:
     """`timing`: record CUDA events around every compute op (busy fraction, per-step device time).
-    `trace_copies`: also time the copies (needed for per-stream tracks in a trace)."""
+    `trace_copies`: also time the copies (needed for per-stream tracks in a trace).
+    `blocking_waits`: the host sleeps in the driver while it waits for an event instead of spinning on a core
+    (CUDA's blocking-sync events): frees the core for other work at the cost of a wake-up latency per wait."""
 
     timing: bool = True
     trace_copies: bool = False
+    blocking_waits: bool = False
 
 
 class _CudaGraph(GraphHandle):
@@ -90,7 +93,7 @@ class CudaRuntime(Runtime):
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(s)
             fn()
-            done = torch.cuda.Event(enable_timing=timed)
+            done = torch.cuda.Event(enable_timing=timed, blocking=self.config.blocking_waits)
             done.record(s)
         if timed:
             self._timings.append((name, batch, start, done, {"stream": stream, **(info or {})}))
