@@ -176,8 +176,8 @@ def top_level() -> str:
     parts.append("")
     for name, cls in (("engine.model", c.ModelConfig), ("engine.cache", c.CacheConfig),
                       ("engine.batch", c.BatchConfig), ("engine.startup", c.StartupConfig),
-                      ("engine.parallel", c.ParallelConfig), ("sampling", SamplingParams),
-                      ("output", c.OutputConfig)):
+                      ("engine.parallel", c.ParallelConfig), ("engine.serve", c.ServeConfig),
+                      ("sampling", SamplingParams), ("output", c.OutputConfig)):
         anchor = name.replace(".", "-")
         parts += [f"### `{name}` {{#{anchor}}}\n", _doc(cls) + "\n", table(field_rows(cls))]
     return "\n".join(parts)

@@ -192,6 +192,19 @@ def _cmd_simulate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .serve.server import serve
+
+    path = args.config or str(default_config_path())
+    return serve(path, host=args.host, port=args.port, overrides=args.set or [], log_level=args.log_level)
+
+
+def _cmd_bench_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .serve.bench import main as bench_main
+
+    return bench_main(args, [PROG, *argv])
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -263,6 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--scheduler", metavar="NAME", help="scheduler, name or name:key=value (default fifo)")
     sim.add_argument("--out", metavar="PATH", help="also write the results as JSON")
     sim.set_defaults(func=_cmd_simulate)
+
+    srv = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (completions, chat, metrics)",
+        description="Serve the engine of an experiment file (only its `engine` section is used) over HTTP: "
+                    "/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics. Requests join the "
+                    "running batch between steps. Ctrl-C or SIGTERM stops it gracefully.")
+    srv.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                     help="experiment file (default: the embedded configs/default.yaml)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    srv.add_argument("--set", action="append", metavar="dotted.key=value",
+                     help="override one config value, e.g. --set engine.serve.max_waiting=64; repeatable")
+    srv.set_defaults(func=_cmd_serve)
+
+    from .serve.bench_args import configure_parser as bench_serve_flags
+
+    bench = sub.add_parser(
+        "bench-serve", help="load-test an OpenAI-compatible completions server (TTFT, TPOT, ITL, goodput)",
+        description="Stream /v1/completions requests to a running server on a Poisson or fixed schedule (one run "
+                    "per --request-rate), print TTFT, TPOT, ITL and end-to-end latency with throughput and "
+                    "goodput, and write results.json, summary.csv, requests.csv and plots (docs/bench-serve.md).")
+    bench_serve_flags(bench)
+    bench.set_defaults(func=_cmd_bench_serve)
     return parser
 
 
@@ -274,6 +310,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: return the code instead of exiting
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     _setup_logging(args.log_level)
+    code = _dispatch(args, argv)
+    world = sys.modules.get("asyncbatch.parallel.world")
+    if world is not None and world.exit_skips_teardown():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # NCCL communicators captured in graphs: no teardown (see parallel.world)
+    return code
+
+
+def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .core.errors import AsyncBatchError, ConfigError
     from .core.races import RaceError
 

@@ -54,6 +54,12 @@ class RequestBook:
     def next_arrival(self) -> float | None:
         return self._arrivals[0][0] if self._arrivals else None
 
+    def wait_for_arrivals(self) -> bool:
+        """Called by the pipeline when no request is unfinished and no batch is in flight: block until more requests
+        arrive (True) or none ever will (False: the run ends). A book of fixed requests has none to wait for; an
+        open book (`core.open_book`) waits for its front."""
+        return False
+
     @property
     def unfinished(self) -> int:
         return len(self.states) - len(self.outputs)

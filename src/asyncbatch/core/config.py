@@ -28,7 +28,7 @@ from .structure import structure, unstructure
 from .types import SamplingParams, show
 
 __all__ = ["BatchConfig", "CacheConfig", "ComponentSpec", "EngineConfig", "ExperimentConfig", "ModelConfig",
-           "OutputConfig", "StartupConfig", "apply_override", "load_yaml", "parse_value", "unstructure"]
+           "OutputConfig", "ServeConfig", "StartupConfig", "apply_override", "load_yaml", "parse_value", "unstructure"]
 _set_path = set_path  # the name tests and older plugins import
 
 # ---------------------------------------------------------------- components
@@ -77,6 +77,41 @@ def _spec_field(family: str, default: str) -> Any:
     return attrs.field(default=default, metadata={"family": family})
 
 
+# ---------------------------------------------------------------- serving
+
+
+def _max_waiting(_: Any, attribute: attrs.Attribute, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+        raise ConfigError(attribute.name, f"expected an int in [1, {2**31 - 1}] (requests queued for a row), "
+                                          f"got {show(value)}")
+
+
+def _timeout(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+        raise ConfigError(attribute.name, f"expected seconds in [0, 86400], got {show(value)}")
+
+
+def _model_name(_: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(attribute.name, f"expected a non-empty string or null (the checkpoint path or preset "
+                                          f"name), got {show(value)}")
+
+
+@attrs.frozen
+class ServeConfig:
+    """`asyncbatch serve`: the live engine behind the HTTP server.
+
+    `max_waiting`: requests that may wait for a row (submitted, not yet running) before new ones are refused with
+    HTTP 429. `shutdown_timeout_s`: on shutdown, how long requests in flight may run on before they are cancelled.
+    `model_name`: the id clients send as `model` and `/v1/models` lists (null: the checkpoint path, else the
+    preset's name).
+    """
+
+    max_waiting: int = attrs.field(default=512, validator=_max_waiting)
+    shutdown_timeout_s: float = attrs.field(default=30.0, validator=_timeout)
+    model_name: str | None = attrs.field(default=None, validator=_model_name)
+
+
 # ---------------------------------------------------------------- engine
 
 _ENGINE_FAMILIES = {
@@ -112,6 +147,8 @@ class EngineConfig:
 
     `threads`: torch's intra-op CPU threads for this process (`torch.set_num_threads`), set when the engine is
     built; None keeps torch's default (one per core, which oversubscribes a busy machine).
+
+    `serve`: the live engine of `asyncbatch serve` (queue bound, shutdown, served model name); runs ignore it.
     """
 
     model: ModelConfig = ModelConfig()
@@ -130,6 +167,7 @@ class EngineConfig:
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
+    serve: ServeConfig = ServeConfig()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, host: Any = None, key: str = "") -> EngineConfig:
@@ -189,6 +227,7 @@ class _EngineScalars:
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 # ---------------------------------------------------------------- experiments

@@ -104,7 +104,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ loop
     def run(self, book: RequestBook, *, on_token: Callable | None = None,
-            on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
+            on_step: Callable[[StepStats], None] | None = None, keep_steps: bool = True) -> list[StepStats]:
+        """Serve `book` until no request is unfinished and the book expects no more (`wait_for_arrivals`). Returns
+        every step's stats; `keep_steps=False` returns none (a serving run lasts for days: `on_step` sees them)."""
         S = self.num_slots
         keep = S - 1
         inflight: deque[InFlight] = deque()
@@ -114,10 +116,12 @@ class Pipeline:
         k = 0
 
         def update_oldest() -> None:
-            steps.append(self._update(inflight.popleft(), book, on_token, on_step))
+            stats = self._update(inflight.popleft(), book, on_token, on_step)
+            if keep_steps:
+                steps.append(stats)
 
         self._start = self.rt.now()
-        while book.unfinished:
+        while book.unfinished or _settle_and_wait(book, inflight, update_oldest):
             fresh = bool(inflight) and self._asks_fresh and self.scheduler.needs_fresh_tokens(
                 PendingView(k, len(inflight), tuple(book.schedulable()[0])))
             if fresh:  # the scheduler must see every token: give up this step's overlap
@@ -319,6 +323,14 @@ class Pipeline:
                     on_shape()
         self.rt.synchronize()
         return count
+
+
+def _settle_and_wait(book: RequestBook, inflight: deque, update_oldest: Callable[[], None]) -> bool:
+    """Nothing is unfinished: update the batches still in flight (their tokens belong to ended requests and are
+    dropped), so that an idle loop holds no batch, then ask the book for more requests. False ends the run."""
+    while inflight:
+        update_oldest()
+    return book.wait_for_arrivals()
 
 
 def _dedup(events: list[Event | None]) -> list[Event]:

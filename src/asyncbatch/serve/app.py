@@ -1,0 +1,102 @@
+"""The OpenAI-compatible HTTP app around one `AsyncEngine` (FastAPI).
+
+Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events or whole),
+`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus). Every error, ours or the framework's (unknown route,
+wrong method), is an OpenAI error object. The app's lifespan starts the live engine and shuts it down gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .generate import respond
+from .live import AsyncEngine
+from .metrics import ServeMetrics
+from .protocol import ApiError, ServedModel, parse_chat, parse_completion
+
+log = logging.getLogger("asyncbatch")
+
+
+def served_model_name(config: Any) -> str:
+    """`engine.serve.model_name`, else the checkpoint path, else the preset's name."""
+    model = config.model
+    return config.serve.model_name or model.path or model.source_preset or "model"
+
+
+def build_app(live: AsyncEngine, *, model_name: str | None = None) -> FastAPI:
+    """The app serving `live` (not started: the app's lifespan starts it, and shuts it down with
+    `engine.serve.shutdown_timeout_s`). Adds its metrics to the live engine's observers."""
+    engine = live.engine
+    served = ServedModel(model_name or served_model_name(engine.config), engine.tokenizer, engine.max_len,
+                         engine.geometry["vocab"])
+    metrics = ServeMetrics(live)
+    live.add_observer(metrics)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await live.start()
+        url = getattr(app.state, "url", None)
+        log.info("ready: serving %r%s (max_len %d, %s); Ctrl-C or SIGTERM stops it gracefully", served.name,
+                 f" on {url}" if url else "", served.max_len, "with its tokenizer" if served.tokenizer is not None
+                 else "no tokenizer: prompts are token ids, no chat")
+        try:
+            yield
+        finally:
+            await live.shutdown()
+
+    app = FastAPI(title="asyncbatch", lifespan=lifespan)
+    app.state.live = live
+    app.state.metrics = metrics
+    app.state.served = served
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        body = ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind).body()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        body = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await respond(request, live, served, parse_completion(await request.body(), served))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await respond(request, live, served, parse_chat(await request.body(), served))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
+                                            "owned_by": "asyncbatch", "max_model_len": served.max_len}]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if live.accepting:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def scrape() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app

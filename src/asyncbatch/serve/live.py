@@ -1,0 +1,292 @@
+"""`AsyncEngine`: one `Engine` serving requests that arrive while it runs, for asyncio code.
+
+A thread runs the engine's own step loop (`Pipeline.run`) over an `OpenRequestBook` for as long as the engine
+serves: there is no second loop. `add_request` (on the event loop) validates a request, checks the queue bound and
+drops the request into the book's inbox; the step loop admits it between two steps. Tokens go the other way: the
+step loop appends them to an outbox and wakes the event loop at most once per batch of appends, and the event loop
+hands them to each request's `RequestStream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import RequestError
+from ..core.open_book import OpenRequestBook
+from ..core.requests import Status
+from ..core.stats import StepStats
+from ..core.types import Output, SamplingParams, TokenEvent
+from .errors import EngineClosedError, EngineDeadError, QueueFullError
+from .stream import RequestStream
+
+if TYPE_CHECKING:
+    from ..core.engine import Engine
+
+log = logging.getLogger("asyncbatch")
+_LOOP_ENDED = object()
+
+
+class ServeObserver:
+    """Receives what a serving engine measures (the metrics of `asyncbatch serve` subclass it). Every method but
+    `rejected` is called on the step loop's thread, so it must be quick and thread-safe; the defaults do nothing."""
+
+    def step(self, stats: StepStats) -> None:
+        """One step was read back (host phase times, tokens, device compute time where measured)."""
+
+    def first_token(self, seconds: float) -> None:
+        """A request's first token, `seconds` after it was submitted (host clock)."""
+
+    def token_gap(self, seconds: float) -> None:
+        """Host-clock time between two consecutive tokens of one request."""
+
+    def finished(self, output: Output, seconds: float) -> None:
+        """A request ended, `seconds` after it was submitted."""
+
+    def rejected(self, reason: str) -> None:
+        """`add_request` refused a request: `queue_full`, `invalid` or `closed` (event loop thread)."""
+
+
+class AsyncEngine:
+    """Serve an `Engine` to asyncio code: `stream = live.add_request(prompt, params)`, then
+    `async for event in stream`.
+
+    Use it as `async with AsyncEngine(engine) as live:`, or call `start()` and `shutdown()` from the event loop that
+    reads the streams. While it serves, it holds the engine: `engine.generate` from another thread waits until it
+    has shut down. `max_waiting` bounds the requests that wait for a row (default `engine.serve.max_waiting`).
+    `observers` receive its measurements (`ServeObserver`).
+    """
+
+    def __init__(self, engine: Engine, *, max_waiting: int | None = None,
+                 observers: Sequence[ServeObserver] = ()) -> None:
+        self.engine = engine
+        self.max_waiting = engine.config.serve.max_waiting if max_waiting is None else max_waiting
+        self._observers = list(observers)
+        self._streams: dict[str, RequestStream] = {}  # not ended yet; the event loop's, read by the step loop
+        self._outbox: deque = deque()
+        self._wake_pending = False
+        self._ids = itertools.count()
+        self._book: OpenRequestBook | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._failure: BaseException | None = None
+        self._all_ended: asyncio.Event | None = None
+        self._notify_finish = engine.host.has_lifecycle_impls("asyncbatch_request_finished")
+        self._notify_step = engine.host.has_lifecycle_impls("asyncbatch_step_finished")
+
+    def add_observer(self, observer: ServeObserver) -> None:
+        """Add an observer; before `start` (the step loop reads the list without a lock)."""
+        if self._thread is not None:
+            raise RuntimeError("observers are added before the engine starts serving")
+        self._observers.append(observer)
+
+    # ------------------------------------------------------------------ life
+    async def start(self) -> None:
+        """Start the step loop and return once it serves (after any warm-up). Call once, on the event loop that
+        will read the streams."""
+        if self._thread is not None:
+            raise RuntimeError("this AsyncEngine was already started")
+        self._loop = asyncio.get_running_loop()
+        self._all_ended = asyncio.Event()
+        self._all_ended.set()
+        engine = self.engine
+        self._book = OpenRequestBook(num_blocks=engine.num_blocks, num_rows=engine.config.batch.max_seqs,
+                                     on_finish=self._on_finish)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="asyncbatch-serve", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(ready.wait)
+        if self._failure is not None:
+            raise EngineDeadError(f"the engine failed to start serving: {self._failure}") from self._failure
+        self._accepting = True
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop taking requests, let those in flight finish for up to `timeout` seconds (default
+        `engine.serve.shutdown_timeout_s`), cancel the rest, and stop the step loop. Every response that completed,
+        before or during the shutdown, stays readable from its stream."""
+        self._accepting = False
+        if self._thread is None or self._book is None:
+            return
+        timeout = self.engine.config.serve.shutdown_timeout_s if timeout is None else timeout
+        assert self._all_ended is not None
+        try:
+            await asyncio.wait_for(self._all_ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: cancelling %d requests still running after %.3g s", len(self._streams), timeout)
+            for rid in list(self._streams):
+                self._book.cancel(rid)
+        self._book.close()
+        await asyncio.to_thread(self._thread.join)
+        self._drain()
+
+    async def __aenter__(self) -> AsyncEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+    @property
+    def accepting(self) -> bool:
+        """Started, not shutting down, and the step loop alive."""
+        return self._accepting and self._failure is None
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> RequestStream:
+        """Submit one request (from the event loop's thread); returns its stream at once.
+
+        Raises, and submits nothing: `RequestError` naming what is wrong (a token outside the vocabulary, a prompt
+        that leaves no room to generate, a text prompt without a tokenizer, a bad sampling value); `QueueFullError`
+        when `max_waiting` requests already wait for a row; `EngineClosedError` before `start` or once shutting down;
+        `EngineDeadError` if the step loop died; `ValueError` if `request_id` is used by a request still running.
+        """
+        if self._failure is not None:
+            raise EngineDeadError(f"the engine stopped serving: {self._failure}")
+        if not self._accepting or self._book is None:
+            self._rejected("closed")
+            raise EngineClosedError("the engine is not taking requests (not started, or shutting down)")
+        book = self._book
+        queued = book.num_queued
+        if queued >= self.max_waiting:
+            self._rejected("queue_full")
+            raise QueueFullError(f"{queued} requests already wait for a row (engine.serve.max_waiting="
+                                 f"{self.max_waiting}); retry later")
+        rid = f"req-{next(self._ids)}" if request_id is None else request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already used by a request that has not ended")
+        engine = self.engine
+        try:
+            (request,) = engine.intake.make_requests([prompt], params or SamplingParams(), request_ids=[rid],
+                                                     arrival_times=None)
+        except TypeError as exc:  # a text prompt without a tokenizer, or not a prompt at all
+            self._rejected("invalid")
+            raise RequestError(str(exc)) from None
+        state = engine.intake.state(request, 0)
+        if state.status is Status.FINISHED:
+            self._rejected("invalid")
+            raise RequestError(state.error or "invalid request")
+        stream = RequestStream(rid, request.prompt_ids, time.perf_counter(), self.abort)
+        self._streams[rid] = stream
+        self._all_ended.clear()  # type: ignore[union-attr]
+        book.submit(state)
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request (any thread): it ends with finish reason `cancelled` at the next step and its KV blocks
+        and row are freed. False if no running request has that id."""
+        return self._book.cancel(request_id) if self._book is not None else False
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot for metrics: requests waiting for a row and running, KV blocks in use and in all."""
+        book = self._book
+        if book is None:
+            return {"waiting": 0, "running": 0, "kv_blocks_used": 0, "kv_blocks_total": self.engine.num_blocks - 1}
+        return {"waiting": book.num_queued, "running": book.num_running, "kv_blocks_used": book.blocks.num_owned,
+                "kv_blocks_total": book.blocks.size}
+
+    # ------------------------------------------------------------------ the step loop's thread
+    def _serve(self, ready: threading.Event) -> None:
+        from ..core import model_state
+        from ..core.attention_api import deactivate
+
+        engine = self.engine
+        try:
+            # Serving is one run that lasts until shutdown: it holds the engine as `Engine.run` does. The collector
+            # stays on (unlike a timed run's): a server cannot go days without collecting.
+            with engine._lock:
+                model_state.bind(engine.model, engine.model_state, engine.attention_context)
+                try:
+                    if engine.warms_up:  # requests may take any sampling path: warm them all before serving
+                        engine.warm.modes(("greedy", "sample", "filter"))
+                    engine.runtime.reset_timeline()
+                    ready.set()
+                    assert self._book is not None
+                    engine.pipeline.run(self._book, on_token=self._on_token, on_step=self._on_step,
+                                        keep_steps=False)
+                finally:
+                    deactivate()
+        except BaseException as exc:  # noqa: BLE001  (reported to every open stream, and by start())
+            log.error("the serving step loop stopped: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self._failure = exc
+        finally:
+            ready.set()
+            self._post(_LOOP_ENDED)
+
+    def _on_token(self, event: TokenEvent) -> None:
+        if event.token_id < 0:  # ended without a token: its Output says why
+            return
+        seen = time.perf_counter()
+        stream = self._streams.get(event.request_id)
+        if stream is None:
+            return
+        for o in self._observers:
+            if stream.last_seen is None:
+                o.first_token(seen - stream.arrival)
+            else:
+                o.token_gap(seen - stream.last_seen)
+        stream.last_seen = seen
+        self._post((stream, event, seen))
+
+    def _on_finish(self, output: Output) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is not None:
+            took = time.perf_counter() - stream.arrival
+            for o in self._observers:
+                o.finished(output, took)
+            self._post((stream, output, None))
+        if self._notify_finish:
+            self.engine.host.notify("asyncbatch_request_finished", output=output)
+
+    def _on_step(self, stats: StepStats) -> None:
+        for o in self._observers:
+            o.step(stats)
+        if self._notify_step:
+            self.engine.host.notify("asyncbatch_step_finished", stats=stats)
+
+    def _rejected(self, reason: str) -> None:
+        for o in self._observers:
+            o.rejected(reason)
+
+    def _post(self, item: Any) -> None:
+        self._outbox.append(item)
+        if not self._wake_pending:  # one wake-up for everything appended before the event loop drains
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)  # type: ignore[union-attr]
+            except RuntimeError:  # the event loop is closed: nobody is left to read
+                pass
+
+    # ------------------------------------------------------------------ the event loop's thread
+    def _drain(self) -> None:
+        self._wake_pending = False  # before popping: an append racing with this drain schedules another
+        while self._outbox:
+            item = self._outbox.popleft()
+            if item is _LOOP_ENDED:
+                if self._failure is not None:
+                    dead = EngineDeadError(f"the engine stopped serving: {type(self._failure).__name__}: "
+                                           f"{self._failure}")
+                    for stream in list(self._streams.values()):
+                        stream._fail(dead)
+                        self._ended(stream)
+                continue
+            stream, what, seen = item
+            if seen is not None:
+                stream._token(what, seen)
+            else:
+                stream._finish(what)
+            if stream.ended:
+                self._ended(stream)
+
+    def _ended(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+        if not self._streams:
+            self._all_ended.set()  # type: ignore[union-attr]

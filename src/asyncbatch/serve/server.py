@@ -1,0 +1,144 @@
+"""Running the app on uvicorn: `asyncbatch serve` (the foreground server), and `BackgroundServer` (a server in a
+thread on a free local port, for tests and load generators).
+
+The socket is bound before the model is built, so a port already in use fails at once; clients are accepted once
+the engine serves. SIGINT and SIGTERM shut down gracefully: the listener closes, requests in flight finish within
+`engine.serve.shutdown_timeout_s` (later ones are cancelled), then the step loop stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..core.errors import AsyncBatchError, ConfigError
+
+log = logging.getLogger("asyncbatch")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not listening yet; `AsyncBatchError` naming the address if it can't be."""
+    if not 0 <= port <= 65535:
+        raise ConfigError("--port", f"must be in [0, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise AsyncBatchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_config(app: Any, *, log_level: str, timeout_s: float, quiet: bool) -> Any:
+    """`quiet`: uvicorn's own loggers are left unconfigured and there is no access log (a server inside a test);
+    otherwise uvicorn logs as it does on its own command line."""
+    import uvicorn
+
+    extra: dict[str, Any] = {"log_config": None, "access_log": False} if quiet else {}
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=math.ceil(timeout_s),
+                          **extra)
+
+
+def serve(config_path: str, *, host: str, port: int, overrides: Sequence[str] = (), log_level: str = "info") -> int:
+    """`asyncbatch serve CONFIG`: the `engine` section of an experiment file, served until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from ..core.config import ExperimentConfig
+    from ..core.engine import Engine
+    from .app import build_app
+    from .live import AsyncEngine
+
+    config = ExperimentConfig.from_yaml(config_path, overrides=list(overrides)).engine
+    if config.parallel.data * config.parallel.tensor > 1:
+        raise ConfigError("engine.parallel", "serving runs one engine in one process: set data and tensor to 1")
+    sock = bind(host, port)
+    try:
+        engine = Engine.from_config(config)
+        app = build_app(AsyncEngine(engine))
+        address = sock.getsockname()
+        app.state.url = f"http://{address[0]}:{address[1]}"  # the ready line names it (a port of 0 was chosen now)
+        server = uvicorn.Server(_uvicorn_config(app, log_level=log_level, timeout_s=config.serve.shutdown_timeout_s,
+                                                quiet=False))
+        # uvicorn re-raises the signal that stopped it once it has shut down; a graceful SIGTERM exits 0.
+        previous = signal.signal(signal.SIGTERM, lambda *_: None) if _main_thread() else None
+        try:
+            server.run(sockets=[sock])
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if not server.started:
+            raise AsyncBatchError("the server did not start (see the log above)")
+        return 0
+    finally:
+        sock.close()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class BackgroundServer:
+    """uvicorn serving `app` in a thread of this process, on 127.0.0.1 and a free port: `with BackgroundServer(app)
+    as srv: httpx.get(srv.url + "/health")`. Leaving the block shuts the server down gracefully (`stop()`)."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 start_timeout_s: float = 60.0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        self.start_timeout_s = start_timeout_s
+        self.server: Any = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> BackgroundServer:
+        import uvicorn
+
+        sock = bind(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(_uvicorn_config(self.app, log_level=self.log_level, timeout_s=30.0, quiet=True))
+
+        def run() -> None:
+            try:
+                self.server.run(sockets=[sock])
+            except BaseException as exc:  # noqa: BLE001  (uvicorn exits through SystemExit on a failed start)
+                self._failure = exc
+            finally:
+                sock.close()
+
+        self._thread = threading.Thread(target=run, name=f"uvicorn-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise AsyncBatchError(f"the server on {self.url} did not start: {self._failure!r}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Graceful: no new connections, requests in flight finish, the live engine shuts down."""
+        if self.server is not None:
+            self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

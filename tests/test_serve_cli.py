@@ -1,0 +1,67 @@
+"""`asyncbatch serve`: the real command in a subprocess (ready line, a completion, SIGTERM ends it gracefully with
+exit 0), and the errors that come before any model is built (a bad config value, a port in use)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+from asyncbatch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "configs" / "default.yaml"
+
+
+def test_serve_runs_answers_and_stops_gracefully_on_sigterm():
+    proc = subprocess.Popen([sys.executable, "-m", "asyncbatch", "serve", str(DEFAULT), "--port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killer = threading.Timer(60, proc.kill)  # a hung server fails the test instead of hanging it
+    killer.start()
+    try:
+        log = []
+        for line in proc.stderr:
+            log.append(line)
+            if "ready: serving" in line:
+                break
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", log[-1]).group(1)
+        health = httpx.get(url + "/health")
+        done = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4})
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=30)
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+
+    assert (200, 200, 4) == (health.status_code, done.status_code, len(done.json()["choices"][0]["token_ids"]))
+    assert 0 == code, "".join(log) + rest
+    assert "Application shutdown complete" in rest
+
+
+def test_a_bad_serve_value_is_a_config_error(capsys):
+    code = main(["--log-level", "warning", "serve", str(DEFAULT), "--set", "engine.serve.max_waiting=0"])
+
+    assert 2 == code
+    assert "engine.serve.max_waiting: expected an int in [1, " in capsys.readouterr().err
+
+
+def test_a_port_in_use_fails_before_the_model_is_built(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        code = main(["--log-level", "warning", "serve", str(DEFAULT), "--port", str(port)])
+
+    err = capsys.readouterr().err
+    assert 1 == code
+    assert f"asyncbatch: error: cannot listen on 127.0.0.1:{port}: " in err
+    assert "built tiny" not in err
