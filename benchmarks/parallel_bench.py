@@ -48,22 +48,6 @@ def run_args(name: str, new: int) -> tuple[str, str, int, int, list[str]]:
                                           f"workload.output_len={{dist: fixed, value: {new}}}"]
 
 
-def copy_bandwidth() -> float:
-    import torch
-
-    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * src.numel() * 2 * 20 / (start.elapsed_time(end) / 1e3)
-
-
 def shape_bytes(preset: str) -> tuple[int, int]:
     """(bytes of weights a decode step reads on one whole model, KV bytes per attended position), bf16."""
     from asyncbatch.core.config import ModelConfig
@@ -104,8 +88,10 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra override for every run")
     ap.add_argument("--timeout", type=float, default=400)
     args = ap.parse_args()
-    bw = copy_bandwidth()
     import torch
+    from engine_bench import copy_bandwidth  # the same measurement as the single-GPU tables (this directory)
+
+    bw = copy_bandwidth()
 
     torch.cuda.empty_cache()  # this process's buffers off card 0 before the ranks size their KV caches
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (one card)", flush=True)

@@ -176,7 +176,7 @@ def test_to_chrome_trace_units_and_args():
 BAD = {
     "unknown key": ({"engine": {"bogus": 1}}, ["engine.bogus", "unknown key", "valid: ", "cache"]),
     "unknown top-level key": ({"engines": {}}, ["engines", "unknown key", "engine, name, output"]),
-    "unknown component": ({"engine": {"scheduler": "nope"}}, ["engine.scheduler", "'nope'", "fifo, prefill_first"]),
+    "unknown component": ({"engine": {"scheduler": "nope"}}, ["engine.scheduler", "'nope'", "fifo, longest_prefix_first, prefill_first"]),
     "unknown component param": ({"engine": {"buffers": {"name": "n_slot", "slots": 3}}},
                                 ["engine.buffers.slots", "num_slots"]),
     "wrong type": ({"workload": {"name": "synthetic", "num_requests": "many"}},

@@ -14,9 +14,9 @@ from asyncbatch import ConfigError, EngineConfig, ExperimentConfig, UnknownCompo
 
 
 @pytest.mark.parametrize("data,key,fragment", [
-    ({"bogus": 1}, "bogus", "valid: attention, batch, batch_invariant, buffers, cache, compile, fuse_projections, graphs, model, parallel, runtime"),
+    ({"bogus": 1}, "bogus", "valid: attention, batch, batch_invariant, buffers, cache, compile, fuse_projections, graphs, model, parallel, prefix_cache, runtime"),
     ({"fuse_projections": "yes"}, "fuse_projections", "valid: always, auto, never"),
-    ({"scheduler": "fastest"}, "scheduler", "valid: fifo, prefill_first, priority, shortest_first"),
+    ({"scheduler": "fastest"}, "scheduler", "valid: fair_prefix, fifo, longest_prefix_first, prefill_first, priority, shortest_first"),
     ({"buffers": {"name": "n_slot", "num_slots": 1}}, "buffers.num_slots", "at least 2 slots"),
     ({"buffers": {"name": "n_slot", "num_slots": "3"}}, "buffers.num_slots", "expected an int"),
     ({"batch": {"max_seqs": 0}}, "batch.max_seqs", "must be > 0"),

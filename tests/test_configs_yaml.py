@@ -33,6 +33,14 @@ def _shrink(cfg: ExperimentConfig) -> list[str]:
     if cfg.workload.name == "synthetic":
         sets = ["workload.num_requests=3", "workload.prompt_len={dist: fixed, value: 6}",
                 "workload.output_len={dist: fixed, value: 3}"]
+    elif cfg.workload.name == "shared_prefix":
+        sets = ["workload.num_prefixes=1", "workload.questions_per_prefix=3",
+                "workload.prefix_len={dist: fixed, value: 4}", "workload.question_len={dist: fixed, value: 2}",
+                "workload.output_len={dist: fixed, value: 3}"]
+    elif cfg.workload.name == "conversation":
+        sets = ["workload.num_conversations=1", "workload.turns=3", "workload.system_len={dist: fixed, value: 4}",
+                "workload.user_len={dist: fixed, value: 2}", "workload.reply_len={dist: fixed, value: 2}",
+                "workload.output_len={dist: fixed, value: 3}"]
     else:
         sets = ["workload.limit=3", "sampling.max_new_tokens=3"]
     sets.append("output.plots=false")  # plots are covered by test_sweep; matplotlib is slow to import

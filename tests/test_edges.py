@@ -26,6 +26,11 @@ MIXED = [([RNG.randrange(512) for _ in range(RNG.randint(1, 24))], SamplingParam
          for _ in range(10)]
 # Single-token requests: consecutive batches share no request, so only the edge under test orders them.
 ONE_SHOT = [([RNG.randrange(512) for _ in range(4)], SamplingParams(max_new_tokens=1)) for _ in range(16)]
+# The same, sharing a 12-token prefix. With a 13-token budget the first batch holds the first request alone (no
+# chunk of another rides along) and the second batch the seven others, on fresh rows, each reading the three
+# blocks the first batch computed: only the `cached` edge orders the two batches.
+PREFIX = [RNG.randrange(512) for _ in range(12)]
+SHARED_ONE_SHOT = [(PREFIX + [RNG.randrange(512)], SamplingParams(max_new_tokens=1)) for _ in range(8)]
 
 # edge -> (engine settings, workload, loop shape, resource the conflict must be on)
 CASES = {
@@ -39,14 +44,18 @@ CASES = {
     "upd->d2h": (dict(graphs="eager"), MIXED, True, "host_out"),
     "reuse": (dict(graphs="eager", max_tokens=16, max_seqs=2, num_blocks=12), ONE_SHOT, False, "row"),
     "pool": (dict(graphs="per_slot", max_tokens=16, max_seqs=16, num_blocks=400), ONE_SHOT, False, "graph_pool"),
+    "cached": (dict(graphs="eager", max_tokens=13, max_seqs=8, prefix_cache="blocks"), SHARED_ONE_SHOT, False,
+               "kv"),
 }
 
 
 def _conflicts(model, settings, work, split, disabled, seed):
     settings = dict(settings)
     graphs = settings.pop("graphs")
+    prefix_cache = settings.pop("prefix_cache", "none")
     cfg = engine_dict("double", "three", graphs, "fifo", **{"max_tokens": 32, "max_seqs": 8, "num_blocks": 48,
                                                              **settings})
+    cfg["prefix_cache"] = prefix_cache
     runtime = SimRuntime(SimRuntimeConfig(seed=seed))
     engine = Engine.from_model(model, EngineConfig.from_dict(cfg), runtime=runtime,
                                debug=PipelineDebug(disabled_edges=frozenset(disabled), split_launch=split))

@@ -164,7 +164,7 @@ def test_buffers_alone_replace_the_default_slots():
     ({"--buffers": "nope"}, "--buffers[0]", "unknown buffer_policy 'nope' (valid: double, n_slot, single)"),
     ({"--streams": "one,four"}, "--streams[1]", "(valid: one, three, two)"),
     ({"--graphs": "eager,warp"}, "--graphs[1]", "(valid: eager, mixed, per_slot, staged)"),
-    ({"--scheduler": "lifo"}, "--scheduler", "unknown scheduler 'lifo' (valid: fifo,"),
+    ({"--scheduler": "lifo"}, "--scheduler", "unknown scheduler 'lifo' (valid: fair_prefix, fifo,"),
     ({"--slots": "0"}, "--slots[0]", "a slot count is >= 1"),
     ({"--slots": "1,x"}, "--slots", "comma list of ints"),
     ({"--buffers": "n_slot:num_slots=1"}, "--buffers[0].num_slots", "at least 2 slots"),

@@ -31,6 +31,7 @@ FAMILY_KEYS = {
     "stream_topology": "engine.streams",
     "graph_policy": "engine.graphs",
     "attention_backend": "engine.attention",
+    "prefix_cache": "engine.prefix_cache",
     "runtime": "engine.runtime",
     "model_preset": "engine.model.preset",
     "workload": "workload",

@@ -22,7 +22,7 @@ SMALL = ["--set", "engine.model={preset: small, dtype: float32, device: cuda}", 
          "--set", "output.plots=false"]
 
 
-def _run(out: Path, *args: str) -> list[str]:
+def _run(out: Path, *args: str) -> tuple[list[str], dict]:
     done = subprocess.run([sys.executable, "-m", "asyncbatch", "run", str(ROOT / "configs/default.yaml"),
                            "--no-progress", "--out", str(out), *SMALL, *args], capture_output=True, text=True,
                           timeout=600)

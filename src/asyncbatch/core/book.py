@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .kv_blocks import KVBlocks
 from .pools import DeferredPool
 from .requests import RequestState, Status
 from .scheduling import BatchEntry, SchedulingState
@@ -20,12 +21,14 @@ from .types import FinishReason, Output, TokenEvent
 class RequestBook:
     def __init__(self, requests: Sequence[RequestState], *, num_blocks: int, num_rows: int,
                  on_finish: Callable[[Output], None] | None = None,
-                 on_end: Callable[[TokenEvent], None] | None = None) -> None:
+                 on_end: Callable[[TokenEvent], None] | None = None, block_size: int = 16,
+                 prefix_cache: Any = None) -> None:
         """`on_finish` gets every request's output when it ends; `on_end` gets a token-less event (`token_id` -1)
-        for a request that ends without a token: cancelled, or failed (validation included)."""
+        for a request that ends without a token: cancelled, or failed (validation included). `prefix_cache`: the
+        run's `PrefixCache` index (None: no sharing)."""
         self.states = list(requests)
         self._on_end = on_end
-        self.blocks = DeferredPool(num_blocks - 1, first=1, name="block")  # block 0 is the trash block
+        self.blocks = KVBlocks(num_blocks, block_size, prefix_cache)  # block 0 is the trash block
         self.rows = DeferredPool(num_rows, name="row")
         self._arrivals = [(r.arrival_time, r.index, r) for r in self.states if r.status is Status.WAITING]
         heapq.heapify(self._arrivals)
@@ -77,6 +80,10 @@ class RequestBook:
         self.rows.begin_batch(batch)
         self._make_room(scheduler, block_size)
         running, waiting = self.schedulable()
+        if self.blocks.cache is not None:
+            for r in waiting:  # what each would reuse if admitted now (`SchedulingState.cached_tokens`)
+                if r.status is Status.WAITING:
+                    self.blocks.attach(r)
         state = SchedulingState(batch, running, waiting, max_tokens=max_tokens, max_seqs=max_seqs,
                                 blocks=self.blocks, rows=self.rows, block_size=block_size, in_flight=in_flight)
         scheduler.schedule(state)
@@ -114,6 +121,8 @@ class RequestBook:
                 req.admit_order = self._admitted
                 self._admitted += 1
                 admitted.append(req)
+            if self.blocks.cache is not None:
+                self.blocks.publish(req)
             if e.samples and (req.num_generated >= req.max_new_tokens or req.total_len >= req.max_len):
                 req.status = Status.FINISHING  # its last token is in flight: nothing more to schedule
                 self._release(req, batch)
@@ -121,8 +130,12 @@ class RequestBook:
 
     # ---- lifecycle
     def _release(self, req: RequestState, last_batch: int) -> None:
-        if req.blocks:
-            self.blocks.release(req.blocks, last_batch, req)
+        if req.status is Status.WAITING:  # a cached prefix attached, never held
+            req.blocks, req.block_last_use, req.num_computed, req.num_cached = [], [], 0, 0
+        elif req.blocks:
+            if self.blocks.cache is not None:
+                self.blocks.publish(req)  # what it computed stays for others (outputs included, for the next turn)
+            self.blocks.release(req, last_batch)
             req.blocks = []
             req.block_last_use = []
         if req.row is not None:
@@ -136,6 +149,7 @@ class RequestBook:
         self._release(req, req.last_batch)
         req.status = Status.WAITING
         req.num_computed = 0
+        req.num_cached = 0
         req.num_preemptions += 1
         req.admit_order = -1
         self.num_preemptions += 1
@@ -159,7 +173,7 @@ class RequestBook:
             request_id=req.request_id, prompt_ids=req.request.prompt_ids,
             token_ids=tuple(req.tokens[req.prompt_len :]), finish_reason=req.finish_reason or "error",
             error=req.error, token_times=tuple(req.token_times), arrival_time=req.arrival_time,
-            finish_time=req.finish_time, num_preemptions=req.num_preemptions)
+            finish_time=req.finish_time, num_preemptions=req.num_preemptions, num_cached_tokens=req.cached_total)
         self.outputs[req.index] = out
         if self._on_end is not None and out.finish_reason in ("cancelled", "error"):
             self._on_end(TokenEvent(req.request_id, -1, req.num_output, req.finish_time, out.finish_reason))

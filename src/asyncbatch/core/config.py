@@ -121,6 +121,7 @@ _ENGINE_FAMILIES = {
     "streams": "stream_topology",
     "graphs": "graph_policy",
     "attention": "attention_backend",
+    "prefix_cache": "prefix_cache",
 }
 
 
@@ -149,6 +150,10 @@ class EngineConfig:
     built; None keeps torch's default (one per core, which oversubscribes a busy machine).
 
     `serve`: the live engine of `asyncbatch serve` (queue bound, shutdown, served model name); runs ignore it.
+
+    `prefix_cache`: how full KV blocks are shared between requests with a common prefix (`none`, `blocks`,
+    `radix`); a request that hits the cache prefills only its uncached suffix. The cache lives for one run (one
+    `Engine.run` call, or the whole life of a server).
     """
 
     model: ModelConfig = ModelConfig()
@@ -158,6 +163,7 @@ class EngineConfig:
     streams: ComponentSpec = ComponentSpec("three")
     graphs: ComponentSpec = ComponentSpec("mixed")
     attention: ComponentSpec = ComponentSpec("auto")
+    prefix_cache: ComponentSpec = ComponentSpec("none")
     cache: CacheConfig = CacheConfig()
     batch: BatchConfig = BatchConfig()
     compile: Literal["auto", "none", "layers"] = "auto"

@@ -205,8 +205,10 @@ class Engine:
         notify_step = host.has_lifecycle_impls("asyncbatch_step_finished")
         errors_before = host.hook_error_count
         book = RequestBook(states, num_blocks=self.num_blocks, num_rows=self.config.batch.max_seqs,
+                           block_size=self.config.cache.block_size, prefix_cache=self.new_prefix_cache(),
                            on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
                            if notify_finish else None, on_end=on_token)
+        book.blocks.share_safely = not self.pipeline.debug.unshared_release
         with self._cancel_lock:  # cancels sent before the run started apply now
             self._book = book
             for rid in self._pending_cancels & book.ids:
@@ -262,6 +264,10 @@ class Engine:
             gc.collect()
             gc.freeze()
             gc.disable()
+
+    def new_prefix_cache(self) -> Any:
+        """A fresh index of the configured prefix cache, for one run (its blocks are that run's)."""
+        return assembly.build(self.host, "prefix_cache", self.config.prefix_cache)
 
     def memory_report(self) -> dict[str, int]:
         """Device bytes held by this engine, by purpose: KV cache, slot buffers (all slots, plus any staging set),

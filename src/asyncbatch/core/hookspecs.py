@@ -55,6 +55,11 @@ def asyncbatch_register_attention_backends(register: Any) -> None:
 
 
 @hookspec
+def asyncbatch_register_prefix_caches(register: Any) -> None:
+    """Register `PrefixCache` implementations (family ``prefix_cache``)."""
+
+
+@hookspec
 def asyncbatch_register_runtimes(register: Any) -> None:
     """Register `Runtime` implementations (family ``runtime``)."""
 

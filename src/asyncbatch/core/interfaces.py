@@ -198,3 +198,36 @@ class AttentionBackend(ABC):
     def check(self, device: Any, dtype: Any, head_dim: int, block_size: int) -> None:
         """Called once at engine build. Raise `UnsupportedError` with the reason if this backend cannot run
         here (no such device, dtype, head size or KV block size); the message is shown to the user."""
+
+
+class PrefixCache(ABC):
+    """An index of full KV blocks by their token content, so that requests sharing a prefix share its blocks.
+
+    Called by the engine's block manager (`core.kv_blocks`) only, on the host thread, between device launches.
+    A block is keyed by the tokens it holds *and* every token before it: `keys[i]` is the tuple of block i's
+    `block_size` token ids, and a block is found only through the blocks before it. The index does not own
+    memory and never decides when a block may be reused: the block manager counts the requests holding each
+    cached block and the last batch that read it, and asks the index which blocks to drop only among those no
+    request holds and no batch in flight reads (`set_evictable`). An index must not return a block from `match`
+    after it returned it from `evict`, and must not hand out anything it was not given by `insert`.
+    """
+
+    @abstractmethod
+    def match(self, keys: Sequence[tuple[int, ...]]) -> list[int]:
+        """The blocks of the longest cached prefix of `keys` (block 0's key first). May refresh recency; must not
+        change what is cached."""
+
+    @abstractmethod
+    def insert(self, keys: Sequence[tuple[int, ...]], blocks: Sequence[int]) -> list[bool]:
+        """Offer `blocks[i]` as the block of prefix `keys[:i+1]`, for every i. Returns, per block, whether the
+        index now holds that block; a prefix it already holds keeps its block (the offered one stays private)."""
+
+    @abstractmethod
+    def set_evictable(self, block: int, evictable: bool) -> None:
+        """Whether a held block may be chosen by `evict`: True once no request holds it and no batch in flight
+        reads it, False again when a request takes it."""
+
+    @abstractmethod
+    def evict(self, n: int) -> list[int]:
+        """Drop up to `n` evictable blocks, in the index's order of preference, and return them (they are
+        forgotten: `match` no longer finds them or anything only reachable through them)."""

@@ -26,8 +26,10 @@ class BookClosedError(RuntimeError):
 
 class OpenRequestBook(RequestBook):
     def __init__(self, *, num_blocks: int, num_rows: int, on_finish: Callable[[Output], None] | None = None,
-                 on_end: Callable[[TokenEvent], None] | None = None) -> None:
-        super().__init__((), num_blocks=num_blocks, num_rows=num_rows, on_finish=on_finish, on_end=on_end)
+                 on_end: Callable[[TokenEvent], None] | None = None, block_size: int = 16,
+                 prefix_cache: object = None) -> None:
+        super().__init__((), num_blocks=num_blocks, num_rows=num_rows, on_finish=on_finish, on_end=on_end,
+                         block_size=block_size, prefix_cache=prefix_cache)
         self._cond = threading.Condition()
         self._inbox: list[RequestState] = []
         self._live: dict[str, RequestState] = {}  # submitted and not ended (inbox included), by id

@@ -25,7 +25,7 @@ from .step import DeviceBuffers, EngineGraphContext, Slot, StepBody
 
 EDGES: tuple[str, ...] = (
     "h2d->comp", "comp->d2h", "d2h->upd", "comp->comp", "h2d->prep",
-    "comp->h2d", "d2h->comp", "upd->d2h", "reuse", "pool",
+    "comp->h2d", "d2h->comp", "upd->d2h", "reuse", "pool", "cached",
 )
 
 
@@ -34,11 +34,14 @@ class PipelineDebug:
     """Test-only switches that break the pipeline on purpose, to prove the invariant tests can fail.
 
     `disabled_edges` drops event edges by name (`EDGES`). `split_launch` issues d2h[k] only after upd[k-S] (the
-    host then runs S batches ahead), a loop shape in which no slot edge is implied by another.
+    host then runs S batches ahead), a loop shape in which no slot edge is implied by another. `unshared_release`
+    breaks the prefix cache's `last use by every holder -> reuse` rule: the first holder to release a shared block
+    lets it go for all of them (`kv_blocks.KVBlocks.share_safely`).
     """
 
     disabled_edges: frozenset = frozenset()
     split_launch: bool = False
+    unshared_release: bool = False
 
 
 @attrs.define(eq=False)
@@ -227,6 +230,8 @@ class Pipeline:
             waits.extend(self._comp_event(e.prev_batch) for e in rec.entries)
         if "reuse" not in off:
             waits.extend(self._comp_event(m) for e in rec.entries for m in e.reuse_after)
+        if "cached" not in off:  # a prefix-cache hit reads blocks another request's batch computed
+            waits.extend(self._comp_event(m) for e in rec.entries for m in e.reads_after)
         if rec.uses_graph and "pool" not in off:
             waits.append(self._last_pool)
         graphs, shape = self.graphs, rec.shape

@@ -28,6 +28,7 @@ _REGISTER_HOOKS: dict[str, str] = {
     "stream_topology": "asyncbatch_register_stream_topologies",
     "graph_policy": "asyncbatch_register_graph_policies",
     "attention_backend": "asyncbatch_register_attention_backends",
+    "prefix_cache": "asyncbatch_register_prefix_caches",
     "runtime": "asyncbatch_register_runtimes",
     "model_preset": "asyncbatch_register_model_presets",
     "workload": "asyncbatch_register_workloads",

@@ -63,6 +63,12 @@ class DeferredPool:
             item = (i, last_batch)
             (self._free if last_batch < self._batch else self._deferred).append(item)
 
+    def transfer(self, i: int, old: object, new: object) -> None:
+        """Id `i` changes owner (a block a request computed, taken over by the prefix cache)."""
+        if self._owner.get(i) is not old:
+            raise AssertionError(f"{old!r} gave away {self.name} {i} it does not own")
+        self._owner[i] = new
+
     def owner_of(self, i: int) -> object | None:
         return self._owner.get(i)
 

@@ -131,13 +131,16 @@ def describe_resource(resource: Any) -> str:
 
 
 def missing_edge(before: str, after: str, kind: str, *, same_batch: bool,
-                 same_owner: bool | None) -> str | None:
+                 same_owner: bool | None, modes: tuple[str, str] = ("w", "w")) -> str | None:
     """The `pipeline.EDGES` name that orders op `before` ahead of op `after` on a `kind` resource, or None."""
     if same_batch:
         return SAME_BATCH_EDGES.get((before, after, kind))
     if kind in PER_REQUEST and (before, after) == ("comp", "comp"):
-        # The same request's previous batch is `comp->comp`; a block or row handed to a new owner is `reuse`.
-        return "comp->comp" if same_owner else "reuse"
+        # The same request's previous batch is `comp->comp`; another request reading a block that one wrote is a
+        # prefix-cache hit (`cached`); a block or row handed to a new owner is `reuse`.
+        if same_owner:
+            return "comp->comp"
+        return "cached" if kind == "kv" and modes == ("w", "r") else "reuse"
     return CROSS_BATCH_EDGES.get((before, after, kind))
 
 
@@ -155,7 +158,7 @@ def pair_of(conflict: Conflict) -> RacePair:
     edge = None
     if a.node_id != b.node_id:
         edge = missing_edge(a.name, b.name, kind, same_batch=a.batch == b.batch,
-                            same_owner=None if owners is None else owners[0] == owners[1])
+                            same_owner=None if owners is None else owners[0] == owners[1], modes=modes)
     return RacePair(OpRef.of(a), OpRef.of(b), describe_resource(conflict.resource), kind,
                     (MODES.get(modes[0], modes[0]), MODES.get(modes[1], modes[1])), owners, edge,
                     same_op=a.node_id == b.node_id)

@@ -19,6 +19,7 @@ FAMILIES: tuple[str, ...] = (
     "stream_topology",
     "graph_policy",
     "attention_backend",
+    "prefix_cache",
     "runtime",
     "model_preset",
     "workload",

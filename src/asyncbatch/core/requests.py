@@ -26,6 +26,7 @@ class RequestState:
         "request", "index", "tokens", "prompt_len", "num_pending", "num_computed", "blocks", "block_last_use",
         "row", "row_last_use", "status", "finish_reason", "error", "token_times", "last_batch", "admit_order",
         "max_new_tokens", "max_len", "stop_ids", "seed", "num_preemptions", "finish_time", "cancel_requested",
+        "num_cached", "cached_total", "block_keys", "num_offered",
     )
 
     def __init__(self, request: Request, index: int, max_len: int, seed: int,
@@ -55,6 +56,12 @@ class RequestState:
         self.num_preemptions = 0
         self.finish_time = 0.0
         self.cancel_requested = False
+        # Prefix cache: tokens whose KV this admission reuses (set while waiting, kept once admitted), their sum over
+        # admissions, and the content keys of the request's full blocks (computed once, extended as tokens land).
+        self.num_cached = 0
+        self.cached_total = 0
+        self.block_keys: list = []
+        self.num_offered = 0  # leading blocks already offered to the prefix cache (reset when blocks are released)
 
     # ---- read-only view (the scheduler's contract)
     @property

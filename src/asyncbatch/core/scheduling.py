@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from .kv_blocks import KVBlocks
 from .pools import DeferredPool
 from .requests import RequestState, Status
 
@@ -30,6 +31,7 @@ class BatchEntry:
     reuse_after: set[int]  # batches that last used the blocks/row this entry received (reuse waits on them)
     admitted: bool  # took a row in this batch
     carries: bool = False  # its newest input token is pending on the device
+    reads_after: frozenset[int] = frozenset()  # batches that computed the cached blocks it reads (prefix hits)
 
 
 @attrs.frozen
@@ -67,7 +69,7 @@ class SchedulingState:
         *,
         max_tokens: int,
         max_seqs: int,
-        blocks: DeferredPool,
+        blocks: DeferredPool | KVBlocks,
         rows: DeferredPool,
         block_size: int,
         in_flight: int = 0,
@@ -80,6 +82,7 @@ class SchedulingState:
         self.seq_budget = max_seqs
         self.block_size = block_size
         self._blocks = blocks
+        self._kv = blocks if isinstance(blocks, KVBlocks) and blocks.cache is not None else None
         self._rows = rows
         self.entries: list[BatchEntry] = []
         self._added: set[int] = set()
@@ -91,6 +94,12 @@ class SchedulingState:
     def blocks_needed(self, req: RequestState, num_tokens: int) -> int:
         bs = self.block_size
         return max(0, -(-(req.num_computed + num_tokens) // bs) - len(req.blocks))
+
+    def cached_tokens(self, req: RequestState) -> int:
+        """Prompt tokens of `req` whose KV the prefix cache supplies: for a waiting request, what its admission
+        in this batch would reuse (already subtracted from `req.num_remaining`); for a running one, what its
+        admission reused. Always 0 with `engine.prefix_cache: none`."""
+        return req.num_cached
 
     def max_chunk(self, req: RequestState) -> int:
         """The most tokens of `req` that fit the token budget now (0 if none)."""
@@ -118,9 +127,13 @@ class SchedulingState:
         if req.status is Status.WAITING:
             if self._rows.num_free < 1:
                 return False
-            # Admit only what can finish its prompt without eating the running decodes' reserve.
+            # Admit only what can finish its prompt without eating the running decodes' reserve. Its cached prefix
+            # costs the unheld cached blocks it takes out of the free count.
+            cost = self._kv.admission_cost(req) if self._kv is not None else 0
+            if cost is None:  # the prefix was evicted by an earlier admission of this batch
+                return False
             whole = self.blocks_needed(req, req.num_remaining)
-            return whole <= self._blocks.num_free - self._reserve
+            return whole + cost <= self._blocks.num_free - self._reserve
         own = self.blocks_needed(req, 1) if req.is_decode else 0  # its own share of the reserve
         return need <= self._blocks.num_free - (self._reserve - own)
 
@@ -134,6 +147,9 @@ class SchedulingState:
         waits: set[int] = set()
         admitted = req.status is Status.WAITING
         if admitted:
+            if self._kv is not None:
+                reads = self._kv.admit(req)  # hold the cached prefix before allocating, which may evict
+            cached = list(req.blocks)
             ((row, last),) = self._rows.allocate(1, req)
             req.row, req.row_last_use = row, last
             req.status = Status.RUNNING
@@ -142,7 +158,7 @@ class SchedulingState:
         if req.is_decode:
             self._reserve -= self.blocks_needed(req, 1)
         got = self._blocks.allocate(self.blocks_needed(req, num_tokens), req) or []
-        new_blocks = [b for b, _ in got]
+        new_blocks = (cached if admitted else []) + [b for b, _ in got]  # new to its row's block table
         for b, last in got:
             req.blocks.append(b)
             req.block_last_use.append(last)
@@ -156,7 +172,8 @@ class SchedulingState:
         if samples:
             req.num_pending += 1
         req.last_batch = k
-        self.entries.append(BatchEntry(req, num_tokens, start, samples, req.row, new_blocks, prev_batch, waits, admitted, carries))
+        self.entries.append(BatchEntry(req, num_tokens, start, samples, req.row, new_blocks, prev_batch, waits,
+                                       admitted, carries, reads if admitted and self._kv is not None else frozenset()))
         self._added.add(id(req))
         self.token_budget -= num_tokens
         self.seq_budget -= 1

@@ -112,6 +112,12 @@ class RunSummary:
     e2e_p90: float | None = None
     e2e_p95: float | None = None
     e2e_mean: float | None = None
+    # Prefix caching: prompt tokens whose KV came from the cache (`Output.num_cached_tokens`), and their share of the
+    # prompt tokens, both over the requests that ran (finish reason other than `error`). The rate is 0 without a
+    # prefix cache, None when no prompt token ran; preempted requests count their cached tokens once per
+    # admission, so it can pass 1 only through preemption.
+    prefill_tokens_saved: int = 0
+    prefix_cache_hit_rate: float | None = None
 
     @classmethod
     def build(cls, outputs: Sequence[Output], steps: Sequence[StepStats], wall_s: float, *,
@@ -129,6 +135,8 @@ class RunSummary:
         spread = {f"{name}_p{q}": percentile(values, q) for name, values in latencies.items() for q in (50, 90, 95, 99)}
         spread.update({f"{name}_mean": _mean(values) for name, values in latencies.items()})
         computes = [s.compute_s for s in steps if s.compute_s is not None]
+        ran = [o for o in outputs if o.finish_reason != "error"]
+        saved, ran_prompt = sum(o.num_cached_tokens for o in ran), sum(len(o.prompt_ids) for o in ran)
         ms = 1e3
         return cls(
             num_requests=len(outputs), finish_reasons=reasons, generated_tokens=gen,
@@ -140,7 +148,8 @@ class RunSummary:
             update_ms=_scale(_mean([s.update_s for s in steps]), ms),
             compute_step_ms=_scale(_mean(computes), ms),
             compute_busy_fraction=busy_fraction, preemptions=preemptions, hook_errors=hook_errors,
-            startup_s=startup_s)
+            startup_s=startup_s, prefill_tokens_saved=saved,
+            prefix_cache_hit_rate=saved / ran_prompt if ran_prompt else None)
 
 
 def _scale(x: float | None, k: float) -> float | None:

@@ -177,7 +177,9 @@ class Output:
     """The result of one request, returned in input order by `Engine.generate`.
 
     `token_times` holds one host timestamp (seconds since the run started) per generated token: the moment the
-    host learned the token. `first_token_time - arrival_time` is the time to first token.
+    host learned the token. `first_token_time - arrival_time` is the time to first token. `num_cached_tokens`:
+    prompt tokens whose KV came from the prefix cache instead of being prefilled (summed over re-admissions after
+    preemption; 0 with `engine.prefix_cache: none`).
     """
 
     request_id: str
@@ -190,6 +192,7 @@ class Output:
     finish_time: float = 0.0
     num_preemptions: int = 0
     text: str | None = None
+    num_cached_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:

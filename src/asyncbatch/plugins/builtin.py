@@ -26,6 +26,7 @@ class Auto:
 
 @hookimpl
 def asyncbatch_register_schedulers(register: Any) -> None:
+    from ..strategies import cache_aware as c
     from ..strategies import schedulers as s
 
     register("fifo", s.Fifo)
@@ -33,6 +34,8 @@ def asyncbatch_register_schedulers(register: Any) -> None:
     register("shortest_first", s.ShortestFirst)
     register("priority", s.Priority)
     register("stop_aware", s.StopAware)
+    register("longest_prefix_first", c.LongestPrefixFirst)
+    register("fair_prefix", c.FairPrefix)
 
 
 @hookimpl
@@ -74,6 +77,15 @@ def asyncbatch_register_attention_backends(register: Any) -> None:
 
 
 @hookimpl
+def asyncbatch_register_prefix_caches(register: Any) -> None:
+    from ..strategies import prefix_cache as p
+
+    register("none", p.NoPrefixCache)
+    register("blocks", p.HashedBlocks)
+    register("radix", p.RadixTree)
+
+
+@hookimpl
 def asyncbatch_register_runtimes(register: Any) -> None:
     from ..core.runtime import cpu, cuda, sim
 
@@ -93,7 +105,9 @@ def asyncbatch_register_model_presets(register: Any) -> None:
 
 @hookimpl
 def asyncbatch_register_workloads(register: Any) -> None:
-    from . import workloads
+    from . import prefix_workloads, workloads
 
     register("synthetic", workloads.Synthetic)
     register("jsonl", workloads.JsonlPrompts)
+    register("shared_prefix", prefix_workloads.SharedPrefix)
+    register("conversation", prefix_workloads.Conversation)

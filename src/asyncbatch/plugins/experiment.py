@@ -109,6 +109,7 @@ def results_dict(cell_index: int, assignment: dict, cfg: ExperimentConfig, resul
         "finish_reason": o.finish_reason, "error": o.error, "arrival_time": _us(o.arrival_time),
         "finish_time": _us(o.finish_time), "ttft": o.ttft, "latency": o.latency,
         "num_preemptions": o.num_preemptions,
+        "cached_tokens": getattr(o, "num_cached_tokens", 0),  # prompt tokens read from the prefix cache
         # When the host learned each token, in seconds since the run started: any latency metric can be recomputed.
         "token_times": [_us(t) for t in o.token_times],
         # A digest, not the tokens: enough to check that a rerun produced the same text.

@@ -90,7 +90,17 @@ def _spread(s: RunSummary, name: str) -> str:
     return " / ".join(fmt(ms(getattr(s, f"{name}_{q}"))) for q in ("p50", "p90", "p99", "mean"))
 
 
-def summary_table(summary: RunSummary, runtime: str) -> str:
+def prefix_cache_on(engine: Any) -> bool:
+    """Whether an `EngineConfig` (or its dict) enables a prefix cache: `engine.prefix_cache` other than `none`
+    (False where the engine has no such key)."""
+    value = engine.get("prefix_cache") if isinstance(engine, dict) else getattr(engine, "prefix_cache", None)
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", value)
+    return name not in (None, "none")
+
+
+def summary_table(summary: RunSummary, runtime: str, *, prefix_cache: bool = False) -> str:
+    """The metric/value table of one run. The prefix cache line shows when `prefix_cache` (the run enabled one)
+    or when some prompt tokens came from a cache."""
     s = summary
     host = (f"{fmt(s.host_step_ms)} (schedule {fmt(s.schedule_ms)} / prepare {fmt(s.prepare_ms)} / "
             f"update {fmt(s.update_ms)})")
@@ -115,6 +125,9 @@ def summary_table(summary: RunSummary, runtime: str) -> str:
         ("preemptions", s.preemptions),
         ("finish reasons", reasons),
     ]
+    if prefix_cache or s.prefill_tokens_saved:
+        rows.insert(4, ("prefix cache hit rate", f"{fmt(s.prefix_cache_hit_rate, 3)} "
+                                                 f"({s.prefill_tokens_saved} prefill tokens saved)"))
     if s.hook_errors:
         rows.append(("plugin hook errors", s.hook_errors))
     return format_table(("metric", "value"), rows)

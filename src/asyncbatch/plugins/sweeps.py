@@ -18,11 +18,12 @@ from typing import Any
 import attrs
 
 from ..core.config import unstructure
-from .report import fmt, format_table, ms, summary_table, write_csv, write_json
+from .report import fmt, format_table, ms, prefix_cache_on, summary_table, write_csv, write_json
 
 LATENCY_COLUMNS = tuple(f"{name}_{q}_ms" for name in ("ttft", "itl", "e2e") for q in ("p50", "p90", "p95", "p99", "mean"))
 METRIC_COLUMNS = ("tok_s", "generated_tokens", "wall_s", *LATENCY_COLUMNS, "busy_fraction", "host_ms_step",
-                  "compute_ms_step", "steps", "preemptions", "startup_s")
+                  "compute_ms_step", "steps", "preemptions", "startup_s", "prefix_cache_hit_rate",
+                  "prefill_tokens_saved")
 SEED_KEYS = ("seed", "engine.seed", "workload.seed")
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom, then 40, 60 and 120. Between tabulated
 # values the smaller df's quantile is used, so an interval is never narrower than the exact one (and at most 1%
@@ -63,7 +64,8 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
                for q in ("p50", "p90", "p95", "p99", "mean")},
             "busy_fraction": s("compute_busy_fraction"), "host_ms_step": s("host_step_ms"),
             "compute_ms_step": s("compute_step_ms"), "steps": s("steps"), "preemptions": s("preemptions"),
-            "startup_s": s("startup_s")}
+            "startup_s": s("startup_s"), "prefix_cache_hit_rate": s("prefix_cache_hit_rate"),
+            "prefill_tokens_saved": s("prefill_tokens_saved")}
 
 
 def sweep_row(cell: Any) -> dict[str, Any]:
@@ -81,15 +83,26 @@ def write_sweep(out_dir: Path, keys: Sequence[str], cells: Sequence[Any], *,
     return rows
 
 
-def sweep_table(keys: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+def _show_prefix_cache(keys: Sequence[str], rows: Sequence[dict[str, Any]], prefix_cache: bool,
+                       column: str = "prefix_cache_hit_rate") -> bool:
+    """The cache hit rate column shows when a run enabled a prefix cache, a sweep key is about one, or a run
+    read tokens from one."""
+    return prefix_cache or any("prefix_cache" in k for k in keys) or any(r.get(column) for r in rows)
+
+
+def sweep_table(keys: Sequence[str], rows: Sequence[dict[str, Any]], *, prefix_cache: bool = False) -> str:
     reps = any(r.get("rep", 0) for r in rows)
-    cols = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
-            "busy_fraction", "host_ms_step", "steps", "preemptions")
-    headers = ([k.split(".")[-1] for k in keys] + (["rep"] if reps else [])
-               + ["tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "e2e p50", "e2e p99", "busy",
-                  "host ms/step", "steps", "preempt"])
+    cols = ["tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+            "busy_fraction", "host_ms_step", "steps", "preemptions"]
+    names = ["tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "e2e p50", "e2e p99", "busy",
+             "host ms/step", "steps", "preempt"]
+    if _show_prefix_cache(keys, rows, prefix_cache):
+        cols += ["prefix_cache_hit_rate", "prefill_tokens_saved"]
+        names += ["cache hit", "prefill saved"]
+    three = ("busy_fraction", "prefix_cache_hit_rate")
+    headers = [k.split(".")[-1] for k in keys] + (["rep"] if reps else []) + names
     body = [[fmt(r[k]) for k in keys] + ([r["rep"]] if reps else [])
-            + [fmt(r[c], 3) if c == "busy_fraction" and r[c] is not None else r[c] for c in cols] for r in rows]
+            + [fmt(r.get(c), 3) if c in three and r.get(c) is not None else r.get(c) for c in cols] for r in rows]
     return format_table(headers, body) + "\n(latencies in ms)"
 
 
@@ -137,13 +150,15 @@ def _pm(row: dict[str, Any], col: str, digits: int = 2) -> str:
     return fmt(mean, digits) if ci is None else f"{fmt(mean, digits)} ± {fmt(ci, digits)}"
 
 
-def aggregate_table(keys: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+def aggregate_table(keys: Sequence[str], rows: Sequence[dict[str, Any]], *, prefix_cache: bool = False) -> str:
     by = group_keys(keys)
-    cols = (("tok/s", "tok_s"), ("TTFT p50", "ttft_p50_ms"), ("TTFT p99", "ttft_p99_ms"), ("ITL p50", "itl_p50_ms"),
-            ("e2e p50", "e2e_p50_ms"), ("busy", "busy_fraction"))
+    cols = [("tok/s", "tok_s"), ("TTFT p50", "ttft_p50_ms"), ("TTFT p99", "ttft_p99_ms"), ("ITL p50", "itl_p50_ms"),
+            ("e2e p50", "e2e_p50_ms"), ("busy", "busy_fraction")]
+    if _show_prefix_cache(keys, rows, prefix_cache, "prefix_cache_hit_rate_mean"):
+        cols.append(("cache hit", "prefix_cache_hit_rate"))
     headers = [k.split(".")[-1] for k in by] + ["n"] + [h for h, _ in cols]
-    body = [[fmt(r[k]) for k in by] + [r["n"]] + [_pm(r, c, 3 if c == "busy_fraction" else 2) for _, c in cols]
-            for r in rows]
+    body = [[fmt(r[k]) for k in by] + [r["n"]]
+            + [_pm(r, c, 3 if c in ("busy_fraction", "prefix_cache_hit_rate") else 2) for _, c in cols] for r in rows]
     return format_table(headers, body) + "\n(mean ± 95% confidence half-width over replicates; latencies in ms)"
 
 
@@ -155,13 +170,16 @@ def report_text(result: Any) -> str:
     out = result.out_dir
     if not result.rows:
         (cell,) = result.cells
-        lines = [summary_table(cell.summary, cell.runtime), f"results: {out / 'results.json'}"]
+        lines = [summary_table(cell.summary, cell.runtime, prefix_cache=prefix_cache_on(cell.config.engine)),
+                 f"results: {out / 'results.json'}"]
         if cell.trace is not None:
             lines.append(f"trace: {cell.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
         return "\n".join(lines)
-    lines = [sweep_table(result.keys, result.rows), f"sweep: {out / 'sweep.csv'}, {out / 'sweep.json'}"]
+    cache = any(prefix_cache_on(c.config.engine) for c in result.cells)
+    lines = [sweep_table(result.keys, result.rows, prefix_cache=cache),
+             f"sweep: {out / 'sweep.csv'}, {out / 'sweep.json'}"]
     if result.aggregate:
-        lines += ["", aggregate_table(result.keys, result.aggregate),
+        lines += ["", aggregate_table(result.keys, result.aggregate, prefix_cache=cache),
                   f"aggregate: {out / 'aggregate.csv'}, {out / 'aggregate.json'}"]
     if result.plots:
         lines.append("plots: " + ", ".join(str(p) for p in result.plots))

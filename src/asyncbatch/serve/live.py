@@ -98,6 +98,7 @@ class AsyncEngine:
         self._all_ended.set()
         engine = self.engine
         self._book = OpenRequestBook(num_blocks=engine.num_blocks, num_rows=engine.config.batch.max_seqs,
+                                     block_size=engine.config.cache.block_size, prefix_cache=engine.new_prefix_cache(),
                                      on_finish=self._on_finish)
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="asyncbatch-serve", daemon=True)
