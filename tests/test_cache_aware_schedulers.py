@@ -49,11 +49,19 @@ def attach(req: RequestState, cached: int) -> None:
     req.block_last_use = [-1] * len(req.blocks)
 
 
+class CachedState(SchedulingState):
+    """A planning state that says a prefix cache serves the run (what `defer_shared` waits for); the cached
+    prefixes themselves are attached by hand (`attach`)."""
+
+    prefix_cache_on = True
+
+
 def state_for(batch: int, waiting: list[RequestState], running: list[RequestState] = (), *, max_tokens: int = 256,
-              max_seqs: int = 16, num_blocks: int = 256, num_rows: int = 16) -> SchedulingState:
-    return SchedulingState(batch, running, sorted(waiting, key=lambda r: (r.arrival_time, r.index)),
-                           max_tokens=max_tokens, max_seqs=max_seqs, block_size=BS,
-                           blocks=DeferredPool(num_blocks, name="block"), rows=DeferredPool(num_rows, name="row"))
+              max_seqs: int = 16, num_blocks: int = 256, num_rows: int = 16, cache: bool = False) -> SchedulingState:
+    return (CachedState if cache else SchedulingState)(
+        batch, running, sorted(waiting, key=lambda r: (r.arrival_time, r.index)), max_tokens=max_tokens,
+        max_seqs=max_seqs, block_size=BS, blocks=DeferredPool(num_blocks, name="block"),
+        rows=DeferredPool(num_rows, name="row"))
 
 
 def plan(scheduler, state: SchedulingState) -> list[tuple[str, int]]:
@@ -139,7 +147,7 @@ def test_a_request_that_does_not_fit_is_not_overtaken_by_a_lower_ranked_one(cls)
        chunked=st.booleans())
 def test_without_cached_tokens_the_plan_is_fifos(prompts, arrivals, max_tokens, max_seqs, num_blocks, chunked):
     """Nothing cached: both schedulers plan exactly what `fifo` plans, batch after batch (whatever the prompts
-    share: with `defer_shared` off, the default, only `cached_tokens` matters)."""
+    share: without a prefix cache `defer_shared` does nothing, and only `cached_tokens` matters)."""
     times = arrivals.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=len(prompts), max_size=len(prompts)))
     plans = []
     for sched in (Fifo(Fifo.Config(chunked)), LongestPrefixFirst(LongestPrefixFirst.Config(chunked)),
@@ -165,16 +173,19 @@ def test_defer_shared_holds_back_a_request_that_would_recompute_a_block_being_co
         return [make("first", 24, shared=16, index=0), make("sibling", 24, shared=16, index=1),
                 make("other", 8, index=2), make("short_share", 24, shared=3, index=3)]
 
-    waiting = queue()
+    waiting = queue()  # no prefix cache: nothing to wait for
     assert [n for n, _ in plan(cls(), state_for(0, waiting))] == ["first", "sibling", "other", "short_share"]
+    waiting = queue()
+    off = cls(cls.Config(defer_shared=False))
+    assert [n for n, _ in plan(off, state_for(0, waiting, cache=True))] == ["first", "sibling", "other", "short_share"]
 
-    sched = cls(cls.Config(defer_shared=True))
+    sched = cls()  # defer_shared is on by default
     waiting = queue()
     # `sibling` would compute the 4 blocks `first` computes now; sharing 3 tokens (not a whole block) is no reason.
-    assert [n for n, _ in plan(sched, state_for(0, waiting))] == ["first", "other", "short_share"]
+    assert [n for n, _ in plan(sched, state_for(0, waiting, cache=True))] == ["first", "other", "short_share"]
     sibling = waiting[1]
     attach(sibling, 16)  # next batch the cache supplies them
-    assert plan(sched, state_for(1, [sibling])) == [("sibling", 8)]
+    assert plan(sched, state_for(1, [sibling], cache=True)) == [("sibling", 8)]
 
 
 def test_defer_shared_compares_past_the_cached_tokens():
@@ -182,15 +193,15 @@ def test_defer_shared_compares_past_the_cached_tokens():
     the batch computes a further whole block it would compute too."""
     sched = LongestPrefixFirst(LongestPrefixFirst.Config(defer_shared=True))
     a, b = make("a", 24, shared=16, cached=8, index=0), make("b", 24, shared=16, cached=8, index=1)
-    assert [n for n, _ in plan(sched, state_for(0, [a, b]))] == ["a"]
+    assert [n for n, _ in plan(sched, state_for(0, [a, b], cache=True))] == ["a"]
     a, b = make("a", 24, shared=8, cached=8, index=0), make("b", 24, shared=8, cached=8, index=1)
-    assert [n for n, _ in plan(sched, state_for(0, [a, b]))] == ["a", "b"]
+    assert [n for n, _ in plan(sched, state_for(0, [a, b], cache=True))] == ["a", "b"]
 
 
 def test_fair_prefix_never_defers_a_due_request():
     sched = FairPrefix(FairPrefixConfig(max_skips=0, defer_shared=True))  # every request is due: fifo order
     waiting = [make("first", 24, shared=16, index=0), make("sibling", 24, shared=16, index=1)]
-    assert [n for n, _ in plan(sched, state_for(0, waiting))] == ["first", "sibling"]
+    assert [n for n, _ in plan(sched, state_for(0, waiting, cache=True))] == ["first", "sibling"]
 
 
 # ---------------------------------------------------------------- fair_prefix's bound
@@ -271,7 +282,7 @@ def test_fair_prefix_never_lets_a_request_be_overtaken_more_than_max_skips_times
         waiting = [r for r in waiting if rng.random() > 0.1]  # cancellations
         for req in waiting:  # the cache's contents change: re-attach a random prefix (whole blocks, < prompt)
             attach(req, BS * rng.randint(0, (req.prompt_len - 1) // BS))
-        state = state_for(k, waiting, max_tokens=max_tokens, max_seqs=max_seqs, num_blocks=num_blocks)
+        state = state_for(k, waiting, max_tokens=max_tokens, max_seqs=max_seqs, num_blocks=num_blocks, cache=True)
         sched.schedule(state)
 
         admitted = [e.req for e in state.entries if e.admitted]
@@ -315,10 +326,10 @@ GEOMETRIES = {  # batch and cache geometries (block_size 16: each prefix is 4 bl
     # Two rows: ranked by cached tokens, the last prefix's first two questions tie on 0 and share a batch.
     "siblings": {"batch": {"max_tokens": 160, "max_seqs": 2}, "cache": {"block_size": 16, "num_blocks": 20}},
 }
-CACHE_AWARE = {"longest_prefix_first": "longest_prefix_first",
-               "longest_prefix_first+defer": {"name": "longest_prefix_first", "defer_shared": True},
-               "fair_prefix": {"name": "fair_prefix", "max_skips": 2},
-               "fair_prefix+defer": {"name": "fair_prefix", "max_skips": 2, "defer_shared": True}}
+CACHE_AWARE = {"longest_prefix_first-nodefer": {"name": "longest_prefix_first", "defer_shared": False},
+               "longest_prefix_first": "longest_prefix_first",
+               "fair_prefix-nodefer": {"name": "fair_prefix", "max_skips": 2, "defer_shared": False},
+               "fair_prefix": {"name": "fair_prefix", "max_skips": 2}}
 
 
 @pytest.mark.parametrize("prefix_cache", ["blocks", "radix"])
@@ -341,7 +352,7 @@ def test_cache_aware_schedulers_hit_the_cache_at_least_as_often_as_fifo(model_fa
     tokens, fifo_hits = run("fifo")
     assert fifo_hits > 0
     for label, scheduler in CACHE_AWARE.items():
-        if geometry == "siblings" and "defer" not in label:
+        if geometry == "siblings" and "nodefer" in label:
             continue
         got, hits = run(scheduler)
         assert got == tokens, label

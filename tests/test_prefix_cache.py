@@ -41,8 +41,8 @@ def test_a_prefix_already_held_keeps_its_block(name):
     index = INDEXES[name]()
     index.insert([A, B], [10, 11])
 
-    assert [True, False, True] == index.insert([A, B, C], [10, 20, 21])
-    assert [10, 11, 21] == index.match([A, B, C])  # C hangs under the held B, whoever offered it
+    assert [True, False, False] == index.insert([A, B, C], [10, 20, 21])
+    assert [10, 11] == index.match([A, B, C])  # nothing is inserted after a prefix held under another block
 
 
 def test_the_radix_tree_evicts_leaves_only_so_a_shared_prefix_outlives_its_continuations():
@@ -184,7 +184,7 @@ GEOMETRY = st.sampled_from([
 ])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(work=SHARED, combo=combinations(), geometry=GEOMETRY, cache=st.sampled_from(["blocks", "radix"]),
        data=st.data())
 def test_every_pipeline_shares_prefixes_without_a_race_and_with_the_same_tokens(tiny64, work, combo, geometry,
@@ -216,3 +216,25 @@ def test_releasing_a_shared_block_for_every_holder_is_caught(tiny64):
 
     with pytest.raises(InvariantError):
         suite()
+
+
+@pytest.mark.parametrize("name", list(INDEXES))
+def test_everything_counted_free_can_be_allocated_after_two_requests_computed_one_prefix(name):
+    """Two requests admitted in one batch both compute the same first block; only the first one's copy is
+    cached, and the second offers nothing after its private copy. (It used to offer its second block as a child
+    of the first one's: the radix tree then could not drop the first block although it counted as free, and a
+    request got a short block table.)"""
+    kv = KVBlocks(8, 2, INDEXES[name]())  # 7 blocks of 2 tokens
+    kv.begin_batch(0)
+    first, second = _req([1, 2, 3, 4, 9]), _req([1, 2, 5, 6, 9], 1)
+    for req in (first, second):
+        kv.attach(req)  # both before either is published: no hit
+    _running(kv, first, 0)
+    _running(kv, second, 0)
+
+    assert 2 == kv.num_cached  # first's [1, 2] and [3, 4] ([9] is not full); none of second's
+    kv.release(first, 0)
+    kv.begin_batch(1)
+    free = kv.num_free
+
+    assert (7 - 3, free) == (free, len(kv.allocate(free, "new")))

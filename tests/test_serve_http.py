@@ -231,3 +231,25 @@ def test_models_health_and_metrics(server):
     assert _metric(server, "asyncbatch_time_to_first_token_seconds_count") >= 1
     assert _metric(server, "asyncbatch_generation_tokens_total") >= _metric(
         server, "asyncbatch_inter_token_latency_seconds_count")
+
+
+def test_a_served_prefix_cache_reports_cached_prompt_tokens_in_usage(tiny64):
+    """`engine.prefix_cache: radix` on a server: a second request with the same 40-token prefix is told, in
+    OpenAI's `usage.prompt_tokens_details.cached_tokens`, how many prompt tokens it did not prefill (whole blocks
+    of 16), streamed or not; its tokens are those of the engine without a cache."""
+    prefix = list(range(3, 43))
+    first, second = prefix + [50, 51], prefix + [60]
+    plain = Engine.from_model(tiny64, EngineConfig.from_dict({"runtime": "cpu"}))
+    want = list(plain.generate([second], SamplingParams(max_new_tokens=5))[0].token_ids)
+    engine = Engine.from_model(tiny64, EngineConfig.from_dict({"runtime": "cpu", "prefix_cache": "radix",
+                                                               "cache": {"block_size": 16}}))
+    with BackgroundServer(build_app(AsyncEngine(engine))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        cold = client.completions.create(model="tiny", prompt=first, max_tokens=5, temperature=0)
+        warm = client.completions.create(model="tiny", prompt=second, max_tokens=5, temperature=0)
+        chunks = list(client.completions.create(model="tiny", prompt=second, max_tokens=5, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+
+    assert (0, 32) == (cold.usage.prompt_tokens_details.cached_tokens, warm.usage.prompt_tokens_details.cached_tokens)
+    assert want == warm.choices[0].token_ids
+    assert 32 == chunks[-1].usage.prompt_tokens_details.cached_tokens

@@ -173,3 +173,35 @@ class ParallelConfig:
     data: int = attrs.field(default=1, validator=_positive)
     tensor: int = attrs.field(default=1, validator=_positive)
     timeout_s: float = attrs.field(default=300.0, validator=_positive)
+
+
+def _max_waiting(_: Any, attribute: attrs.Attribute, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+        raise ConfigError(attribute.name, f"expected an int in [1, {2**31 - 1}] (requests queued for a row), "
+                                          f"got {show(value)}")
+
+
+def _timeout(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+        raise ConfigError(attribute.name, f"expected seconds in [0, 86400], got {show(value)}")
+
+
+def _model_name(_: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(attribute.name, f"expected a non-empty string or null (the checkpoint path or preset "
+                                          f"name), got {show(value)}")
+
+
+@attrs.frozen
+class ServeConfig:
+    """`asyncbatch serve`: the live engine behind the HTTP server.
+
+    `max_waiting`: requests that may wait for a row (submitted, not yet running) before new ones are refused with
+    HTTP 429. `shutdown_timeout_s`: on shutdown, how long requests in flight may run on before they are cancelled.
+    `model_name`: the id clients send as `model` and `/v1/models` lists (null: the checkpoint path, else the
+    preset's name).
+    """
+
+    max_waiting: int = attrs.field(default=512, validator=_max_waiting)
+    shutdown_timeout_s: float = attrs.field(default=30.0, validator=_timeout)
+    model_name: str | None = attrs.field(default=None, validator=_model_name)

@@ -220,7 +220,9 @@ class PrefixCache(ABC):
     @abstractmethod
     def insert(self, keys: Sequence[tuple[int, ...]], blocks: Sequence[int]) -> list[bool]:
         """Offer `blocks[i]` as the block of prefix `keys[:i+1]`, for every i. Returns, per block, whether the
-        index now holds that block; a prefix it already holds keeps its block (the offered one stays private)."""
+        index now holds that block. A prefix it already holds under another block keeps that block; the offered
+        one stays private, and nothing after it is inserted (False for the rest): a cached block's parent is
+        always a block its holders hold."""
 
     @abstractmethod
     def set_evictable(self, block: int, evictable: bool) -> None:
@@ -229,5 +231,7 @@ class PrefixCache(ABC):
 
     @abstractmethod
     def evict(self, n: int) -> list[int]:
-        """Drop up to `n` evictable blocks, in the index's order of preference, and return them (they are
-        forgotten: `match` no longer finds them or anything only reachable through them)."""
+        """Drop `n` evictable blocks (fewer only if fewer are evictable), in the index's order of preference, and
+        return them; they are forgotten: `match` no longer finds them or anything only reachable through them. The
+        block manager makes a block evictable only when every block cached after it on a prefix is evictable
+        too, so an index that drops leaves first always finds `n`."""

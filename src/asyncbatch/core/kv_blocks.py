@@ -80,7 +80,10 @@ class KVBlocks:
         if short > 0:
             if self.cache is None or short > self._ready:
                 return None
-            for b in self.cache.evict(short):
+            dropped = self.cache.evict(short)
+            if len(dropped) != short:  # the index broke its contract; failing here beats a short block table
+                raise AssertionError(f"the prefix cache evicted {len(dropped)} of {short} evictable blocks asked for")
+            for b in dropped:
                 self._ready -= 1
                 del self._refs[b]
                 del self._written[b]
@@ -148,7 +151,13 @@ class KVBlocks:
         req.num_offered = n
         blocks = req.blocks[:n]
         for b, held in zip(blocks, self.cache.insert(self.keys(req, n), blocks)):
-            if held and b not in self._refs:
+            if not held:
+                # Another request cached this prefix first (both computed it in one batch): `req` keeps its copy,
+                # and the index took nothing after it. So a request holds every cached block before one it holds,
+                # an unheld block's descendants are unheld and read no later, and an index that drops leaves
+                # first (radix) can always drop as many as `num_free` counts.
+                break
+            if b not in self._refs:
                 self.pool.transfer(b, req, CACHE)
                 self._refs[b] = 1
                 self._last[b] = -1

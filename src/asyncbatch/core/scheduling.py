@@ -95,6 +95,11 @@ class SchedulingState:
         bs = self.block_size
         return max(0, -(-(req.num_computed + num_tokens) // bs) - len(req.blocks))
 
+    @property
+    def prefix_cache_on(self) -> bool:
+        """Whether a prefix cache serves this run (`engine.prefix_cache` other than `none`)."""
+        return self._kv is not None
+
     def cached_tokens(self, req: RequestState) -> int:
         """Prompt tokens of `req` whose KV the prefix cache supplies: for a waiting request, what its admission
         in this batch would reuse (already subtracted from `req.num_remaining`); for a running one, what its
@@ -155,9 +160,12 @@ class SchedulingState:
             req.status = Status.RUNNING
             if last >= 0:
                 waits.add(last)
-        if req.is_decode:
-            self._reserve -= self.blocks_needed(req, 1)
-        got = self._blocks.allocate(self.blocks_needed(req, num_tokens), req) or []
+        if req.is_decode and not admitted:  # a running decode takes its reserved block (an admitted request whose
+            self._reserve -= self.blocks_needed(req, 1)  # cached prefix leaves one token looks like a decode too)
+        need = self.blocks_needed(req, num_tokens)
+        got = self._blocks.allocate(need, req) if need else []
+        if got is None:  # `can_add` counted them free: a broken count, never a short block table
+            raise AssertionError(f"{need} KV blocks counted free for {req!r} could not be allocated")
         new_blocks = (cached if admitted else []) + [b for b, _ in got]  # new to its row's block table
         for b, last in got:
             req.blocks.append(b)

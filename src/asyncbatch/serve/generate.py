@@ -63,7 +63,12 @@ async def respond(request: Request, live: AsyncEngine, served: ServedModel, gen:
         text, ids, finish = work.result()
     except (RequestError, EngineDeadError) as exc:
         raise _failed(exc, gen) from None
-    return JSONResponse(writer.full(text, ids, finish, len(gen.prompt_ids)))
+    return JSONResponse(writer.full(text, ids, finish, len(gen.prompt_ids), _cached(stream)))
+
+
+def _cached(stream: RequestStream) -> int:
+    """Prompt tokens the prefix cache supplied (0 while the request's output is not in: a stop string ended it)."""
+    return stream.output.num_cached_tokens if stream.output is not None else 0
 
 
 async def _collect(stream: RequestStream, gen: GenerationRequest, served: ServedModel) -> tuple[str, list[int], str]:
@@ -109,7 +114,7 @@ async def _events(stream: RequestStream, gen: GenerationRequest, writer: Respons
             tail = text.flush() if text is not None else ""
         yield sse(writer.chunk(tail, [], finish))
         if gen.include_usage:
-            yield sse(writer.usage_chunk(len(gen.prompt_ids), n))
+            yield sse(writer.usage_chunk(len(gen.prompt_ids), n, _cached(stream)))
     except ApiError as exc:  # the stream has started: the error becomes its last event
         yield sse(exc.body())
     except (RequestError, EngineDeadError) as exc:

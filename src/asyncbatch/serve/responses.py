@@ -18,9 +18,11 @@ def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache supplied."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class ResponseWriter:
@@ -37,7 +39,7 @@ class ResponseWriter:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def full(self, text: str, token_ids: list[int], finish_reason: str,
-             prompt_tokens: int) -> dict[str, Any]:
+             prompt_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
         """A non-streamed response."""
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -47,7 +49,7 @@ class ResponseWriter:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
                       "token_ids": token_ids}
             head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": usage(prompt_tokens, len(token_ids))}
+        return {**head, "choices": [choice], "usage": usage(prompt_tokens, len(token_ids), cached_tokens)}
 
     def chunk(self, text: str, token_ids: list[int], finish_reason: str | None = None, *,
               role: bool = False) -> dict[str, Any]:
@@ -66,7 +68,7 @@ class ResponseWriter:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
         """The last chunk of a stream with `stream_options.include_usage`: no choices, the usage."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}

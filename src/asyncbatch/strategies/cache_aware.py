@@ -3,7 +3,7 @@
 Pure Python: no torch, no streams, no events, no clock (they run under every pipeline, and tensor-parallel ranks
 plan identical steps from identical inputs). The only prefix-cache information used is
 `SchedulingState.cached_tokens(req)`, which any plugin scheduler can read too; without a prefix cache it is 0 for
-every request and both schedulers plan exactly what `fifo` plans (with `defer_shared` off, the default).
+every request and both schedulers plan exactly what `fifo` plans (`defer_shared` acts only with a cache).
 
 Strategy modules import only the core, never each other (tests/test_import_graph.py), so the two small helpers
 that fill decodes and split prompts mirror `schedulers.py`'s (same order, same budget checks as `fifo`).
@@ -89,11 +89,11 @@ def _non_negative(_: Any, attribute: attrs.Attribute, value: int) -> None:
 class LongestPrefixFirstConfig:
     """`chunked_prefill`: split prompts that exceed the remaining token budget across batches. `defer_shared`:
     pass over, for one batch, a new request whose uncached prompt starts with a whole block that a request
-    admitted in the same batch is computing (it gets that block from the cache next batch). Worth it only with a
-    prefix cache: without one it merely delays such requests."""
+    admitted in the same batch is computing (it gets that block from the cache next batch). Applies only while a
+    prefix cache serves the run (`state.prefix_cache_on`): without one it would merely delay such requests."""
 
     chunked_prefill: bool = True
-    defer_shared: bool = False
+    defer_shared: bool = True
 
 
 class LongestPrefixFirst(Scheduler):
@@ -108,7 +108,8 @@ class LongestPrefixFirst(Scheduler):
 
     The ranking sees only what is cached when the batch is planned. Two new requests that share an uncached prefix
     tie on 0 and may be admitted in the same batch, both computing the prefix (`fifo` may by chance have split
-    them); `defer_shared: true` holds the second one back for a batch so that it gets the prefix from the cache.
+    them); `defer_shared` (on by default, with a cache) holds the second one back for a batch so that it gets the
+    prefix from the cache.
     """
 
     Config = LongestPrefixFirstConfig
@@ -120,7 +121,8 @@ class LongestPrefixFirst(Scheduler):
         chunked = self.config.chunked_prefill
         _add_decodes(state)
         _add_running_prefills(state, chunked)
-        _admit_waiting(state, _by_cached_prefix(state, state.waiting), chunked, defer_shared=self.config.defer_shared)
+        _admit_waiting(state, _by_cached_prefix(state, state.waiting), chunked,
+                       defer_shared=self.config.defer_shared and state.prefix_cache_on)
 
 
 @attrs.frozen
@@ -131,7 +133,7 @@ class FairPrefixConfig:
 
     max_skips: int = attrs.field(default=4, validator=_non_negative)
     chunked_prefill: bool = True
-    defer_shared: bool = False
+    defer_shared: bool = True
 
 
 class FairPrefix(Scheduler):
@@ -166,7 +168,7 @@ class FairPrefix(Scheduler):
         skips = {r.request_id: self.skips.get(r.request_id, 0) for r in state.waiting}
         due = sorted((r for r in state.waiting if skips[r.request_id] >= self.config.max_skips), key=_arrival)
         rest = _by_cached_prefix(state, (r for r in state.waiting if skips[r.request_id] < self.config.max_skips))
-        _admit_waiting(state, [*due, *rest], chunked, defer_shared=self.config.defer_shared,
+        _admit_waiting(state, [*due, *rest], chunked, defer_shared=self.config.defer_shared and state.prefix_cache_on,
                        never_defer={r.request_id for r in due})
         admitted = [_arrival(e.req) for e in state.entries if e.admitted]
         latest = max(admitted, default=None)

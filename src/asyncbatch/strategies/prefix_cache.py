@@ -88,9 +88,11 @@ class HashedBlocks(PrefixCache):
             if have is None:
                 self._by_key[key] = have = b
                 self._key_of[b] = key
-            held.append(have == b)
+            if have != b:
+                break
+            held.append(True)
             parent = have
-        return held
+        return held + [False] * (len(blocks) - len(held))
 
     def set_evictable(self, block: int, evictable: bool) -> None:
         if evictable:
@@ -152,9 +154,11 @@ class RadixTree(PrefixCache):
             if child is None:
                 child = node.children[k] = self._node[b] = _Node(b, node, k)
                 self._leaves.pop(node.block, None)  # the parent is no longer a leaf
-            held.append(child.block == b)
+            if child.block != b:
+                break
+            held.append(True)
             node = child
-        return held
+        return held + [False] * (len(blocks) - len(held))
 
     def set_evictable(self, block: int, evictable: bool) -> None:
         node = self._node[block]
