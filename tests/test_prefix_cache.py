@@ -238,3 +238,31 @@ def test_everything_counted_free_can_be_allocated_after_two_requests_computed_on
     free = kv.num_free
 
     assert (7 - 3, free) == (free, len(kv.allocate(free, "new")))
+
+
+def test_an_admission_whose_cached_prefix_leaves_one_token_does_not_take_a_running_decodes_block():
+    """Such a request looks like a decode (one token to feed, some computed), but its admission draws on the free
+    blocks, never on the decodes' reserve: the running decode keeps the block its next token needs."""
+    from asyncbatch.core.pools import DeferredPool
+    from asyncbatch.core.scheduling import SchedulingState
+
+    kv = KVBlocks(6, 2, RadixTree())  # 5 blocks of 2 tokens
+    kv.begin_batch(0)
+    decode = _req([7, 8, 9, 10])  # 2 blocks, full: its next token needs a third
+    _running(kv, decode, 0)
+    decode.num_pending = 1  # its newest token is on the device: one to feed
+    sharer = _req([1, 2, 3], 1)
+    _running(kv, sharer, 0)  # [1, 2] cached, [3] private
+    kv.release(sharer, 0)
+    kv.begin_batch(1)
+    hit, other = _req([1, 2, 5], 2), _req([9, 9], 3)
+    for req in (hit, other):
+        kv.attach(req)
+    assert (2, 1) == (hit.num_computed, hit.num_remaining)  # looks like a decode
+
+    state = SchedulingState(1, [decode], [hit, other], max_tokens=16, max_seqs=4, blocks=kv,
+                            rows=DeferredPool(4, name="row"), block_size=2)
+    # 3 free: the cached [1, 2], the sharer's [3], one never used; the decode reserves one of them.
+    assert (3, True) == (kv.num_free, state.add(hit, 1))  # takes [1, 2] and one new block
+    assert (1, False) == (kv.num_free, state.add(other, 2))  # the last free block is the decode's
+    assert state.add(decode, 1)

@@ -127,9 +127,10 @@ class Engine:
         self._cancel_lock = threading.Lock()
         self._pending_cancels: set[str] = set()  # cancels for requests whose run has not started yet
         self.last_result: RunResult | None = None
-        log.info("engine: runtime=%s scheduler=%s buffers=%s streams=%s graphs=%s attention=%s; %d KV blocks of %d "
-                 "tokens, max_len %d", self.runtime.name, config.scheduler.name, config.buffers.name,
-                 config.streams.name, graph_spec.name, self.attention_name, num_blocks, bs, self.max_len)
+        log.info("engine: runtime=%s scheduler=%s buffers=%s streams=%s graphs=%s attention=%s prefix_cache=%s; %d KV "
+                 "blocks of %d tokens, max_len %d", self.runtime.name, config.scheduler.name, config.buffers.name,
+                 config.streams.name, graph_spec.name, self.attention_name, config.prefix_cache.name, num_blocks, bs,
+                 self.max_len)
         self.warm = Warmup(self.pipeline, graphs, compiled=self.compiled, progress=config.startup.progress)
         warm = config.startup.warmup
         self.warms_up = warm == "always" or (warm == "auto" and self.runtime.graph_support == "native")
