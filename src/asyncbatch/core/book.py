@@ -80,10 +80,12 @@ class RequestBook:
         self.rows.begin_batch(batch)
         self._make_room(scheduler, block_size)
         running, waiting = self.schedulable()
-        if self.blocks.cache is not None:
-            for r in waiting:  # what each would reuse if admitted now (`SchedulingState.cached_tokens`)
-                if r.status is Status.WAITING:
-                    self.blocks.attach(r)
+        # What each waiting request would reuse if admitted now (`SchedulingState.cached_tokens`). With no free
+        # row nobody can be admitted in this batch: the lookups wait, and no stale match can be admitted, since
+        # every batch that has a free row matches afresh first.
+        if self.blocks.cache is not None and self.rows.num_free:
+            for r in waiting:
+                self.blocks.attach(r)
         state = SchedulingState(batch, running, waiting, max_tokens=max_tokens, max_seqs=max_seqs,
                                 blocks=self.blocks, rows=self.rows, block_size=block_size, in_flight=in_flight)
         scheduler.schedule(state)

@@ -97,7 +97,7 @@ class KVBlocks:
         bs, keys = self.block_size, req.block_keys
         for i in range(len(keys), n):
             keys.append(tuple(req.tokens[i * bs:(i + 1) * bs]))
-        return keys[:n]
+        return keys if len(keys) == n else keys[:n]
 
     def attach(self, req: RequestState) -> None:
         """Give waiting `req` the longest cached prefix of its known tokens, leaving at least one token to compute

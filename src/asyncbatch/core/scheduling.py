@@ -8,7 +8,7 @@ work cannot starve requests already running.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -190,3 +190,27 @@ class SchedulingState:
     @property
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
+
+
+# ---- building blocks any scheduler may use (the built-in ones do)
+def add_decodes(state: SchedulingState, requests: Iterable[RequestState]) -> None:
+    """One token for every request in `requests` that decodes, in that order, while the budgets last."""
+    for req in requests:
+        if state.seq_budget == 0 or state.token_budget == 0:
+            return
+        if req.is_decode:
+            state.add(req, 1)
+
+
+def add_prefills(state: SchedulingState, requests: Iterable[RequestState], chunked: bool, *,
+                 stop_at_first_refusal: bool) -> None:
+    """Prompt tokens of `requests` in that order: as much as fits (`chunked`) or whole prompts only.
+    `stop_at_first_refusal` keeps the order strict: nothing after a request that does not fit is added."""
+    for req in requests:
+        if state.token_budget == 0 or state.seq_budget == 0:
+            return
+        n = state.max_chunk(req) if chunked else req.num_remaining
+        if n > 0 and state.add(req, n):
+            continue
+        if stop_at_first_refusal:
+            return  # keep the order: later requests must not overtake one that does not fit yet

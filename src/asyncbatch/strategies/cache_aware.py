@@ -5,8 +5,8 @@ plan identical steps from identical inputs). The only prefix-cache information u
 `SchedulingState.cached_tokens(req)`, which any plugin scheduler can read too; without a prefix cache it is 0 for
 every request and both schedulers plan exactly what `fifo` plans (`defer_shared` acts only with a cache).
 
-Strategy modules import only the core, never each other (tests/test_import_graph.py), so the two small helpers
-that fill decodes and split prompts mirror `schedulers.py`'s (same order, same budget checks as `fifo`).
+Strategy modules import only the core, never each other (tests/test_import_graph.py): the loops that fill decodes
+and prompts are the core's `add_decodes` and `add_prefills`, the ones `fifo` uses.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import attrs
 
 from ..core.interfaces import Scheduler
 from ..core.requests import RequestState
-from ..core.scheduling import SchedulingState
+from ..core.scheduling import SchedulingState, add_decodes, add_prefills
 
 
 def _arrival(req: RequestState) -> tuple[float, int]:
@@ -28,22 +28,12 @@ def _arrival(req: RequestState) -> tuple[float, int]:
 
 def _add_decodes(state: SchedulingState) -> None:
     """One token for every running request that decodes, in admission order."""
-    for req in state.running:
-        if state.seq_budget == 0 or state.token_budget == 0:
-            return
-        if req.is_decode:
-            state.add(req, 1)
+    add_decodes(state, state.running)
 
 
 def _add_running_prefills(state: SchedulingState, chunked: bool) -> None:
     """The rest of prompts already admitted (split across batches), in admission order."""
-    for req in state.running:
-        if state.token_budget == 0 or state.seq_budget == 0:
-            return
-        if req.is_prefill:
-            n = state.max_chunk(req) if chunked else req.num_remaining
-            if n > 0:
-                state.add(req, n)
+    add_prefills(state, (r for r in state.running if r.is_prefill), chunked, stop_at_first_refusal=False)
 
 
 def _shares_a_block_in_flight(state: SchedulingState, req: RequestState, admitted: list[RequestState]) -> bool:

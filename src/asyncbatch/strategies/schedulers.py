@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
@@ -10,26 +10,8 @@ import attrs
 from ..core.interfaces import Scheduler
 from ..core.requests import RequestState
 from ..core.scheduling import PendingView, SchedulingState
-
-
-def _add_prefills(state: SchedulingState, requests: Iterable[RequestState], chunked: bool, *,
-                  stop_at_first_refusal: bool) -> None:
-    for req in requests:
-        if state.token_budget == 0 or state.seq_budget == 0:
-            return
-        n = state.max_chunk(req) if chunked else req.num_remaining
-        if n > 0 and state.add(req, n):
-            continue
-        if stop_at_first_refusal:
-            return  # keep arrival order: later requests must not overtake one that does not fit yet
-
-
-def _add_decodes(state: SchedulingState, requests: Iterable[RequestState]) -> None:
-    for req in requests:
-        if state.seq_budget == 0 or state.token_budget == 0:
-            return
-        if req.is_decode:
-            state.add(req, 1)
+from ..core.scheduling import add_decodes as _add_decodes
+from ..core.scheduling import add_prefills as _add_prefills
 
 
 @attrs.frozen
