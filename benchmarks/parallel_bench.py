@@ -9,6 +9,7 @@ efficiency: TP N is step(TP 1) / step(TP N) / N; DP N is tok/s(DP N) / tok/s(DP 
 
     python benchmarks/parallel_bench.py --out par.json                        # the whole grid, in order
     python benchmarks/parallel_bench.py --out tp.json --runs tp1,tp2,tp4      # some of it
+    python benchmarks/parallel_bench.py --out ar.json --runs tp2:nccl,tp2:one_shot   # engine.parallel.all_reduce
 
 Data parallelism is measured as weak scaling: each replica serves 32 requests at batch 32, so DP 1 is TP 1.
 """
@@ -39,13 +40,16 @@ RUNS = {  # name: (label, preset, processes, tensor); data-parallel runs give ea
 
 
 def run_args(name: str, new: int) -> tuple[str, str, int, int, list[str]]:
+    """`name` is a key of RUNS, optionally with `:<engine.parallel.all_reduce>` (`tp2:nccl`)."""
+    name, _, reduce = name.partition(":")
     if name not in RUNS:
         raise SystemExit(f"unknown run {name!r}: {', '.join(RUNS)}")
     label, preset, procs, tensor = RUNS[name]
     requests = 32 * procs // tensor
-    return label, preset, procs, tensor, ["--set", f"engine.parallel.tensor={tensor}", "--set",
-                                          f"workload.num_requests={requests}", "--set",
-                                          f"workload.output_len={{dist: fixed, value: {new}}}"]
+    extra = ["--set", f"engine.parallel.all_reduce={reduce}"] if reduce else []
+    return (f"{label} ({reduce})" if reduce else label), preset, procs, tensor, [
+        "--set", f"engine.parallel.tensor={tensor}", "--set", f"workload.num_requests={requests}", "--set",
+        f"workload.output_len={{dist: fixed, value: {new}}}", *extra]
 
 
 def shape_bytes(preset: str) -> tuple[int, int]:

@@ -18,6 +18,7 @@ equal the `none` run's. A table, and JSON with `--out`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -39,8 +40,11 @@ def workloads(args: argparse.Namespace, vocab: int) -> dict[str, list[list[int]]
 
 
 def run(model, prompts: list[list[int]], cache: str, args: argparse.Namespace) -> dict:
+    # Every run gets the same KV capacity, enough for all requests at once: sized from free memory, a run would
+    # get what the previous engines left, and a smaller cache queues and preempts (other steps, other tokens).
+    blocks = args.num_blocks or len(prompts) * -(-(len(max(prompts, key=len)) + args.new) // 16) + 64
     cfg = {"prefix_cache": cache, "batch": {"max_tokens": args.max_tokens, "max_seqs": args.max_seqs},
-           "cache": {"block_size": 16, **({"num_blocks": args.num_blocks} if args.num_blocks else {})}}
+           "cache": {"block_size": 16, "num_blocks": blocks}}
     if args.device == "cpu":
         cfg["runtime"] = "cpu"
     engine = Engine.from_model(model, EngineConfig.from_dict(cfg))
@@ -56,6 +60,8 @@ def run(model, prompts: list[list[int]], cache: str, args: argparse.Namespace) -
             prefill += st.compute_s if st.compute_s is not None else (period[i - 1] if i else st.time_s)
     ttfts = [o.ttft for o in result.outputs if o.ttft is not None]
     engine.release()
+    del engine
+    gc.collect()
     return {"wall_s": s.wall_s, "prefill_s": prefill, "ttft_p50_s": statistics.median(ttfts),
             "tokens_per_s": s.tokens_per_s, "hit_rate": s.prefix_cache_hit_rate,
             "prefill_tokens_saved": s.prefill_tokens_saved, "steps": s.steps,
@@ -73,7 +79,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-seqs", type=int, default=128)
-    ap.add_argument("--num-blocks", type=int, default=None)
+    ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks of every run (default: all requests at once)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()

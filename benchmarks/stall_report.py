@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--min-gap-us", type=float, default=50.0)
     ap.add_argument("--slots", type=int, default=2, help="input/output slots (2: the default `double`)")
     ap.add_argument("--threads", type=int, default=None, help="engine.threads (torch CPU threads; default: torch's)")
+    ap.add_argument("--blocking-waits", action="store_true",
+                    help="engine.runtime.blocking_waits: the host sleeps in the driver while it waits on an event")
     args = ap.parse_args()
 
     model, _ = build_model(ModelConfig(preset=args.preset, dtype="bfloat16", device="cuda"), get_plugin_host())
@@ -107,7 +109,8 @@ def main() -> None:
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = [[rng.randrange(vocab) for _ in range(128)] for _ in range(args.batch)]
     buffers = {1: "single", 2: "double"}.get(args.slots, {"name": "n_slot", "num_slots": args.slots})
-    cfg = EngineConfig.from_dict({"runtime": {"name": "cuda", "timing": True, "trace_copies": True},
+    cfg = EngineConfig.from_dict({"runtime": {"name": "cuda", "timing": True, "trace_copies": True,
+                                              "blocking_waits": args.blocking_waits},
                                   "buffers": buffers, "threads": args.threads,
                                   "batch": {"max_tokens": 4096, "max_seqs": args.batch},
                                   "cache": {"num_blocks": args.batch * ((128 + args.new) // 16 + 2) + 64}})
@@ -159,6 +162,7 @@ def main() -> None:
                                                            f"{g['batch']})" for g in run["largest"][:5]))
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "batch": args.batch, "new": args.new, "min_gap_us": args.min_gap_us, "slots": args.slots,
+            "blocking_waits": args.blocking_waits,
             "threads": torch.get_num_threads()}
     with open(args.out, "w") as fh:
         json.dump({"info": info, "runs": runs}, fh, indent=2, default=str)

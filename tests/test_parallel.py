@@ -178,11 +178,38 @@ def test_nproc_must_hold_whole_tensor_parallel_replicas(tmp_path):
     assert "--nproc: 3 processes cannot hold replicas of engine.parallel.tensor=2 ranks" in done.stderr
 
 
+def test_a_one_shot_all_reduce_is_refused_on_the_cpu_by_every_rank_with_the_reason(tmp_path):
+    done = _cli("--out", str(tmp_path / "tp"), "--set", "engine.parallel.tensor=2", "--set",
+                "engine.parallel.all_reduce=one_shot", *SMALL)
+
+    assert 1 == done.returncode
+    assert "engine.parallel.all_reduce=one_shot: it needs CUDA devices (use auto or nccl)" in done.stderr
+    assert "still running" not in done.stderr  # both ranks stopped on their own: no hang, no timeout
+
+
+def test_the_one_shot_all_reduce_is_one_opaque_op_to_torch_compile():
+    """Inductor must not move the symmetric buffer or copy it into memory of its own: the op is a custom op whose
+    fake gives a fresh tensor of the input's shape, so a compiled layer traces it without a graph break."""
+    import torch
+
+    from asyncbatch.parallel.all_reduce import _register_op
+
+    _register_op()
+    _register_op()  # idempotent: engines of one process share it
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        y = torch.empty(3, 8, dtype=torch.bfloat16)
+        out = torch.ops.asyncbatch.one_shot_all_reduce(y, "group")
+
+    assert ((3, 8), torch.bfloat16) == (tuple(out.shape), out.dtype)
+
+
 def test_parallel_settings_are_checked():
     with pytest.raises(ConfigError, match="engine.parallel.data"):
         ExperimentConfig.from_dict({"engine": {"parallel": {"data": 0}}})
     with pytest.raises(ConfigError, match="sweep.engine.parallel.data"):
         ExperimentConfig.from_dict({"sweep": {"engine.parallel.data": [1, 2]}}).sweep_cells()
+    with pytest.raises(ConfigError, match="engine.parallel.all_reduce.*auto, nccl, one_shot"):
+        ExperimentConfig.from_dict({"engine": {"parallel": {"all_reduce": "ring"}}})
     outside = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2}}})
     with pytest.raises(ConfigError, match="2 ranks configured .* not part of a launched world"):
         run_experiment(outside, echo=lambda _: None)

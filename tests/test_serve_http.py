@@ -231,6 +231,13 @@ def test_models_health_and_metrics(server):
     assert _metric(server, "asyncbatch_time_to_first_token_seconds_count") >= 1
     assert _metric(server, "asyncbatch_generation_tokens_total") >= _metric(
         server, "asyncbatch_inter_token_latency_seconds_count")
+    # the costs bench-serve's overhead figures come from: host work of the steps, and CPU inside and outside
+    # the step loop's thread
+    work, step_seconds = (_metric(server, "asyncbatch_step_host_work_seconds_total"),
+                          _metric(server, "asyncbatch_step_seconds_sum"))
+    assert 0 < work <= step_seconds
+    loop_cpu = _metric(server, "asyncbatch_step_loop_cpu_seconds_total")
+    assert 0 < loop_cpu < _metric(server, "asyncbatch_process_cpu_seconds_total")
 
 
 def test_a_served_prefix_cache_reports_cached_prompt_tokens_in_usage(tiny64):

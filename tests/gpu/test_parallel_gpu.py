@@ -31,17 +31,25 @@ def _run(out: Path, *args: str) -> tuple[list[str], dict]:
     return [o["tokens_sha1"] for o in res["outputs"]], res
 
 
-@pytest.mark.parametrize("compile_mode", ["none", "layers"])
-@pytest.mark.parametrize("graphs", ["per_slot", "eager"])
-def test_tensor_parallel_on_two_gpus_gives_the_tokens_of_one(tmp_path, graphs, compile_mode):
+_ONE_GPU: dict[tuple[str, str], list[str]] = {}
+
+
+@pytest.mark.parametrize(("graphs", "compile_mode", "all_reduce"), [
+    ("per_slot", "layers", "one_shot"), ("per_slot", "layers", "nccl"), ("eager", "none", "one_shot"),
+    ("eager", "none", "nccl"), ("per_slot", "none", "one_shot"), ("eager", "layers", "nccl")])
+def test_tensor_parallel_on_two_gpus_gives_the_tokens_of_one(tmp_path, graphs, compile_mode, all_reduce):
     args = ["--set", f"engine.graphs={graphs}", "--set", f"engine.compile={compile_mode}"]
-    one, _ = _run(tmp_path / "one", *args)
+    if (graphs, compile_mode) not in _ONE_GPU:
+        _ONE_GPU[graphs, compile_mode] = _run(tmp_path / "one", *args)[0]
 
-    two, res = _run(tmp_path / "two", "--set", "engine.parallel.tensor=2", *args)
+    two, res = _run(tmp_path / "two", "--set", "engine.parallel.tensor=2", "--set",
+                    f"engine.parallel.all_reduce={all_reduce}", *args)
 
-    assert one == two
+    assert _ONE_GPU[graphs, compile_mode] == two
     assert [0, 1] == [r["rank"] for r in res["ranks"]]
     assert all(r["compute_busy_fraction"] > 0 for r in res["ranks"])
+    log = (tmp_path / "two" / "ranks" / "rank1.log").read_text()  # rank 0 writes to the terminal
+    assert f"tensor-parallel all-reduce: {all_reduce}" in log
 
 
 @pytest.mark.skipif(GPUS < 4, reason="needs four CUDA devices")

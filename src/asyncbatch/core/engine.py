@@ -46,7 +46,8 @@ class Engine:
     """Continuous batching over a transformers causal LM, composed from the configured strategies."""
 
     def __init__(self, model: Any, config: EngineConfig, *, tokenizer: Any = None, host: PluginHost | None = None,
-                 runtime: Runtime | None = None, debug: PipelineDebug = PipelineDebug()) -> None:
+                 runtime: Runtime | None = None, debug: PipelineDebug = PipelineDebug(),
+                 agree_kv_blocks: Callable[[int], int] | None = None) -> None:
         import torch
 
         built = time.perf_counter()
@@ -95,10 +96,13 @@ class Engine:
         self.fused = config.fuse_projections == "always" or (
             config.fuse_projections == "auto" and self.runtime.graph_support == "native")
         self.model_state = model_state.ModelState(self.fused, self.batch_invariant, self.compiled)
+        model_state.settle(model, self.model_state)
 
         cache = config.cache
         bs = cache.block_size
         num_blocks = kv_cache_blocks(cache, device, dtype, geo, self.runtime.free_memory())
+        if agree_kv_blocks is not None:  # processes that must hold the same count (tensor-parallel ranks)
+            num_blocks = agree_kv_blocks(num_blocks)
         limits = [geo["max_positions"], (num_blocks - 1) * bs]
         if cache.max_model_len is not None:
             limits.append(cache.max_model_len)
@@ -157,9 +161,13 @@ class Engine:
     @classmethod
     def from_model(cls, model: Any, config: EngineConfig | None = None, *, tokenizer: Any = None,
                    host: PluginHost | None = None, runtime: Runtime | None = None,
-                   debug: PipelineDebug = PipelineDebug()) -> Engine:
-        """Wrap an already-loaded transformers causal LM (`config.model` is ignored)."""
-        return cls(model, config or EngineConfig(), tokenizer=tokenizer, host=host, runtime=runtime, debug=debug)
+                   debug: PipelineDebug = PipelineDebug(), agree_kv_blocks: Callable[[int], int] | None = None
+                   ) -> Engine:
+        """Wrap an already-loaded transformers causal LM (`config.model` is ignored). `agree_kv_blocks` turns
+        the KV block count this process would allocate into the one it must (the smallest over processes that
+        have to schedule alike)."""
+        return cls(model, config or EngineConfig(), tokenizer=tokenizer, host=host, runtime=runtime, debug=debug,
+                   agree_kv_blocks=agree_kv_blocks)
 
     # ------------------------------------------------------------------ requests
     def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None,

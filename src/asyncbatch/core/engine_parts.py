@@ -168,11 +168,15 @@ class ParallelConfig:
     over that many processes (attention heads and MLP features split, the KV cache by KV heads); with both above 1,
     each replica is a tensor-parallel group of consecutive ranks. `asyncbatch run` starts the `data * tensor` processes itself (or runs under `torchrun`
     with as many ranks). `timeout_s`: how long any collective between the processes may wait before the run
-    fails (a dead or stopped rank never hangs it)."""
+    fails (a dead or stopped rank never hangs it). `all_reduce`: how tensor-parallel layers sum their partial
+    outputs: `nccl` (a collective; gloo on the CPU), `one_shot` (every rank reads its peers' partials over NVLink
+    through torch's symmetric memory, for small tensors such as a decode step's), `auto` (`one_shot` where every
+    rank can run it, else `nccl`)."""
 
     data: int = attrs.field(default=1, validator=_positive)
     tensor: int = attrs.field(default=1, validator=_positive)
     timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    all_reduce: Literal["auto", "nccl", "one_shot"] = "auto"
 
 
 def _max_waiting(_: Any, attribute: attrs.Attribute, value: int) -> None:

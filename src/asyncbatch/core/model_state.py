@@ -21,6 +21,22 @@ class ModelState:
     compiled: bool
 
 
+def settle(model: Any, state: ModelState) -> None:
+    """Fuse the weights now if `state` wants them fused, before the engine sizes its KV cache from free memory.
+
+    Fusing concatenates weights into new tensors and frees the old ones piecewise; the allocator cannot reuse
+    those pieces for the larger fused tensors. Fused after the KV cache had taken its share, a 70B shard needed
+    ~18 GB of fresh memory this way and ran out. Fused first, the pieces go back to the driver and the KV cache
+    is sized from what is really free. `bind` at the start of each run finds the work done."""
+    import torch
+
+    from .fusion import set_fused
+
+    param = next(model.parameters())
+    if state.fused and set_fused(model, True) and param.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     """Put `model` in `state`, with `attention_context` active for compiled layers."""
     from .attention_api import ATTN_IMPLEMENTATION, activate

@@ -25,23 +25,16 @@ def _row_parallel_class() -> type:
     import torch
 
     class RowParallelLinear(torch.nn.Module):
-        """A Linear holding some input columns; its output is summed over the group (all-reduce)."""
+        """A Linear holding some input columns; its output is summed over the group by `reduce`
+        (`parallel.all_reduce`)."""
 
-        def __init__(self, inner: Any, group: Any) -> None:
+        def __init__(self, inner: Any, reduce: Any) -> None:
             super().__init__()
             self.inner = inner
-            object.__setattr__(self, "group", group)  # a process group is not a module attribute to trace
+            object.__setattr__(self, "reduce", reduce)  # holds a process group: not a module attribute to trace
 
         def forward(self, x: Any) -> Any:
-            y = self.inner(x)
-            if torch.compiler.is_compiling():
-                import torch.distributed._functional_collectives as funcol
-
-                return funcol.all_reduce(y, "sum", self.group)
-            import torch.distributed as dist
-
-            dist.all_reduce(y, group=self.group)
-            return y
+            return self.reduce(self.inner(x))
 
     return RowParallelLinear
 
@@ -80,9 +73,13 @@ def _check_heads(config: Any, size: int) -> None:
     _check("KV heads", getattr(c, "num_key_value_heads", None) or heads, size)
 
 
-def shard_layer(layer: Any, i: int, group: Any, rank: int, size: int, model_name: str = "the model") -> None:
-    """Shard decoder layer `i` in place: this rank keeps its heads and MLP features."""
+def shard_layer(layer: Any, i: int, group: Any, rank: int, size: int, model_name: str = "the model",
+                all_reduce: str = "nccl") -> None:
+    """Shard decoder layer `i` in place: this rank keeps its heads and MLP features; its row-parallel layers sum
+    over `group` the `all_reduce` way (see `parallel.all_reduce`)."""
     import torch
+
+    from .all_reduce import Reducer
 
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     row_parallel = _row_parallel_class()
@@ -100,7 +97,8 @@ def shard_layer(layer: Any, i: int, group: Any, rank: int, size: int, model_name
         for m in mods[:-1]:
             _keep_rows(m, size, rank)
         _keep_columns(mods[-1], size, rank)
-        setattr(parent, row, row_parallel(mods[-1], group))
+        reduce = Reducer(group, all_reduce, mods[-1].weight.dtype, mods[-1].weight.device)
+        setattr(parent, row, row_parallel(mods[-1], reduce))
 
 
 def layer_sharder(world: Any) -> Any:
@@ -108,14 +106,15 @@ def layer_sharder(world: Any) -> Any:
     parallelism). The caller marks the built model with `mark_sharded`."""
     if world.tensor == 1:
         return None
-    return lambda i, layer: shard_layer(layer, i, world.tp_group, world.tp_rank, world.tensor)
+    return lambda i, layer: shard_layer(layer, i, world.tp_group, world.tp_rank, world.tensor,
+                                        all_reduce=world.all_reduce)
 
 
 def mark_sharded(model: Any, size: int) -> None:
     setattr(model, MARK, size)
 
 
-def shard(model: Any, group: Any, rank: int, size: int) -> bool:
+def shard(model: Any, group: Any, rank: int, size: int, all_reduce: str = "nccl") -> bool:
     """Shard `model` in place for rank `rank` of a tensor-parallel `group` of `size`; False if it already is."""
     from ..core.compile import decoder_layers
 
@@ -125,15 +124,22 @@ def shard(model: Any, group: Any, rank: int, size: int) -> bool:
         raise UnsupportedError(f"this model is already sharded {getattr(model, MARK)} ways")
     _check_heads(model.config, size)
     for i, layer in enumerate(decoder_layers(model)):
-        shard_layer(layer, i, group, rank, size, type(model).__name__)
+        shard_layer(layer, i, group, rank, size, type(model).__name__, all_reduce)
     mark_sharded(model, size)
     return True
 
 
-def prepare(model: Any, engine_cfg: Any, world: Any) -> Any:
-    """Shard the (possibly cached) model for this rank; returns the engine config with the agreed KV cache."""
-    shard(model, world.tp_group, world.tp_rank, world.tensor)
-    return agreed_engine_config(engine_cfg, model, world)
+def prepare(model: Any, world: Any) -> None:
+    """Shard the (possibly cached) model for this rank. The group's engines agree on one KV block count when
+    they are built (`kv_blocks_agreement`)."""
+    shard(model, world.tp_group, world.tp_rank, world.tensor, world.all_reduce)
+
+
+def kv_blocks_agreement(world: Any) -> Any:
+    """The engine's `agree_kv_blocks` for this rank: the smallest count over all ranks. Sized from free device
+    memory, the count could differ by a few blocks between ranks, and with it the scheduler's decisions: the
+    ranks would no longer run the same batches."""
+    return world.min if world.tensor > 1 else None
 
 
 def check_requests(requests: Any) -> None:
@@ -142,23 +148,3 @@ def check_requests(requests: Any) -> None:
     if any(r.arrival_time > 0 for r in requests):
         raise UnsupportedError("engine.parallel.tensor needs offline arrivals (workload.arrival.process: offline) "
                                "for now")
-
-
-def agreed_engine_config(engine_cfg: Any, model: Any, world: Any) -> Any:
-    """`engine_cfg` with a KV block count every rank of the group can hold. Sized from free device memory, the
-    count could differ by a few blocks between ranks, and with it the scheduler's decisions: the ranks would no
-    longer run the same batches. So each rank sizes its cache as the engine would, and all take the smallest."""
-    import attrs
-
-    from ..core.kv_sizing import kv_cache_blocks
-    from ..core.models import model_geometry
-
-    cache = engine_cfg.cache
-    param = next(model.parameters())
-    if cache.num_blocks is not None or param.device.type != "cuda":  # the count is fixed already
-        return engine_cfg
-    import torch
-
-    free = torch.cuda.mem_get_info(param.device)[0]
-    blocks = kv_cache_blocks(cache, param.device, param.dtype, model_geometry(model), free)
-    return attrs.evolve(engine_cfg, cache=attrs.evolve(cache, num_blocks=world.min(blocks)))

@@ -8,13 +8,16 @@ after `timeout_s` instead of hanging when another rank has died or stopped.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from typing import Any
 
 import attrs
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, UnsupportedError
+
+log = logging.getLogger("asyncbatch")
 
 # Set once this process holds an NCCL group. Its communicators are baked into the CUDA graphs the engine captured,
 # and destroying them while those graphs may live hangs (observed with torch 2.11 on H100s); the process ends
@@ -39,6 +42,7 @@ class World:
     data: int = 1
     tensor: int = 1
     tp_group: Any = None
+    all_reduce: str = "nccl"  # how `tp_group` sums (`parallel.all_reduce`), agreed by every rank in `join`
 
     @property
     def is_root(self) -> bool:
@@ -94,7 +98,7 @@ def env_world() -> World:
     return World(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", str(rank))))
 
 
-def join(data: int, tensor: int, timeout_s: float, device: str) -> World:
+def join(data: int, tensor: int, timeout_s: float, device: str, all_reduce: str = "auto") -> World:
     """Join the launched world of a run with `data` replicas of `tensor` ranks each (`engine.parallel`); both
     may be above 1 (data parallelism over tensor-parallel groups).
 
@@ -134,4 +138,31 @@ def join(data: int, tensor: int, timeout_s: float, device: str) -> World:
             probe = torch.ones(1, device="cuda")
             dist.all_reduce(probe, group=group)
             torch.cuda.synchronize()
-    return attrs.evolve(found, data=data, tensor=tensor, tp_group=group)
+    kind = _agree_all_reduce(found, all_reduce, cuda, tensor) if tensor > 1 else "nccl"
+    return attrs.evolve(found, data=data, tensor=tensor, tp_group=group, all_reduce=kind)
+
+
+def _agree_all_reduce(found: World, wanted: str, cuda: bool, tensor: int) -> str:
+    """`one_shot` or `nccl`, the same on every rank (a rank that cannot run `one_shot` turns it off for all)."""
+    if wanted == "nccl":
+        log.info("parallel: tensor-parallel all-reduce: nccl")
+        return "nccl"
+    import torch
+
+    from .all_reduce import one_shot_unavailable
+
+    if cuda:
+        count = torch.cuda.device_count()
+        first = found.rank // tensor * tensor
+        why = one_shot_unavailable(torch.device("cuda", torch.cuda.current_device()),
+                                   [r % count for r in range(first, first + tensor)])
+    else:
+        why = "it needs CUDA devices"
+    if found.min(0 if why else 1):
+        log.info("parallel: tensor-parallel all-reduce: one_shot (symmetric memory)")
+        return "one_shot"
+    if wanted == "one_shot":
+        raise UnsupportedError(f"engine.parallel.all_reduce=one_shot: {why or 'another rank cannot run it'} "
+                               f"(use auto or nccl)")
+    log.info("parallel: tensor-parallel all-reduce: nccl (one_shot: %s)", why or "another rank cannot run it")
+    return "nccl"

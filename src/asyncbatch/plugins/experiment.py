@@ -182,8 +182,9 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     show = progress and cfg.output.progress and cfg.engine.startup.progress
     engine_cfg = attrs.evolve(cfg.engine, startup=attrs.evolve(cfg.engine.startup, progress=show))
     if world.tensor > 1:
-        engine_cfg = tensor_parallel.prepare(model, engine_cfg, world)
-    engine = Engine.from_model(model, engine_cfg, tokenizer=tokenizer, host=cache.host)
+        tensor_parallel.prepare(model, world)
+    engine = Engine.from_model(model, engine_cfg, tokenizer=tokenizer, host=cache.host,
+                               agree_kv_blocks=tensor_parallel.kv_blocks_agreement(world))
     # Start-up of this run: building the model, the engine, and every compile and capture before the clock; the
     # summary (and so every hook) reports it.
     engine.startup_s += model_s
@@ -237,7 +238,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
     cells = cfg.sweep_cells(host=host)
     runs = [(i, r) for i in range(len(cells)) for r in range(cfg.repeat)]
     parallel = cfg.engine.parallel
-    world = join(parallel.data, parallel.tensor, parallel.timeout_s, cfg.engine.model.device)
+    world = join(parallel.data, parallel.tensor, parallel.timeout_s, cfg.engine.model.device,
+                 parallel.all_reduce)
     try:
         if not world.is_root:  # every rank runs every cell; rank 0 alone writes, prints and shows progress
             # Nothing of this rank's output is kept: no plots, no trace (recording spans costs host time).

@@ -41,6 +41,8 @@ class ServeMetrics(ServeObserver):
         self.step_time = Histogram("asyncbatch_step_seconds", "Host time of one step (schedule, prepare, launch, "
                                    "wait, update)", buckets=_ITL, registry=r)
         self.steps = Counter("asyncbatch_steps", "Steps read back", registry=r)
+        self.host_work = Counter("asyncbatch_step_host_work_seconds", "Host work of the steps: schedule, prepare, "
+                                 "launch and update, without the waits on the device", registry=r)
         self.compute = Counter("asyncbatch_device_compute_seconds", "Device compute time of the steps, where the "
                                "runtime measures it (rate() is the busy fraction)", registry=r)
         self.generated = Counter("asyncbatch_generation_tokens", "Tokens generated", registry=r)
@@ -51,6 +53,8 @@ class ServeMetrics(ServeObserver):
         self.rejected_total = Counter("asyncbatch_requests_rejected", "Requests refused at submission",
                                       ["reason"], registry=r)
         self._window: deque[tuple[float, float]] = deque()  # (host time, compute seconds) of recent steps
+        self.step_loop_cpu_s = 0.0  # CPU time of the step loop's thread since its first step (warm-up excluded)
+        self._loop_cpu_at: float | None = None
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         r.register(_Gauges(self))
@@ -59,6 +63,11 @@ class ServeMetrics(ServeObserver):
     def step(self, stats: StepStats) -> None:
         self.steps.inc()
         self.step_time.observe(stats.schedule_s + stats.prepare_s + stats.launch_s + stats.wait_s + stats.update_s)
+        self.host_work.inc(stats.host_s)  # as `asyncbatch run` reports host time per step
+        now_cpu = time.thread_time()  # this thread's: `step` runs on the step loop's thread
+        if self._loop_cpu_at is not None:
+            self.step_loop_cpu_s += now_cpu - self._loop_cpu_at
+        self._loop_cpu_at = now_cpu
         if stats.compute_s is not None:
             self.compute.inc(stats.compute_s)
             now = time.perf_counter()
@@ -107,7 +116,7 @@ class _Gauges:
         self.metrics = metrics
 
     def collect(self) -> Any:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         s = self.metrics.live.stats()
         yield GaugeMetricFamily("asyncbatch_requests_waiting", "Requests waiting for a row (the queue)",
@@ -117,6 +126,13 @@ class _Gauges:
                                 value=s["kv_blocks_used"])
         yield GaugeMetricFamily("asyncbatch_kv_blocks_total", "KV cache blocks requests can hold",
                                 value=s["kv_blocks_total"])
+        # What serving costs the process beyond the step loop (HTTP, JSON, detokenising, streaming): the process's
+        # CPU time minus the step loop thread's.
+        yield CounterMetricFamily("asyncbatch_step_loop_cpu_seconds", "CPU time of the step loop's thread between "
+                                  "its steps",
+                                  value=self.metrics.step_loop_cpu_s)
+        yield CounterMetricFamily("asyncbatch_process_cpu_seconds", "CPU time of the whole server process "
+                                  "(all threads)", value=time.process_time())
         busy = self.metrics.busy_fraction()
         if busy is not None:
             yield GaugeMetricFamily("asyncbatch_busy_fraction", f"Device compute time over the last "

@@ -1,0 +1,156 @@
+"""GPU benchmark: online serving against offline runs, the way users run both, for each engine.
+
+For every engine: `asyncbatch run` on the workload (the offline reference: decode step period at full batch and
+host work per step), then `asyncbatch serve` on the same config and `asyncbatch bench-serve` against it at each
+request rate, scraping the server's `/metrics` before and after each rate. Per rate it reports the client's
+TTFT and TPOT, TPOT over the offline step, and what serving costs the host: host work per step inside the step
+loop (against offline) and the process's CPU time outside the step loop's thread (HTTP, JSON, detokenising,
+streaming) per step.
+
+    python benchmarks/serve_bench.py --out serve.json                      # default and synchronous engines
+    python benchmarks/serve_bench.py --out s.json --rates 4,inf --new 128 --engines default
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = {"default": [], "sync": ["--set", "engine.buffers=single", "--set", "engine.streams=one"]}
+COUNTERS = ("asyncbatch_steps_total", "asyncbatch_step_host_work_seconds_total",
+            "asyncbatch_step_loop_cpu_seconds_total", "asyncbatch_process_cpu_seconds_total")
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+            if line.split() and line.split()[0] in COUNTERS}
+
+
+def offline(config: Path, out: Path, extra: list[str], timeout: float) -> dict:
+    done = subprocess.run([sys.executable, "-m", "asyncbatch", "run", str(config), "--no-progress", "--force", "--out",
+                           str(out), *extra], capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise SystemExit(f"offline run failed:\n{done.stderr[-3000:]}")
+    res = json.loads((out / "results.json").read_text())
+    full = max(s["num_seqs"] for s in res["steps"])
+    spacing: list[float] = []
+    for least in (full, 1):  # decode steps at full batch; any decode steps where a workload never fills it
+        steps = [s for s in res["steps"] if s["num_decode"] == s["num_seqs"] >= least]
+        spacing = spacing or [b["time_s"] - a["time_s"] for a, b in zip(steps, steps[1:])
+                              if b["batch"] == a["batch"] + 1]
+    s = res["summary"]
+    return {"decode_step_ms": statistics.median(spacing) * 1e3, "full_batch": full, "host_step_ms": s["host_step_ms"],
+            "tok_s": s["tokens_per_s"], "busy": s["compute_busy_fraction"], "startup_s": s["startup_s"]}
+
+
+def serve_rates(config: Path, work: Path, extra: list[str], rates: list[str], num: int, port: int,
+                timeout: float) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    log = open(work / "server.log", "w")  # noqa: SIM115 (closed when the server ends)
+    server = subprocess.Popen([sys.executable, "-m", "asyncbatch", "serve", str(config), "--port", str(port), *extra],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started = time.perf_counter()
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.perf_counter() - started > timeout:
+                raise SystemExit(f"server did not come up:\n{(work / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        out = {"startup_s": time.perf_counter() - started, "rates": {}}
+        for rate in rates:
+            before = scrape(url)
+            bench = work / f"rate-{rate}"
+            done = subprocess.run([sys.executable, "-m", "asyncbatch", "bench-serve", "--base-url", url, "--workload",
+                                   str(config), "--request-rate", rate, "--num-requests", str(num), "--ignore-eos",
+                                   "--output", str(bench), "--force", "--no-plots"],
+                                  capture_output=True, text=True, timeout=timeout)
+            if done.returncode:
+                raise SystemExit(f"bench-serve failed:\n{done.stderr[-3000:]}")
+            after = scrape(url)
+            d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
+            steps = max(1.0, d["asyncbatch_steps_total"])
+            with open(bench / "summary.csv") as fh:
+                row = next(csv.DictReader(fh))
+            out["rates"][rate] = {
+                "client": {k: float(v) if v not in ("", "None") and k != "request_rate" and k != "arrival" else v
+                           for k, v in row.items()},
+                "steps": d["asyncbatch_steps_total"],
+                "host_work_ms_per_step": d["asyncbatch_step_host_work_seconds_total"] / steps * 1e3,
+                "step_loop_cpu_ms_per_step": d["asyncbatch_step_loop_cpu_seconds_total"] / steps * 1e3,
+                "outside_loop_cpu_ms_per_step": (d["asyncbatch_process_cpu_seconds_total"]
+                                                 - d["asyncbatch_step_loop_cpu_seconds_total"]) / steps * 1e3}
+            print(rate, json.dumps(out["rates"][rate]), flush=True)
+        return out
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default=str(ROOT / "configs/llama3-8b.yaml"))
+    ap.add_argument("--engines", default="default,sync", help=f"from {', '.join(ENGINES)}")
+    ap.add_argument("--rates", default="2,4,8,16,inf")
+    ap.add_argument("--num-requests", type=int, default=40, help="requests per rate")
+    ap.add_argument("--new", type=int, default=256, help="tokens generated per request")
+    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args()
+    work = Path(args.out).with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg["workload"]["output_len"] = {"dist": "fixed", "value": args.new}
+    config = work / "config.yaml"  # the config both paths read: the workload with `--new` tokens per request
+    config.write_text(yaml.safe_dump(cfg))
+    results: dict = {"config": cfg, "engines": {}}
+    for name in args.engines.split(","):
+        extra = ENGINES[name]
+        (work / name).mkdir(exist_ok=True)
+        ref = offline(config, work / name / "offline", extra, args.timeout)
+        print(name, "offline", json.dumps(ref), flush=True)
+        served = serve_rates(config, work / name, extra, args.rates.split(","), args.num_requests, args.port,
+                             args.timeout)
+        results["engines"][name] = {"offline": ref, "served": served}
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    print_table(results["engines"])
+
+
+def print_table(engines: dict) -> None:
+    print("engine | rate | req/s | out tok/s | TTFT p50 ms | TPOT p50 ms | TPOT / offline step | host work ms/step "
+          "(offline) | CPU outside loop ms/step | outside / host work")
+    for name, e in engines.items():
+        ref = e["offline"]
+        for rate, r in e["served"]["rates"].items():
+            c = r["client"]
+            print(f"{name} | {rate} | {c['request_throughput']:.2f} | {c['output_throughput']:.0f} | "
+                  f"{c['ttft_p50_ms']:.1f} | {c['tpot_p50_ms']:.2f} | {c['tpot_p50_ms'] / ref['decode_step_ms']:.3f} | "
+                  f"{r['host_work_ms_per_step']:.3f} ({ref['host_step_ms']:.3f}) | "
+                  f"{r['outside_loop_cpu_ms_per_step']:.3f} | "
+                  f"{r['outside_loop_cpu_ms_per_step'] / max(1e-9, r['host_work_ms_per_step']):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""How a tensor-parallel group sums the partial outputs of its row-parallel layers (`engine.parallel.all_reduce`).
+
+* `nccl`: `torch.distributed.all_reduce` (a functional collective under `torch.compile`). NCCL's ring and tree
+  algorithms are built for bandwidth; a decode step's all-reduce is small (batch x hidden values, 256 KB for 32
+  rows of a 4,096-wide model) and there a fixed cost of tens of microseconds per call dominates. A decode step
+  runs two per layer, so at 32 layers that is 64 such costs per step.
+* `one_shot`: torch's symmetric memory. Every rank copies its partial into a buffer the others can read over
+  NVLink, all wait at a barrier, each reads every partial and sums them in rank order, and a second barrier keeps
+  the buffer until every peer has read it. One kernel, no ring, and every rank gets the same bits (the sum runs
+  in the same order everywhere, which tensor parallelism needs: ranks sample their tokens each on its own).
+  Tensors above `ONE_SHOT_MAX_BYTES` (prefill chunks) take the NCCL path, where reading every peer's whole
+  buffer would cost more than a ring. It needs CUDA, peer access between the group's cards, and bfloat16 or
+  float32 values (the kernel's types).
+* `auto`: `one_shot` where all of that holds on every rank of the world, else `nccl`.
+
+The choice is agreed by all ranks in `parallel.world.join`; a reducer is built per group when a layer is
+sharded, before anything is compiled or captured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.errors import UnsupportedError
+
+CHOICES = ("auto", "nccl", "one_shot")
+ONE_SHOT_MAX_BYTES = 1 << 20  # 1 MiB: 64 rows of an 8,192-wide bf16 model; a 2,048-token chunk takes NCCL
+_ONE_SHOT_DTYPES = ("torch.bfloat16", "torch.float32")
+_OP = "asyncbatch::one_shot_all_reduce"
+_buffers: dict[str, tuple[Any, Any]] = {}  # group name -> (the group, this rank's symmetric buffer)
+
+
+def one_shot_unavailable(device: Any, ranks: list[int]) -> str | None:
+    """Why this rank cannot run `one_shot` over the cards of `ranks` (local device indices), or None if it can.
+    Checks only what this process can see; the world agrees on the result (`join`)."""
+    import torch
+
+    if device.type != "cuda":
+        return "it needs CUDA devices"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+
+        torch.ops.symm_mem.one_shot_all_reduce_copy  # noqa: B018  (raises where this torch lacks the op)
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        return f"this torch has no symmetric-memory one-shot all-reduce ({exc})"
+    me = device.index
+    for peer in ranks:
+        if peer != me and not torch.cuda.can_device_access_peer(me, peer):
+            return f"cuda:{me} cannot access cuda:{peer} directly (no peer-to-peer link)"
+    return None
+
+
+def _register_op() -> None:
+    import torch
+
+    if hasattr(torch.ops.asyncbatch, "one_shot_all_reduce"):
+        return
+
+    # An opaque op to torch.compile: inductor must neither move the symmetric buffer nor copy it into memory
+    # of its own, and a custom op keeps the layer in one compiled graph (no graph break around the collective).
+    # The schema is spelled out: this module's postponed annotations are strings the op's inference cannot read.
+    @torch.library.custom_op(_OP, mutates_args=(), schema="(Tensor y, str group_name) -> Tensor")
+    def one_shot_all_reduce(y: torch.Tensor, group_name: str) -> torch.Tensor:
+        buf = _buffers[group_name][1]
+        flat = buf[: y.numel()].view(y.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(flat, y.contiguous(), "sum", group_name)
+
+    @one_shot_all_reduce.register_fake
+    def _(y: torch.Tensor, group_name: str) -> torch.Tensor:
+        return torch.empty_like(y)
+
+
+class Reducer:
+    """Sums a row-parallel layer's partial output over `group`. Called by `RowParallelLinear.forward`, eagerly or
+    while torch.compile traces; it must give every rank of the group identical results."""
+
+    def __init__(self, group: Any, kind: str, dtype: Any, device: Any) -> None:
+        self.group = group
+        self.kind = kind
+        self.one_shot_numel = 0
+        if kind == "one_shot" and str(dtype) in _ONE_SHOT_DTYPES:
+            self._setup_one_shot(dtype, device)
+
+    def _setup_one_shot(self, dtype: Any, device: Any) -> None:
+        import torch
+        import torch.distributed._symmetric_memory as symm_mem
+
+        name = self.group.group_name
+        if _buffers.get(name, (None,))[0] is not self.group:  # a name can come back in a new world
+            numel = ONE_SHOT_MAX_BYTES // torch.empty((), dtype=dtype).element_size()
+            buf = symm_mem.empty(numel, dtype=dtype, device=device)
+            symm_mem.rendezvous(buf, name)  # collective over the group: every rank shards its layers in step
+            _buffers[name] = (self.group, buf)
+        buf = _buffers[name][1]
+        if buf.dtype != dtype:
+            raise UnsupportedError(f"engine.parallel.all_reduce=one_shot: one group cannot serve both "
+                                   f"{buf.dtype} and {dtype} layers")
+        _register_op()
+        self.one_shot_numel = buf.numel()
+
+    def __call__(self, y: Any) -> Any:
+        import torch
+
+        if 0 < y.numel() <= self.one_shot_numel:
+            return torch.ops.asyncbatch.one_shot_all_reduce(y, self.group.group_name)
+        if torch.compiler.is_compiling():
+            import torch.distributed._functional_collectives as funcol
+
+            return funcol.all_reduce(y, "sum", self.group)
+        import torch.distributed as dist
+
+        dist.all_reduce(y, group=self.group)
+        return y
+
