@@ -66,6 +66,42 @@ def test_streamed_tokens_equal_generate(engine, reference):
     assert [tuple(t) for t in reference] == [o.token_ids for o in outputs]
 
 
+def test_observers_get_steps_on_the_step_loop_and_request_events_on_the_event_loop(engine, reference):
+    """Per token the step loop only reads the clock: the per-request observer calls run on the event loop's
+    thread (a first token, one gap per further token, and the end)."""
+    import threading
+
+    class Threads(ServeObserver):
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int]] = []
+
+        def step(self, stats) -> None:
+            self.calls.append(("step", threading.get_ident()))
+
+        def first_token(self, seconds) -> None:
+            self.calls.append(("first", threading.get_ident()))
+
+        def token_gap(self, seconds) -> None:
+            self.calls.append(("gap", threading.get_ident()))
+
+        def finished(self, output, seconds) -> None:
+            self.calls.append(("end", threading.get_ident()))
+
+    seen = Threads()
+
+    async def main():
+        async with AsyncEngine(engine, observers=[seen]) as live:
+            await _tokens(live.add_request(PROMPTS[0], PARAMS[0]))
+        return threading.get_ident()
+
+    event_loop = _run(main())
+
+    requests = sorted(kind for kind, _ in seen.calls if kind != "step")
+    assert sorted(["first", "end"] + ["gap"] * (len(reference[0]) - 1)) == requests
+    assert {event_loop} == {thread for kind, thread in seen.calls if kind != "step"}
+    assert event_loop not in {thread for kind, thread in seen.calls if kind == "step"}
+
+
 def test_requests_arriving_while_running_join_its_batch(engine, reference):
     """A long request runs; the others are submitted after its first tokens and share its steps."""
     observer = Steps()

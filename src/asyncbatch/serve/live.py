@@ -31,11 +31,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asyncbatch")
 _LOOP_ENDED = object()
+_TOKEN, _END = "token", "end"  # what an outbox item carries
 
 
 class ServeObserver:
-    """Receives what a serving engine measures (the metrics of `asyncbatch serve` subclass it). Every method but
-    `rejected` is called on the step loop's thread, so it must be quick and thread-safe; the defaults do nothing."""
+    """Receives what a serving engine measures (the metrics of `asyncbatch serve` subclass it); the defaults do
+    nothing. `step` is called on the step loop's thread, once per step, so it must be quick and thread-safe. The
+    per-request calls (`first_token`, `token_gap`, `finished`) and `rejected` come on the event loop's thread, in
+    the order the step loop saw them: per token, the step loop only takes the time (host clock) and hands it over,
+    so that serving adds as little as possible to the host work of a step."""
 
     def step(self, stats: StepStats) -> None:
         """One step was read back (host phase times, tokens, device compute time where measured)."""
@@ -226,23 +230,13 @@ class AsyncEngine:
             return
         seen = time.perf_counter()
         stream = self._streams.get(event.request_id)
-        if stream is None:
-            return
-        for o in self._observers:
-            if stream.last_seen is None:
-                o.first_token(seen - stream.arrival)
-            else:
-                o.token_gap(seen - stream.last_seen)
-        stream.last_seen = seen
-        self._post((stream, event, seen))
+        if stream is not None:
+            self._post((_TOKEN, stream, event, seen))
 
     def _on_finish(self, output: Output) -> None:
         stream = self._streams.get(output.request_id)
         if stream is not None:
-            took = time.perf_counter() - stream.arrival
-            for o in self._observers:
-                o.finished(output, took)
-            self._post((stream, output, None))
+            self._post((_END, stream, output, time.perf_counter() - stream.arrival))
         if self._notify_finish:
             self.engine.host.notify("asyncbatch_request_finished", output=output)
 
@@ -278,10 +272,19 @@ class AsyncEngine:
                         stream._fail(dead)
                         self._ended(stream)
                 continue
-            stream, what, seen = item
-            if seen is not None:
+            kind, stream, what, when = item  # when: the host-clock reading of a token, a request's age at its end
+            if kind is _TOKEN:
+                seen = when
+                for o in self._observers:
+                    if stream.last_seen is None:
+                        o.first_token(seen - stream.arrival)
+                    else:
+                        o.token_gap(seen - stream.last_seen)
+                stream.last_seen = seen
                 stream._token(what, seen)
             else:
+                for o in self._observers:
+                    o.finished(what, when)
                 stream._finish(what)
             if stream.ended:
                 self._ended(stream)

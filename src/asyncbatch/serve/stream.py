@@ -37,7 +37,7 @@ class RequestStream:
         self._ended = False
         self._drained = False
         self._abort = abort
-        self.last_seen: float | None = None  # the step loop's own note (inter-token latency); nobody else writes it
+        self.last_seen: float | None = None  # when the step loop read its last token (the event loop's note)
 
     # ---- the consumer
     def __aiter__(self) -> RequestStream:
