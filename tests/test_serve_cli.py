@@ -65,3 +65,14 @@ def test_a_port_in_use_fails_before_the_model_is_built(capsys):
     assert 1 == code
     assert f"asyncbatch: error: cannot listen on 127.0.0.1:{port}: " in err
     assert "built tiny" not in err
+
+
+def test_a_missing_web_stack_is_named_with_the_install_command(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed: importing it raises
+
+    code = main(["--log-level", "warning", "serve", str(DEFAULT)])
+
+    err = capsys.readouterr().err
+    assert 1 == code
+    assert "asyncbatch serve needs fastapi, uvicorn and prometheus_client: " in err
+    assert "pip install fastapi uvicorn prometheus_client" in err

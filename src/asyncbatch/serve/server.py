@@ -50,7 +50,13 @@ def _uvicorn_config(app: Any, *, log_level: str, timeout_s: float, quiet: bool) 
 
 def serve(config_path: str, *, host: str, port: int, overrides: Sequence[str] = (), log_level: str = "info") -> int:
     """`asyncbatch serve CONFIG`: the `engine` section of an experiment file, served until SIGINT/SIGTERM."""
-    import uvicorn
+    try:  # dependencies of the package; an environment that left them out is told what is missing
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise AsyncBatchError(f"asyncbatch serve needs fastapi, uvicorn and prometheus_client: {exc} (pip install "
+                              f"fastapi uvicorn prometheus_client, or reinstall asyncbatch)") from None
 
     from ..core.config import ExperimentConfig
     from ..core.engine import Engine
