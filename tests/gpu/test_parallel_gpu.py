@@ -1,6 +1,7 @@
-"""Scale-out on several GPUs, the way users start it (`asyncbatch run --nproc N`): NCCL all-reduces inside
-captured CUDA graphs, eager and compiled (functional collectives), give the tokens of one GPU (float32, greedy);
-data parallelism over tensor-parallel groups too. Skipped with fewer than two (or four) cards."""
+"""Scale-out on several GPUs, the way users start it (`asyncbatch run --nproc N`): NCCL and one-shot
+(symmetric-memory) all-reduces inside captured CUDA graphs, eager and compiled, with the output head whole or split
+by vocabulary, give the tokens of one GPU (float32, greedy); data parallelism over tensor-parallel groups too.
+Skipped with fewer than two (or four) cards."""
 
 from __future__ import annotations
 
@@ -34,22 +35,27 @@ def _run(out: Path, *args: str) -> tuple[list[str], dict]:
 _ONE_GPU: dict[tuple[str, str], list[str]] = {}
 
 
-@pytest.mark.parametrize(("graphs", "compile_mode", "all_reduce"), [
-    ("per_slot", "layers", "one_shot"), ("per_slot", "layers", "nccl"), ("eager", "none", "one_shot"),
-    ("eager", "none", "nccl"), ("per_slot", "none", "one_shot"), ("eager", "layers", "nccl")])
-def test_tensor_parallel_on_two_gpus_gives_the_tokens_of_one(tmp_path, graphs, compile_mode, all_reduce):
+@pytest.mark.parametrize(("graphs", "compile_mode", "all_reduce", "head"), [
+    ("per_slot", "layers", "one_shot", False), ("per_slot", "layers", "nccl", False),
+    ("eager", "none", "one_shot", False), ("eager", "none", "nccl", False), ("per_slot", "none", "one_shot", False),
+    ("eager", "layers", "nccl", False), ("per_slot", "layers", "one_shot", True), ("eager", "none", "nccl", True)])
+def test_tensor_parallel_on_two_gpus_gives_the_tokens_of_one(tmp_path, graphs, compile_mode, all_reduce, head):
+    """`head`: the output head split by vocabulary too (`engine.parallel.shard_lm_head`: the logits' all-gather
+    captured in the step graphs)."""
     args = ["--set", f"engine.graphs={graphs}", "--set", f"engine.compile={compile_mode}"]
     if (graphs, compile_mode) not in _ONE_GPU:
         _ONE_GPU[graphs, compile_mode] = _run(tmp_path / "one", *args)[0]
 
     two, res = _run(tmp_path / "two", "--set", "engine.parallel.tensor=2", "--set",
-                    f"engine.parallel.all_reduce={all_reduce}", *args)
+                    f"engine.parallel.all_reduce={all_reduce}", "--set",
+                    f"engine.parallel.shard_lm_head={str(head).lower()}", *args)
 
     assert _ONE_GPU[graphs, compile_mode] == two
     assert [0, 1] == [r["rank"] for r in res["ranks"]]
     assert all(r["compute_busy_fraction"] > 0 for r in res["ranks"])
     log = (tmp_path / "two" / "ranks" / "rank1.log").read_text()  # rank 0 writes to the terminal
     assert f"tensor-parallel all-reduce: {all_reduce}" in log
+    assert head == ("lm_head split by vocabulary" in log)
 
 
 @pytest.mark.skipif(GPUS < 4, reason="needs four CUDA devices")

@@ -222,9 +222,14 @@ def model_geometry(model: Any) -> dict[str, int]:
         "layers": c.num_hidden_layers,
         "kv_heads": (getattr(c, "num_key_value_heads", None) or heads) // shards,
         "head_dim": head_dim,
-        "vocab": model.get_output_embeddings().weight.shape[0],
+        "vocab": _vocab(model.get_output_embeddings()),
         "max_positions": getattr(c, "max_position_embeddings", 1 << 20),
     }
+
+
+def _vocab(head: Any) -> int:
+    # a vocabulary-parallel head (asyncbatch.parallel.vocab) holds a slice of the rows and says the whole count
+    return getattr(head, "full_vocab", None) or head.weight.shape[0]
 
 
 def eos_token_ids(model: Any, vocab: int) -> tuple[int, ...]:

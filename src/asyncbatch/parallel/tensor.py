@@ -3,9 +3,10 @@
 In each decoder layer the attention heads and the MLP's intermediate features are split across the group:
 q/k/v and gate/up keep the output rows of this rank's heads or features (column-parallel, no communication);
 o_proj and down_proj keep the matching input columns and sum their partial outputs over the group
-(row-parallel, one all-reduce each). Embeddings, norms and `lm_head` stay whole, so after each all-reduce every
-rank holds the same hidden states, computes the same logits and samples the same tokens. Every rank then runs
-the same scheduler on the same requests and makes the same decisions: no rank has to send the batch to another.
+(row-parallel, one all-reduce each). Embeddings, norms and `lm_head` stay whole (`lm_head` can be split by
+vocabulary: `parallel.vocab`), so after each all-reduce every rank holds the same hidden states, computes the
+same logits and samples the same tokens. Every rank then runs the same scheduler on the same requests and makes
+the same decisions: no rank has to send the batch to another.
 The KV cache is sharded by KV heads for free, since each rank's attention sees its own heads only.
 
 The sharding is done in place on a model with the transformers layout (`model.<base>.layers[i].self_attn.
@@ -103,18 +104,23 @@ def shard_layer(layer: Any, i: int, group: Any, rank: int, size: int, model_name
 
 def layer_sharder(world: Any) -> Any:
     """`on_layer` for `build_model`: shards each layer of this rank as it is built (None without tensor
-    parallelism). The caller marks the built model with `mark_sharded`."""
+    parallelism). The caller finishes the built model with `mark_sharded`."""
     if world.tensor == 1:
         return None
     return lambda i, layer: shard_layer(layer, i, world.tp_group, world.tp_rank, world.tensor,
                                         all_reduce=world.all_reduce)
 
 
-def mark_sharded(model: Any, size: int) -> None:
+def mark_sharded(model: Any, size: int, *, group: Any = None, rank: int = 0, shard_head: bool = False) -> None:
+    """Finish a model whose layers are sharded: its output head too where `shard_head` (`parallel.vocab`)."""
+    if shard_head:
+        from .vocab import shard_output_head
+
+        shard_output_head(model, group, rank, size)
     setattr(model, MARK, size)
 
 
-def shard(model: Any, group: Any, rank: int, size: int, all_reduce: str = "nccl") -> bool:
+def shard(model: Any, group: Any, rank: int, size: int, all_reduce: str = "nccl", shard_head: bool = False) -> bool:
     """Shard `model` in place for rank `rank` of a tensor-parallel `group` of `size`; False if it already is."""
     from ..core.compile import decoder_layers
 
@@ -125,14 +131,14 @@ def shard(model: Any, group: Any, rank: int, size: int, all_reduce: str = "nccl"
     _check_heads(model.config, size)
     for i, layer in enumerate(decoder_layers(model)):
         shard_layer(layer, i, group, rank, size, type(model).__name__, all_reduce)
-    mark_sharded(model, size)
+    mark_sharded(model, size, group=group, rank=rank, shard_head=shard_head)
     return True
 
 
 def prepare(model: Any, world: Any) -> None:
     """Shard the (possibly cached) model for this rank. The group's engines agree on one KV block count when
     they are built (`kv_blocks_agreement`)."""
-    shard(model, world.tp_group, world.tp_rank, world.tensor, world.all_reduce)
+    shard(model, world.tp_group, world.tp_rank, world.tensor, world.all_reduce, world.shard_lm_head)
 
 
 def kv_blocks_agreement(world: Any) -> Any:

@@ -43,6 +43,7 @@ class World:
     tensor: int = 1
     tp_group: Any = None
     all_reduce: str = "nccl"  # how `tp_group` sums (`parallel.all_reduce`), agreed by every rank in `join`
+    shard_lm_head: bool = False  # `parallel.shard_lm_head`: the output head split by vocabulary (`parallel.vocab`)
 
     @property
     def is_root(self) -> bool:
@@ -98,7 +99,8 @@ def env_world() -> World:
     return World(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", str(rank))))
 
 
-def join(data: int, tensor: int, timeout_s: float, device: str, all_reduce: str = "auto") -> World:
+def join(data: int, tensor: int, timeout_s: float, device: str, all_reduce: str = "auto", *,
+         shard_lm_head: bool = False) -> World:
     """Join the launched world of a run with `data` replicas of `tensor` ranks each (`engine.parallel`); both
     may be above 1 (data parallelism over tensor-parallel groups).
 
@@ -139,7 +141,8 @@ def join(data: int, tensor: int, timeout_s: float, device: str, all_reduce: str 
             dist.all_reduce(probe, group=group)
             torch.cuda.synchronize()
     kind = _agree_all_reduce(found, all_reduce, cuda, tensor) if tensor > 1 else "nccl"
-    return attrs.evolve(found, data=data, tensor=tensor, tp_group=group, all_reduce=kind)
+    return attrs.evolve(found, data=data, tensor=tensor, tp_group=group, all_reduce=kind,
+                        shard_lm_head=shard_lm_head and tensor > 1)
 
 
 def _agree_all_reduce(found: World, wanted: str, cuda: bool, tensor: int) -> str:

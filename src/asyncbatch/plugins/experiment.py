@@ -147,7 +147,9 @@ class ModelCache:
             on_layer = tensor_parallel.layer_sharder(self.world)
             self.value = models.build_model(cfg, self.host, **({"on_layer": on_layer} if on_layer else {}))
             if on_layer is not None:
-                tensor_parallel.mark_sharded(self.value[0], self.world.tensor)
+                w = self.world
+                tensor_parallel.mark_sharded(self.value[0], w.tensor, group=w.tp_group, rank=w.tp_rank,
+                                             shard_head=w.shard_lm_head)
             self.key = cfg
         return self.value
 
@@ -239,7 +241,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
     runs = [(i, r) for i in range(len(cells)) for r in range(cfg.repeat)]
     parallel = cfg.engine.parallel
     world = join(parallel.data, parallel.tensor, parallel.timeout_s, cfg.engine.model.device,
-                 parallel.all_reduce)
+                 parallel.all_reduce, shard_lm_head=parallel.shard_lm_head)
     try:
         if not world.is_root:  # every rank runs every cell; rank 0 alone writes, prints and shows progress
             # Nothing of this rank's output is kept: no plots, no trace (recording spans costs host time).
