@@ -4,10 +4,17 @@ identity is asserted, so that no argmax can flip on rounding."""
 from __future__ import annotations
 
 import pytest
+import torch
+from interpreted import import_triton_interpreted
 
 from asyncbatch.core.config import ModelConfig
 from asyncbatch.core.models import build_model
 from asyncbatch.core.plugin_host import get_plugin_host
+
+if not torch.cuda.is_available():
+    # The first import of triton decides whether its own library functions (tl.zeros, ...) run under the
+    # interpreter; without a GPU every kernel test needs that, whichever test module is collected first.
+    import_triton_interpreted()
 
 
 def _model(preset: str, dtype: str = "float64"):

@@ -280,6 +280,21 @@ def test_a_dead_step_loop_fails_open_streams_and_new_requests(engine, reference)
     assert reference[0] == list(engine.generate([PROMPTS[0]], PARAMS[0])[0].token_ids)
 
 
+def test_a_call_back_into_the_served_engine_from_its_step_loop_fails_instead_of_deadlocking(engine, reference):
+    class CallsBack(ServeObserver):
+        def step(self, stats) -> None:
+            engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+
+    async def main():
+        async with AsyncEngine(engine, observers=[CallsBack()]) as live:
+            stream = live.add_request([1, 2, 3], SamplingParams(max_new_tokens=5))
+            with pytest.raises(EngineDeadError, match="this engine is running a call on this thread"):
+                await stream.result()
+
+    _run(main())
+    assert reference[0] == list(engine.generate([PROMPTS[0]], PARAMS[0])[0].token_ids)  # and it was handed back
+
+
 def test_the_open_book_hand_off():
     book = OpenRequestBook(num_blocks=8, num_rows=2)
 

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -261,6 +262,21 @@ class Engine:
         self.last_result = RunResult(outputs, summary, steps, races=race_report(rt))
         raise_if_racy(rt, result=self.last_result)  # a racy run is a failed run; its result rides on the error
         return self.last_result
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the engine for a caller that drives `pipeline` itself until it leaves the block (the live engine of
+        `asyncbatch serve`): the model is in this engine's state, other threads' calls wait, and a call back into
+        the engine from this thread raises. The collector stays on: a server cannot go days without collecting."""
+        self._check_not_reentrant()
+        with self._lock:
+            self._owner = threading.get_ident()
+            model_state.bind(self.model, self.model_state, self.attention_context)
+            try:
+                yield
+            finally:
+                deactivate()
+                self._owner = None
 
     def _bind_model(self) -> None:
         """Put the (possibly shared) model in this engine's state, and keep the collector out of the run."""

@@ -199,25 +199,16 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ the step loop's thread
     def _serve(self, ready: threading.Event) -> None:
-        from ..core import model_state
-        from ..core.attention_api import deactivate
-
         engine = self.engine
         try:
-            # Serving is one run that lasts until shutdown: it holds the engine as `Engine.run` does. The collector
-            # stays on (unlike a timed run's): a server cannot go days without collecting.
-            with engine._lock:
-                model_state.bind(engine.model, engine.model_state, engine.attention_context)
-                try:
-                    if engine.warms_up:  # requests may take any sampling path: warm them all before serving
-                        engine.warm.modes(("greedy", "sample", "filter"))
-                    engine.runtime.reset_timeline()
-                    ready.set()
-                    assert self._book is not None
-                    engine.pipeline.run(self._book, on_token=self._on_token, on_step=self._on_step,
-                                        keep_steps=False)
-                finally:
-                    deactivate()
+            # Serving is one run that lasts until shutdown: it holds the engine as `Engine.run` does.
+            with engine.held():
+                if engine.warms_up:  # requests may take any sampling path: warm them all before serving
+                    engine.warm.modes(("greedy", "sample", "filter"))
+                engine.runtime.reset_timeline()
+                ready.set()
+                assert self._book is not None
+                engine.pipeline.run(self._book, on_token=self._on_token, on_step=self._on_step, keep_steps=False)
         except BaseException as exc:  # noqa: BLE001  (reported to every open stream, and by start())
             log.error("the serving step loop stopped: %s: %s", type(exc).__name__, exc, exc_info=exc)
             self._failure = exc
