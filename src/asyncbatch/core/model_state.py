@@ -26,8 +26,9 @@ def settle(model: Any, state: ModelState) -> None:
 
     Fusing concatenates weights into new tensors and frees the old ones piecewise; the allocator cannot reuse
     those pieces for the larger fused tensors. Fused after the KV cache had taken its share, a 70B shard needed
-    ~18 GB of fresh memory this way and ran out. Fused first, the pieces go back to the driver and the KV cache
-    is sized from what is really free. `bind` at the start of each run finds the work done."""
+    ~15 GiB of fresh memory this way and ran out. Fused first, the KV cache is sized from what is really free
+    afterwards: freed segments go back to the driver (with `expandable_segments`, every freed page does), and
+    what stays stranded is simply not counted. `bind` at the start of each run finds the work done."""
     import torch
 
     from .fusion import set_fused

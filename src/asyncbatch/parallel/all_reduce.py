@@ -2,15 +2,16 @@
 
 * `nccl`: `torch.distributed.all_reduce` (a functional collective under `torch.compile`). NCCL's ring and tree
   algorithms are built for bandwidth; a decode step's all-reduce is small (batch x hidden values, 256 KB for 32
-  rows of a 4,096-wide model) and there a fixed cost of tens of microseconds per call dominates. A decode step
-  runs two per layer, so at 32 layers that is 64 such costs per step.
+  rows of a 4,096-wide model), and there a fixed cost per call dominates: 13 µs at 2 ranks and 16 µs at 4 on
+  H100s, inside a CUDA graph. A decode step runs two per layer, 64 at 32 layers.
 * `one_shot`: torch's symmetric memory. Every rank copies its partial into a buffer the others can read over
   NVLink, all wait at a barrier, each reads every partial and sums them in rank order, and a second barrier keeps
   the buffer until every peer has read it. One kernel, no ring, and every rank gets the same bits (the sum runs
   in the same order everywhere, which tensor parallelism needs: ranks sample their tokens each on its own).
   Tensors above `ONE_SHOT_MAX_BYTES` (prefill chunks) take the NCCL path, where reading every peer's whole
-  buffer would cost more than a ring. It needs CUDA, peer access between the group's cards, and bfloat16 or
-  float32 values (the kernel's types).
+  buffer would cost more than a ring. It needs CUDA and peer access between the group's cards; it sums
+  bfloat16 or float32 values (the kernel's types), and layers of another type take the NCCL path. Measured: 11 µs
+  at 2 ranks and 14 µs at 4 for the same 256 KB.
 * `auto`: `one_shot` where all of that holds on every rank of the world, else `nccl`.
 
 The choice is agreed by all ranks in `parallel.world.join`; a reducer is built per group when a layer is
@@ -23,7 +24,6 @@ from typing import Any
 
 from ..core.errors import UnsupportedError
 
-CHOICES = ("auto", "nccl", "one_shot")
 ONE_SHOT_MAX_BYTES = 1 << 20  # 1 MiB: 64 rows of an 8,192-wide bf16 model; a 2,048-token chunk takes NCCL
 _ONE_SHOT_DTYPES = ("torch.bfloat16", "torch.float32")
 _OP = "asyncbatch::one_shot_all_reduce"
