@@ -29,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"default": [], "sync": ["--set", "engine.buffers=single", "--set", "engine.streams=one"]}
+TEXT_COLUMNS = ("request_rate", "arrival")  # summary.csv's columns that are not numbers
 COUNTERS = ("asyncbatch_steps_total", "asyncbatch_step_host_work_seconds_total",
             "asyncbatch_step_loop_cpu_seconds_total", "asyncbatch_process_cpu_seconds_total")
 
@@ -89,8 +90,7 @@ def serve_rates(config: Path, work: Path, extra: list[str], rates: list[str], nu
             with open(bench / "summary.csv") as fh:
                 row = next(csv.DictReader(fh))
             out["rates"][rate] = {
-                "client": {k: float(v) if v not in ("", "None") and k != "request_rate" and k != "arrival" else v
-                           for k, v in row.items()},
+                "client": {k: v if k in TEXT_COLUMNS or v in ("", "None") else float(v) for k, v in row.items()},
                 "steps": d["asyncbatch_steps_total"],
                 "host_work_ms_per_step": d["asyncbatch_step_host_work_seconds_total"] / steps * 1e3,
                 "step_loop_cpu_ms_per_step": d["asyncbatch_step_loop_cpu_seconds_total"] / steps * 1e3,

@@ -76,7 +76,6 @@ class Reducer:
 
     def __init__(self, group: Any, kind: str, dtype: Any, device: Any) -> None:
         self.group = group
-        self.kind = kind
         self.one_shot_numel = 0
         if kind == "one_shot" and str(dtype) in _ONE_SHOT_DTYPES:
             self._setup_one_shot(dtype, device)
