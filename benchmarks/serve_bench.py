@@ -3,12 +3,14 @@
 For every engine: `asyncbatch run` on the workload (the offline reference: decode step period at full batch and
 host work per step), then `asyncbatch serve` on the same config and `asyncbatch bench-serve` against it at each
 request rate, scraping the server's `/metrics` before and after each rate. Per rate it reports the client's
-TTFT and TPOT, TPOT over the offline step, and what serving costs the host: host work per step inside the step
-loop (against offline) and the process's CPU time outside the step loop's thread (HTTP, JSON, detokenising,
-streaming) per step.
+TTFT and TPOT, TPOT over the offline step, and what serving costs the host per step: host work inside the step
+loop (against offline), the step loop thread's CPU time, the engine process's CPU time outside that thread, and
+the front-end process's CPU time. With `engine.serve.front_end: thread` the HTTP side (JSON, detokenising,
+streaming) is in the engine's process and shows as CPU outside the loop; with `process` (the default) it is the
+front end's, and the engine's process only hands requests and token batches over.
 
-    python benchmarks/serve_bench.py --out serve.json                      # default and synchronous engines
-    python benchmarks/serve_bench.py --out s.json --rates 4,inf --new 128 --engines default
+    python benchmarks/serve_bench.py --out serve.json           # default (both front ends) and synchronous engines
+    python benchmarks/serve_bench.py --out s.json --rates 4,inf --new 128 --engines default,default-thread
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = {"default": [], "sync": ["--set", "engine.buffers=single", "--set", "engine.streams=one"]}
+SYNC = ["--set", "engine.buffers=single", "--set", "engine.streams=one"]
+THREAD = ["--set", "engine.serve.front_end=thread"]
+ENGINES = {"default": ([], []), "default-thread": ([], THREAD), "sync": (SYNC, []), "sync-thread": (SYNC, THREAD)}
 TEXT_COLUMNS = ("request_rate", "arrival")  # summary.csv's columns that are not numbers
 COUNTERS = ("asyncbatch_steps_total", "asyncbatch_step_host_work_seconds_total",
-            "asyncbatch_step_loop_cpu_seconds_total", "asyncbatch_process_cpu_seconds_total")
+            "asyncbatch_step_loop_cpu_seconds_total", "asyncbatch_process_cpu_seconds_total",
+            "asyncbatch_front_end_cpu_seconds_total", "asyncbatch_step_loop_handover_seconds_total")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -95,7 +100,14 @@ def serve_rates(config: Path, work: Path, extra: list[str], rates: list[str], nu
                 "host_work_ms_per_step": d["asyncbatch_step_host_work_seconds_total"] / steps * 1e3,
                 "step_loop_cpu_ms_per_step": d["asyncbatch_step_loop_cpu_seconds_total"] / steps * 1e3,
                 "outside_loop_cpu_ms_per_step": (d["asyncbatch_process_cpu_seconds_total"]
-                                                 - d["asyncbatch_step_loop_cpu_seconds_total"]) / steps * 1e3}
+                                                 - d["asyncbatch_step_loop_cpu_seconds_total"]) / steps * 1e3,
+                "front_end_cpu_ms_per_step": d["asyncbatch_front_end_cpu_seconds_total"] / steps * 1e3,
+                "handover_ms_per_step": d["asyncbatch_step_loop_handover_seconds_total"] / steps * 1e3}
+            # What serving costs the engine's host beyond the step: its process's CPU outside the loop, plus the
+            # loop's own time handing steps over (0 with the front end in a thread, whose cost is GIL contention
+            # that shows in host work against offline).
+            r = out["rates"][rate]
+            r["overhead_ms_per_step"] = r["outside_loop_cpu_ms_per_step"] + r["handover_ms_per_step"]
             print(rate, json.dumps(out["rates"][rate]), flush=True)
         return out
     finally:
@@ -112,7 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=str(ROOT / "configs/llama3-8b.yaml"))
-    ap.add_argument("--engines", default="default,sync", help=f"from {', '.join(ENGINES)}")
+    ap.add_argument("--engines", default="default,default-thread,sync", help=f"from {', '.join(ENGINES)}")
     ap.add_argument("--rates", default="2,4,8,16,inf")
     ap.add_argument("--num-requests", type=int, default=40, help="requests per rate")
     ap.add_argument("--new", type=int, default=256, help="tokens generated per request")
@@ -126,12 +138,15 @@ def main() -> None:
     config = work / "config.yaml"  # the config both paths read: the workload with `--new` tokens per request
     config.write_text(yaml.safe_dump(cfg))
     results: dict = {"config": cfg, "engines": {}}
+    refs: dict[tuple, dict] = {}  # one offline run per engine shape: the front end does not take part in `run`
     for name in args.engines.split(","):
-        extra = ENGINES[name]
+        shape, front = ENGINES[name]
         (work / name).mkdir(exist_ok=True)
-        ref = offline(config, work / name / "offline", extra, args.timeout)
+        if tuple(shape) not in refs:
+            refs[tuple(shape)] = offline(config, work / name / "offline", shape, args.timeout)
+        ref = refs[tuple(shape)]
         print(name, "offline", json.dumps(ref), flush=True)
-        served = serve_rates(config, work / name, extra, args.rates.split(","), args.num_requests, args.port,
+        served = serve_rates(config, work / name, shape + front, args.rates.split(","), args.num_requests, args.port,
                              args.timeout)
         results["engines"][name] = {"offline": ref, "served": served}
         Path(args.out).write_text(json.dumps(results, indent=1))
@@ -140,7 +155,8 @@ def main() -> None:
 
 def print_table(engines: dict) -> None:
     print("engine | rate | req/s | out tok/s | TTFT p50 ms | TPOT p50 ms | TPOT / offline step | host work ms/step "
-          "(offline) | CPU outside loop ms/step | outside / host work")
+          "(offline) | loop CPU ms/step | engine CPU outside loop ms/step | handover ms/step | overhead / host work "
+          "| front-end CPU ms/step")
     for name, e in engines.items():
         ref = e["offline"]
         for rate, r in e["served"]["rates"].items():
@@ -148,8 +164,10 @@ def print_table(engines: dict) -> None:
             print(f"{name} | {rate} | {c['request_throughput']:.2f} | {c['output_throughput']:.0f} | "
                   f"{c['ttft_p50_ms']:.1f} | {c['tpot_p50_ms']:.2f} | {c['tpot_p50_ms'] / ref['decode_step_ms']:.3f} | "
                   f"{r['host_work_ms_per_step']:.3f} ({ref['host_step_ms']:.3f}) | "
-                  f"{r['outside_loop_cpu_ms_per_step']:.3f} | "
-                  f"{r['outside_loop_cpu_ms_per_step'] / max(1e-9, r['host_work_ms_per_step']):.3f}")
+                  f"{r['step_loop_cpu_ms_per_step']:.3f} | {r['outside_loop_cpu_ms_per_step']:.3f} | "
+                  f"{r['handover_ms_per_step']:.3f} | "
+                  f"{r['overhead_ms_per_step'] / max(1e-9, r['host_work_ms_per_step']):.3f} | "
+                  f"{r['front_end_cpu_ms_per_step']:.3f}")
 
 
 if __name__ == "__main__":

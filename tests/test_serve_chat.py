@@ -1,12 +1,17 @@
 """The HTTP server on a local checkpoint with a tokenizer and a chat template (saved by this module; no hub): the
 `openai` client's chat completions, streamed and whole, give the text and tokens of `Engine.generate` on the
-templated prompt; text prompts; stop strings, also across token boundaries; bad messages."""
+templated prompt; text prompts; stop strings, also across token boundaries; bad messages.
+
+Every test runs against both front ends: uvicorn in a thread beside the engine (`thread`), and `asyncbatch serve`
+started as a user starts it, with the HTTP side in a process of its own (`process`, the default)."""
 
 from __future__ import annotations
 
 import httpx
 import openai
 import pytest
+import yaml
+from serve_process import ServeProcess
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.serve import AsyncEngine
@@ -35,13 +40,14 @@ def _params(kw: dict) -> SamplingParams:
     return SamplingParams(max_new_tokens=kw["max_tokens"], temperature=kw["temperature"], seed=kw.get("seed"))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny64):
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(request, tmp_path_factory, tiny64):
     path = tmp_path_factory.mktemp("chat-ckpt")
     tiny64.save_pretrained(path)
     _save_tokenizer(path, tiny64.config.vocab_size)
-    engine = Engine.from_config(EngineConfig.from_dict({
-        "model": {"path": str(path), "dtype": "float64"}, "runtime": "cpu", "serve": {"model_name": "tiny-chat"}}))
+    engine_cfg = {"model": {"path": str(path), "dtype": "float64"}, "runtime": "cpu", "threads": 1,
+                  "serve": {"model_name": "tiny-chat", "front_end": request.param}}
+    engine = Engine.from_config(EngineConfig.from_dict(engine_cfg))
     tok = engine.tokenizer
     chat_ids = tok.encode(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True),
                           add_special_tokens=False)
@@ -49,12 +55,19 @@ def server(tmp_path_factory, tiny64):
     refs = {name: list(engine.generate([ids], _params(kw))[0].token_ids)
             for name, ids, kw in (("chat_greedy", chat_ids, GREEDY), ("chat_sampled", chat_ids, SAMPLED),
                                   ("text_greedy", text_ids, GREEDY))}
-    app = build_app(AsyncEngine(engine))
-    with BackgroundServer(app) as srv:
+    if request.param == "thread":
+        context = BackgroundServer(build_app(AsyncEngine(engine)))
+    else:
+        config = path / "serve.yaml"
+        config.write_text(yaml.safe_dump({"engine": engine_cfg}))
+        context = ServeProcess(config)
+    with context as srv:
         srv.refs = refs
         srv.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
         srv.prompt_tokens = len(chat_ids)
         yield srv
+    if request.param == "process":
+        assert 0 == srv.code, srv.text
 
 
 @pytest.fixture(scope="module")

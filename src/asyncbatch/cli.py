@@ -9,33 +9,15 @@ with the traceback at `--log-level debug`); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .logs import setup_logging
+
 PROG = "asyncbatch"
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to whatever `sys.stderr` is at emit time, so redirected or captured stderr keeps working."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-        except Exception:
-            self.handleError(record)
-
-
-def _setup_logging(level: str) -> None:
-    log = logging.getLogger("asyncbatch")
-    log.setLevel(getattr(logging, level.upper()))
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[asyncbatch] %(message)s"))
-        log.addHandler(handler)
 
 
 def default_config_path() -> Path:
@@ -309,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors: return the code instead of exiting
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     code = _dispatch(args, argv)
     world = sys.modules.get("asyncbatch.parallel.world")
     if world is not None and world.exit_skips_teardown():

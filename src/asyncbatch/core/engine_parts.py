@@ -206,9 +206,13 @@ class ServeConfig:
     `max_waiting`: requests that may wait for a row (submitted, not yet running) before new ones are refused with
     HTTP 429. `shutdown_timeout_s`: on shutdown, how long requests in flight may run on before they are cancelled.
     `model_name`: the id clients send as `model` and `/v1/models` lists (null: the checkpoint path, else the
-    preset's name).
+    preset's name). `front_end`: where the HTTP side runs. `process` (the default): in a process of its own, which
+    parses, tokenizes, detokenizes and streams, and hands requests and per-step token batches to the engine's
+    process over a pipe, so none of that work competes with the step loop for the GIL. `thread`: in the engine's
+    process, on an event loop beside the step loop's thread.
     """
 
     max_waiting: int = attrs.field(default=512, validator=_max_waiting)
     shutdown_timeout_s: float = attrs.field(default=30.0, validator=_timeout)
     model_name: str | None = attrs.field(default=None, validator=_model_name)
+    front_end: Literal["process", "thread"] = "process"

@@ -38,6 +38,12 @@ class Intake:
         self.eos_ids = eos_ids
         self._next_id = itertools.count()  # default request ids, unique over the engine's lifetime
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments: `Intake(**intake.settings())` validates and seeds requests exactly as this
+        one does (a front end in another process builds its own from them)."""
+        return {"tokenizer": self.tokenizer, "vocab": self.vocab, "max_len": self.max_len, "limits": self.limits,
+                "seed": self.seed, "eos_ids": self.eos_ids}
+
     def make_requests(self, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
                       *, request_ids: Sequence[str] | None, arrival_times: Sequence[float] | None) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
@@ -71,10 +77,13 @@ class Intake:
             return self.tokenizer.encode(prompt)
         return prompt
 
-    def state(self, request: Request, index: int) -> RequestState:
-        """The run-time state of `request`; already finished with `error` if the request is invalid."""
+    def state(self, request: Request, index: int, *, validated: bool = False) -> RequestState:
+        """The run-time state of `request`; already finished with `error` if the request is invalid. `validated`:
+        an `Intake` with the same settings has already accepted it (a front end in another process), so the
+        per-token checks are not run twice."""
         try:
-            self.validate(request)
+            if not validated:
+                self.validate(request)
         except RequestError as exc:
             # A neutral stand-in carries the failure: the bad values never reach a step table or a scheduler.
             req = RequestState(Request(request.request_id, request.prompt_ids), index, self.max_len, 0)

@@ -61,6 +61,13 @@ class OpenRequestBook(RequestBook):
                 self.cancelled.add(request_id)
         return True
 
+    def cancel_all(self) -> int:
+        """Mark every live request for cancellation (nobody is left to read them); how many there were."""
+        with self._cond:
+            with self._cancel_lock:
+                self.cancelled.update(self._live)
+            return len(self._live)
+
     def close(self) -> None:
         """No more submissions: the run ends once every submitted request has ended."""
         with self._cond:

@@ -12,31 +12,27 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .base import LiveEngine
 from .generate import respond
-from .live import AsyncEngine
 from .metrics import ServeMetrics
-from .protocol import ApiError, ServedModel, parse_chat, parse_completion
+from .protocol import ApiError, parse_chat, parse_completion, served_model_name
+
+__all__ = ["build_app", "served_model_name"]
 
 log = logging.getLogger("asyncbatch")
 
 
-def served_model_name(config: Any) -> str:
-    """`engine.serve.model_name`, else the checkpoint path, else the preset's name."""
-    model = config.model
-    return config.serve.model_name or model.path or model.source_preset or "model"
-
-
-def build_app(live: AsyncEngine, *, model_name: str | None = None) -> FastAPI:
-    """The app serving `live` (not started: the app's lifespan starts it, and shuts it down with
-    `engine.serve.shutdown_timeout_s`). Adds its metrics to the live engine's observers."""
-    engine = live.engine
-    served = ServedModel(model_name or served_model_name(engine.config), engine.tokenizer, engine.max_len,
-                         engine.geometry["vocab"])
+def build_app(live: LiveEngine, *, model_name: str | None = None) -> FastAPI:
+    """The app serving `live`, an `AsyncEngine` or a `RemoteEngine` (not started: the app's lifespan starts it, and
+    shuts it down with `engine.serve.shutdown_timeout_s`). Adds its metrics to the live engine's observers.
+    `model_name` replaces the name the engine's config gives."""
+    served = live.served if model_name is None else attrs.evolve(live.served, name=model_name)
     metrics = ServeMetrics(live)
     live.add_observer(metrics)
     created = int(time.time())

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..core.errors import RequestError
+from .base import LiveEngine
 from .errors import EngineClosedError, EngineDeadError, QueueFullError
-from .live import AsyncEngine
 from .protocol import ApiError, GenerationRequest, ServedModel
 from .responses import DONE, ResponseWriter, sse
 from .stream import RequestStream
@@ -31,7 +31,7 @@ def _failed(exc: Exception, gen: GenerationRequest) -> ApiError:
     return ApiError(400, str(exc), param="messages" if gen.chat else "prompt")
 
 
-def submit(live: AsyncEngine, gen: GenerationRequest, request_id: str) -> RequestStream:
+def submit(live: LiveEngine, gen: GenerationRequest, request_id: str) -> RequestStream:
     """`live.add_request`, its refusals turned into HTTP errors (429 for a full queue)."""
     try:
         return live.add_request(gen.prompt_ids, gen.params, request_id=request_id)
@@ -43,7 +43,7 @@ def submit(live: AsyncEngine, gen: GenerationRequest, request_id: str) -> Reques
         raise _failed(exc, gen) from None
 
 
-async def respond(request: Request, live: AsyncEngine, served: ServedModel, gen: GenerationRequest) -> Response:
+async def respond(request: Request, live: LiveEngine, served: ServedModel, gen: GenerationRequest) -> Response:
     writer = ResponseWriter(served.name, chat=gen.chat, include_usage=gen.include_usage)
     stream = submit(live, gen, writer.id)
     if gen.stream:

@@ -23,7 +23,9 @@ from ..core.open_book import OpenRequestBook
 from ..core.requests import Status
 from ..core.stats import StepStats
 from ..core.types import Output, SamplingParams, TokenEvent
+from .base import LiveEngine, ServeObserver
 from .errors import EngineClosedError, EngineDeadError, QueueFullError
+from .protocol import ServedModel, served_model_name
 from .stream import RequestStream
 
 if TYPE_CHECKING:
@@ -34,30 +36,12 @@ _LOOP_ENDED = object()
 _TOKEN, _END = "token", "end"  # what an outbox item carries
 
 
-class ServeObserver:
-    """Receives what a serving engine measures (the metrics of `asyncbatch serve` subclass it); the defaults do
-    nothing. `step` is called on the step loop's thread, once per step, so it must be quick and thread-safe. The
-    per-request calls (`first_token`, `token_gap`, `finished`) and `rejected` come on the event loop's thread, in
-    the order the step loop saw them: per token, the step loop only takes the time (host clock) and hands it over,
-    so that serving adds as little as possible to the host work of a step."""
-
-    def step(self, stats: StepStats) -> None:
-        """One step was read back (host phase times, tokens, device compute time where measured)."""
-
-    def first_token(self, seconds: float) -> None:
-        """A request's first token, `seconds` after it was submitted (host clock)."""
-
-    def token_gap(self, seconds: float) -> None:
-        """Host-clock time between two consecutive tokens of one request."""
-
-    def finished(self, output: Output, seconds: float) -> None:
-        """A request ended, `seconds` after it was submitted."""
-
-    def rejected(self, reason: str) -> None:
-        """`add_request` refused a request: `queue_full`, `invalid` or `closed` (event loop thread)."""
+def served_model(engine: Engine) -> ServedModel:
+    """The served model of `engine`, as request parsing sees it."""
+    return ServedModel(served_model_name(engine.config), engine.tokenizer, engine.max_len, engine.geometry["vocab"])
 
 
-class AsyncEngine:
+class AsyncEngine(LiveEngine):
     """Serve an `Engine` to asyncio code: `stream = live.add_request(prompt, params)`, then
     `async for event in stream`.
 
@@ -71,7 +55,8 @@ class AsyncEngine:
                  observers: Sequence[ServeObserver] = ()) -> None:
         self.engine = engine
         self.max_waiting = engine.config.serve.max_waiting if max_waiting is None else max_waiting
-        self._observers = list(observers)
+        self.observers = list(observers)
+        self.served = served_model(engine)
         self._streams: dict[str, RequestStream] = {}  # not ended yet; the event loop's, read by the step loop
         self._outbox: deque = deque()
         self._wake_pending = False
@@ -79,17 +64,11 @@ class AsyncEngine:
         self._book: OpenRequestBook | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._accepting = False
-        self._failure: BaseException | None = None
+        self._loop_cpu_s = 0.0  # the step loop thread's CPU time over its steps (warm-up excluded)
+        self._loop_cpu_at: float | None = None
         self._all_ended: asyncio.Event | None = None
         self._notify_finish = engine.host.has_lifecycle_impls("asyncbatch_request_finished")
         self._notify_step = engine.host.has_lifecycle_impls("asyncbatch_step_finished")
-
-    def add_observer(self, observer: ServeObserver) -> None:
-        """Add an observer; before `start` (the step loop reads the list without a lock)."""
-        if self._thread is not None:
-            raise RuntimeError("observers are added before the engine starts serving")
-        self._observers.append(observer)
 
     # ------------------------------------------------------------------ life
     async def start(self) -> None:
@@ -97,6 +76,7 @@ class AsyncEngine:
         will read the streams."""
         if self._thread is not None:
             raise RuntimeError("this AsyncEngine was already started")
+        self._started = True
         self._loop = asyncio.get_running_loop()
         self._all_ended = asyncio.Event()
         self._all_ended.set()
@@ -137,11 +117,6 @@ class AsyncEngine:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.shutdown()
-
-    @property
-    def accepting(self) -> bool:
-        """Started, not shutting down, and the step loop alive."""
-        return self._accepting and self._failure is None
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
@@ -189,13 +164,16 @@ class AsyncEngine:
         and row are freed. False if no running request has that id."""
         return self._book.cancel(request_id) if self._book is not None else False
 
-    def stats(self) -> dict[str, int]:
-        """A snapshot for metrics: requests waiting for a row and running, KV blocks in use and in all."""
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for metrics (`LiveEngine.stats`); the HTTP side shares this process, so it has no CPU time
+        of its own (`front_end_cpu_s` is None)."""
         book = self._book
+        cpu = {"step_loop_cpu_s": self._loop_cpu_s, "engine_cpu_s": time.process_time(), "front_end_cpu_s": None, "handover_s": None}
         if book is None:
-            return {"waiting": 0, "running": 0, "kv_blocks_used": 0, "kv_blocks_total": self.engine.num_blocks - 1}
+            return {"waiting": 0, "running": 0, "kv_blocks_used": 0, "kv_blocks_total": self.engine.num_blocks - 1,
+                    **cpu}
         return {"waiting": book.num_queued, "running": book.num_running, "kv_blocks_used": book.blocks.num_owned,
-                "kv_blocks_total": book.blocks.size}
+                "kv_blocks_total": book.blocks.size, **cpu}
 
     # ------------------------------------------------------------------ the step loop's thread
     def _serve(self, ready: threading.Event) -> None:
@@ -232,13 +210,17 @@ class AsyncEngine:
             self.engine.host.notify("asyncbatch_request_finished", output=output)
 
     def _on_step(self, stats: StepStats) -> None:
-        for o in self._observers:
+        now_cpu = time.thread_time()  # this thread's: from one step to the next, everything the loop did
+        if self._loop_cpu_at is not None:
+            self._loop_cpu_s += now_cpu - self._loop_cpu_at
+        self._loop_cpu_at = now_cpu
+        for o in self.observers:
             o.step(stats)
         if self._notify_step:
             self.engine.host.notify("asyncbatch_step_finished", stats=stats)
 
     def _rejected(self, reason: str) -> None:
-        for o in self._observers:
+        for o in self.observers:
             o.rejected(reason)
 
     def _post(self, item: Any) -> None:
@@ -266,7 +248,7 @@ class AsyncEngine:
             kind, stream, what, when = item  # when: the host-clock reading of a token, a request's age at its end
             if kind is _TOKEN:
                 seen = when
-                for o in self._observers:
+                for o in self.observers:
                     if stream.last_seen is None:
                         o.first_token(seen - stream.arrival)
                     else:
@@ -274,7 +256,7 @@ class AsyncEngine:
                 stream.last_seen = seen
                 stream._token(what, seen)
             else:
-                for o in self._observers:
+                for o in self.observers:
                     o.finished(what, when)
                 stream._finish(what)
             if stream.ended:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core.stats import StepStats
 from ..core.types import Output
-from .live import AsyncEngine, ServeObserver
+from .base import LiveEngine, ServeObserver
 
 BUSY_WINDOW_S = 10.0
 _TTFT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -27,7 +27,7 @@ _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0
 class ServeMetrics(ServeObserver):
     """The metrics of one `AsyncEngine` (one of its observers: `build_app` adds it). `render()` is the scrape."""
 
-    def __init__(self, live: AsyncEngine) -> None:
+    def __init__(self, live: LiveEngine) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.live = live
@@ -53,8 +53,6 @@ class ServeMetrics(ServeObserver):
         self.rejected_total = Counter("asyncbatch_requests_rejected", "Requests refused at submission",
                                       ["reason"], registry=r)
         self._window: deque[tuple[float, float]] = deque()  # (host time, compute seconds) of recent steps
-        self.step_loop_cpu_s = 0.0  # CPU time of the step loop's thread since its first step (warm-up excluded)
-        self._loop_cpu_at: float | None = None
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         r.register(_Gauges(self))
@@ -64,10 +62,6 @@ class ServeMetrics(ServeObserver):
         self.steps.inc()
         self.step_time.observe(stats.schedule_s + stats.prepare_s + stats.launch_s + stats.wait_s + stats.update_s)
         self.host_work.inc(stats.host_s)  # as `asyncbatch run` reports host time per step
-        now_cpu = time.thread_time()  # this thread's: `step` runs on the step loop's thread
-        if self._loop_cpu_at is not None:
-            self.step_loop_cpu_s += now_cpu - self._loop_cpu_at
-        self._loop_cpu_at = now_cpu
         if stats.compute_s is not None:
             self.compute.inc(stats.compute_s)
             now = time.perf_counter()
@@ -126,13 +120,19 @@ class _Gauges:
                                 value=s["kv_blocks_used"])
         yield GaugeMetricFamily("asyncbatch_kv_blocks_total", "KV cache blocks requests can hold",
                                 value=s["kv_blocks_total"])
-        # What serving costs the process beyond the step loop (HTTP, JSON, detokenising, streaming): the process's
-        # CPU time minus the step loop thread's.
+        # What serving costs the engine's process beyond the step loop: the process's CPU time minus the step loop
+        # thread's. With the HTTP side in the same process that is HTTP, JSON, detokenising and streaming; with a
+        # front-end process, only the hand-over of requests and tokens (the front end's own CPU is counted apart).
         yield CounterMetricFamily("asyncbatch_step_loop_cpu_seconds", "CPU time of the step loop's thread between "
-                                  "its steps",
-                                  value=self.metrics.step_loop_cpu_s)
-        yield CounterMetricFamily("asyncbatch_process_cpu_seconds", "CPU time of the whole server process "
-                                  "(all threads)", value=time.process_time())
+                                  "its steps", value=s["step_loop_cpu_s"])
+        yield CounterMetricFamily("asyncbatch_process_cpu_seconds", "CPU time of the engine's process (all "
+                                  "threads)", value=s["engine_cpu_s"])
+        if s["handover_s"] is not None:
+            yield CounterMetricFamily("asyncbatch_step_loop_handover_seconds", "Step loop time spent sending each "
+                                      "step's tokens to the front-end process", value=s["handover_s"])
+        if s["front_end_cpu_s"] is not None:
+            yield CounterMetricFamily("asyncbatch_front_end_cpu_seconds", "CPU time of the HTTP front-end process "
+                                      "(engine.serve.front_end: process)", value=s["front_end_cpu_s"])
         busy = self.metrics.busy_fraction()
         if busy is not None:
             yield GaugeMetricFamily("asyncbatch_busy_fraction", f"Device compute time over the last "

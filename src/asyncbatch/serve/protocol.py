@@ -49,6 +49,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def served_model_name(config: Any) -> str:
+    """`engine.serve.model_name`, else the checkpoint path, else the preset's name (`config`: an `EngineConfig`)."""
+    model = config.model
+    return config.serve.model_name or model.path or model.source_preset or "model"
+
+
 @attrs.frozen
 class ServedModel:
     """What request parsing needs to know of the served model."""

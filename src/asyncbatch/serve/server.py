@@ -9,43 +9,18 @@ the engine serves. SIGINT and SIGTERM shut down gracefully: the listener closes,
 from __future__ import annotations
 
 import logging
-import math
 import signal
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..core.errors import AsyncBatchError, ConfigError
+from .listen import bind, uvicorn_config
+
+__all__ = ["BackgroundServer", "bind", "serve"]
 
 log = logging.getLogger("asyncbatch")
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), not listening yet; `AsyncBatchError` naming the address if it can't be."""
-    if not 0 <= port <= 65535:
-        raise ConfigError("--port", f"must be in [0, 65535], got {port}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, _, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        raise AsyncBatchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def _uvicorn_config(app: Any, *, log_level: str, timeout_s: float, quiet: bool) -> Any:
-    """`quiet`: uvicorn's own loggers are left unconfigured and there is no access log (a server inside a test);
-    otherwise uvicorn logs as it does on its own command line."""
-    import uvicorn
-
-    extra: dict[str, Any] = {"log_config": None, "access_log": False} if quiet else {}
-    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=math.ceil(timeout_s),
-                          **extra)
 
 
 def serve(config_path: str, *, host: str, port: int, overrides: Sequence[str] = (), log_level: str = "info") -> int:
@@ -69,10 +44,14 @@ def serve(config_path: str, *, host: str, port: int, overrides: Sequence[str] = 
     sock = bind(host, port)
     try:
         engine = Engine.from_config(config)
+        if config.serve.front_end == "process":
+            from .front_end import serve_in_two_processes
+
+            return serve_in_two_processes(engine, sock, log_level=log_level)
         app = build_app(AsyncEngine(engine))
         address = sock.getsockname()
         app.state.url = f"http://{address[0]}:{address[1]}"  # the ready line names it (a port of 0 was chosen now)
-        server = uvicorn.Server(_uvicorn_config(app, log_level=log_level, timeout_s=config.serve.shutdown_timeout_s,
+        server = uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_s=config.serve.shutdown_timeout_s,
                                                 quiet=False))
         # uvicorn re-raises the signal that stopped it once it has shut down; a graceful SIGTERM exits 0.
         previous = signal.signal(signal.SIGTERM, lambda *_: None) if _main_thread() else None
@@ -116,7 +95,7 @@ class BackgroundServer:
 
         sock = bind(self.host, self.port)
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(_uvicorn_config(self.app, log_level=self.log_level, timeout_s=30.0, quiet=True))
+        self.server = uvicorn.Server(uvicorn_config(self.app, log_level=self.log_level, timeout_s=30.0, quiet=True))
 
         def run() -> None:
             try:
