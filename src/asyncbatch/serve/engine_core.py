@@ -8,8 +8,7 @@ with every token and ended request of that step, so a step costs the engine's pr
 write however many streams are open; parsing, detokenising, JSON and the clients' sockets are the front end's
 work, in its own process.
 
-A sender thread pickles and writes the messages; the step loop only queues them, and the sender does its work
-while the loop waits on the device, which releases the GIL. The message is kept small all the same: a request is named by the small integer
+The message is kept cheap on purpose, as the step loop pays for it: a request is named by the small integer
 handle the front end gave it instead of its id string, tokens and their indices go as lists of ints (all tokens of
 a step share one run-clock time), the finish reasons of the few tokens that carry one go as `{position: reason}`,
 and the step's stats as a tuple of field values. The front end does not sleep on the pipe while requests are
@@ -24,7 +23,6 @@ from __future__ import annotations
 import logging
 import operator
 import pickle
-import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -71,7 +69,7 @@ class EngineCore:
         self.conn = conn
         self.lost = False  # the front end went away (its end of the pipe closed)
         self.ready = False  # warmed up and serving
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages for the sender thread, in order
+        self._send_lock = threading.Lock()
         self._handles: dict[str, int] = {}  # request id -> the front end's handle, while the request runs
         self._token_handles: list[int] = []  # the tokens since the last send: whose, which, at which index
         self._token_ids: list[int] = []
@@ -82,8 +80,8 @@ class EngineCore:
         self._added = 0  # "add" messages handled, so the front end can tell how many are still on their way
         self._loop_cpu_s = 0.0
         self._handover_s = 0.0  # the step loop's time in `_on_step`: what handing a step over costs it
+        self._pickle_s = self._write_s = 0.0  # of which pickling and writing the step messages
         self._steps_sent = 0
-        self._sender_cpu_s = 0.0
         self._cpu_pair = (0.0, time.process_time())  # (step loop, whole process) CPU seconds, read together
         self._loop_cpu_at: float | None = None
         self._notify_finish = engine.host.has_lifecycle_impls("asyncbatch_request_finished")
@@ -95,8 +93,6 @@ class EngineCore:
     def serve(self) -> BaseException | None:
         engine = self.engine
         receiver = threading.Thread(target=self._receive, name="asyncbatch-front-end-receiver", daemon=True)
-        sender = threading.Thread(target=self._send_all, name="asyncbatch-front-end-sender", daemon=True)
-        sender.start()
         try:
             with engine.held():
                 if engine.warms_up:  # requests may take any sampling path: warm them all before serving
@@ -109,18 +105,14 @@ class EngineCore:
         except BaseException as exc:  # noqa: BLE001  (the front end fails its streams with it; the caller exits)
             log.error("the serving step loop stopped: %s: %s", type(exc).__name__, exc, exc_info=exc)
             self._send(("dead", f"{type(exc).__name__}: {exc}"))
-            failure: BaseException | None = exc
-        else:
-            self._flush()
-            self._send(("closed",))
-            failure = None
-        self._outbox.put(None)
-        sender.join()
+            return exc
+        self._flush()
+        self._send(("closed",))
         if self._steps_sent:
             n = self._steps_sent
-            log.info("handed %d steps to the front end: %.1f us per step in the step loop, %.1f us of the sender "
-                     "thread's CPU", n, self._handover_s / n * 1e6, self._sender_cpu_s / n * 1e6)
-        return failure
+            log.info("handed %d steps to the front end: %.1f us per step in the step loop (pickling %.1f, writing "
+                     "%.1f)", n, self._handover_s / n * 1e6, self._pickle_s / n * 1e6, self._write_s / n * 1e6)
+        return None
 
     # ------------------------------------------------------------------ the receiver thread
     def _receive(self) -> None:
@@ -188,9 +180,14 @@ class EngineCore:
         if stats is None and not self._token_ids and not self._outputs:
             return
         outputs, self._outputs = self._outputs, []
-        self._send(("step", time.perf_counter(), self._run_time, self._token_handles, self._token_ids,
-                    self._token_index, self._reasons, outputs, None if stats is None else _stats_values(stats),
-                    self._counts()))
+        start = time.perf_counter()
+        data = pickle.dumps(("step", start, self._run_time, self._token_handles, self._token_ids, self._token_index,
+                             self._reasons, outputs, None if stats is None else _stats_values(stats),
+                             self._counts()), protocol=pickle.HIGHEST_PROTOCOL)
+        pickled = time.perf_counter()
+        self._send_bytes(data)
+        self._pickle_s += pickled - start
+        self._write_s += time.perf_counter() - pickled
         self._steps_sent += 1
         self._token_handles, self._token_ids, self._token_index, self._reasons = [], [], [], {}
         for output in outputs:  # its tokens, the last included, are in this message or an earlier one
@@ -208,20 +205,15 @@ class EngineCore:
                 *self._cpu_pair, self._handover_s)
 
     def _send(self, message: tuple) -> None:
-        """Queue a message for the sender thread (any thread): the step loop pays for a queue put, not for pickling
-        and writing, which the sender does while the loop waits on the device (that wait releases the GIL)."""
-        self._outbox.put(message)
+        self._send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
-    # ------------------------------------------------------------------ the sender thread
-    def _send_all(self) -> None:
-        start = time.thread_time()
-        while (message := self._outbox.get()) is not None:
-            if self.lost:
-                continue
-            # Plain pickle and `send_bytes`: `Connection.send` builds a multiprocessing pickler (and copies its
-            # dispatch table) for every message.
-            try:
-                self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
-                self._front_end_gone()
-        self._sender_cpu_s = time.thread_time() - start
+    def _send_bytes(self, data: bytes) -> None:
+        # Plain pickle and `send_bytes`: `Connection.send` builds a multiprocessing pickler (and copies its
+        # dispatch table) for every message, which the step loop would pay once per step.
+        if self.lost:
+            return
+        try:
+            with self._send_lock:
+                self.conn.send_bytes(data)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            self._front_end_gone()
