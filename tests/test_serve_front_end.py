@@ -48,7 +48,7 @@ class Linked:
         self.engine = engine
         self.core = EngineCore(engine, ours)
         self.lost_calls = 0
-        self.remote = RemoteEngine(theirs, served=served_model(engine), intake=Intake(**engine.intake.settings()),
+        self.remote = RemoteEngine(theirs, ring_name=self.core.ring.name, served=served_model(engine), intake=Intake(**engine.intake.settings()),
                                    max_waiting=max_waiting, shutdown_timeout_s=5.0, on_lost=self._lost)
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -68,6 +68,7 @@ class Linked:
         await self.remote.shutdown()
         await asyncio.to_thread(self.thread.join, 30)
         assert not self.thread.is_alive()
+        self.core.ring.close(unlink=True)
 
 
 def test_streamed_tokens_equal_offline_generation(tiny32):

@@ -39,6 +39,7 @@ class FrontEndSpec:
     """What the front-end process needs, sent to it once when it starts (pickled)."""
 
     served: ServedModel
+    ring: str  # the name of the step ring's shared memory
     intake: dict[str, Any]  # `Intake.settings()` of the engine
     max_waiting: int
     shutdown_timeout_s: float
@@ -57,26 +58,30 @@ def serve_in_two_processes(engine: Engine, sock: socket.socket, *, log_level: st
     ours, theirs = ctx.Pipe(duplex=True)
     host, port = sock.getsockname()[:2]
     serve_cfg = engine.config.serve
-    spec = FrontEndSpec(served=served_model(engine), intake=engine.intake.settings(),
-                        max_waiting=serve_cfg.max_waiting, shutdown_timeout_s=serve_cfg.shutdown_timeout_s,
-                        log_level=log_level, url=f"http://{host}:{port}")
-    child = ctx.Process(target=run_front_end, args=(spec, theirs, sock), name="asyncbatch-front-end", daemon=True)
-    child.start()
-    theirs.close()
-    log.info("HTTP front end: process %d", child.pid)
     core = EngineCore(engine, ours)
-    restore = _forward_signals(child.pid, lambda: core.ready)
     try:
-        failure = core.serve()
+        spec = FrontEndSpec(served=served_model(engine), ring=core.ring.name, intake=engine.intake.settings(),
+                            max_waiting=serve_cfg.max_waiting, shutdown_timeout_s=serve_cfg.shutdown_timeout_s,
+                            log_level=log_level, url=f"http://{host}:{port}")
+        child = ctx.Process(target=run_front_end, args=(spec, theirs, sock), name="asyncbatch-front-end",
+                            daemon=True)
+        child.start()
+        theirs.close()
+        log.info("HTTP front end: process %d", child.pid)
+        restore = _forward_signals(child.pid, lambda: core.ready)
+        try:
+            failure = core.serve()
+        finally:
+            restore()
+            ours.close()
+        child.join(JOIN_TIMEOUT_S)
+        if child.is_alive():
+            log.error("the front-end process did not exit within %.0f s of the engine stopping: killing it",
+                      JOIN_TIMEOUT_S)
+            child.kill()
+            child.join()
     finally:
-        restore()
-        ours.close()
-    child.join(JOIN_TIMEOUT_S)
-    if child.is_alive():
-        log.error("the front-end process did not exit within %.0f s of the engine stopping: killing it",
-                  JOIN_TIMEOUT_S)
-        child.kill()
-        child.join()
+        core.ring.close(unlink=True)
     if failure is not None:
         return 1
     if child.exitcode != 0:
@@ -118,8 +123,8 @@ def run_front_end(spec: FrontEndSpec, conn: Connection, sock: socket.socket) -> 
     from .remote import RemoteEngine
 
     setup_logging(spec.log_level)
-    remote = RemoteEngine(conn, served=spec.served, intake=Intake(**spec.intake), max_waiting=spec.max_waiting,
-                          shutdown_timeout_s=spec.shutdown_timeout_s)
+    remote = RemoteEngine(conn, ring_name=spec.ring, served=spec.served, intake=Intake(**spec.intake),
+                          max_waiting=spec.max_waiting, shutdown_timeout_s=spec.shutdown_timeout_s)
     app = build_app(remote)
     app.state.url = spec.url
     server = uvicorn.Server(uvicorn_config(app, log_level=spec.log_level, timeout_s=spec.shutdown_timeout_s,

@@ -6,10 +6,11 @@ message to the event loop: one wake-up per engine step, which carries every toke
 for the messages). Time stamps stay comparable across the two processes: `perf_counter` reads the system's
 monotonic clock.
 
-While requests are open the reader polls the pipe every `POLL_S` instead of sleeping on it. A write to a socket
-that a process sleeps on wakes that process, and on the virtual machines GPUs are rented on the writer paid for
-the wake-up: ~0.1 ms per step of the step loop's time. Polling moves that cost to this process, for at most
-`POLL_S` of added latency per step. With nothing open, the reader sleeps on the pipe.
+Steps arrive through a shared-memory ring (`StepRing`), which nobody is woken for: while requests are open the
+reader polls it (and the pipe) every `POLL_S`, for at most that much added latency per step. The engine's process
+never pays for waking this one; a write to a socket that a process sleeps on cost the writer ~0.1 ms on the
+virtual machines GPUs are rented on. With nothing open, the reader sleeps on the pipe and on a wake-up pipe of its
+own, which `add_request` writes to.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import pickle
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +32,7 @@ from ..core.stats import StepStats
 from ..core.types import SamplingParams, TokenEvent
 from .base import LiveEngine, ServeObserver
 from .errors import EngineClosedError, EngineDeadError, QueueFullError
+from .ring import StepRing
 from .stream import RequestStream
 
 if TYPE_CHECKING:
@@ -45,10 +49,14 @@ class RemoteEngine(LiveEngine):
     """The app's end of `EngineCore`. `on_lost` is called (on the event loop) if the engine's process goes away or
     its step loop dies, so that the server can stop instead of answering 503 for ever."""
 
-    def __init__(self, conn: Connection, *, served: ServedModel, intake: Intake, max_waiting: int,
+    def __init__(self, conn: Connection, *, ring_name: str, served: ServedModel, intake: Intake, max_waiting: int,
                  shutdown_timeout_s: float, on_lost: Callable[[], Any] | None = None,
                  observers: Sequence[ServeObserver] = ()) -> None:
         self.conn = conn
+        self.ring = StepRing(name=ring_name)
+        self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.Lock()
+        self._sleeping = False
         self.served = served
         self.intake = intake
         self.max_waiting = max_waiting
@@ -133,6 +141,10 @@ class RemoteEngine(LiveEngine):
         self._all_ended.clear()  # type: ignore[union-attr]
         self._sent_adds += 1
         self._send(("add", handle, request))
+        with self._wake_lock:
+            if self._sleeping:  # the reader sleeps on the pipe: this request's steps come by the ring
+                self._sleeping = False
+                os.write(self._wake_w, b"w")
         return stream
 
     def abort(self, request_id: str) -> bool:
@@ -163,26 +175,51 @@ class RemoteEngine(LiveEngine):
 
     # ------------------------------------------------------------------ the reader thread
     def _read(self) -> None:
-        conn = self.conn
-        while True:
-            try:
-                if self._streams:  # a racy read is fine: at worst one poll more, or one sleep on the pipe
-                    while self._streams and not conn.poll(0):
-                        time.sleep(POLL_S)
-                message = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                message = ("lost",)
-            try:
-                self._loop.call_soon_threadsafe(self._handle, message)  # type: ignore[union-attr]
-            except RuntimeError:  # the event loop is closed: nobody is left to read
-                return
-            if message[0] in ("closed", "lost"):
-                return
+        conn, ring = self.conn, self.ring
+        post = self._loop.call_soon_threadsafe  # type: ignore[union-attr]
+        try:
+            while True:
+                steps = ring.read_all()
+                if steps:
+                    post(self._steps, steps)
+                if conn.poll(0):
+                    try:
+                        message = pickle.loads(conn.recv_bytes())
+                    except (EOFError, OSError):
+                        message = ("lost",)
+                    steps = ring.read_all()  # published before the message was sent: they come first
+                    if steps:
+                        post(self._steps, steps)
+                    post(self._handle, message)
+                    if message[0] in ("closed", "lost"):
+                        return
+                    continue
+                if steps:
+                    continue
+                with self._wake_lock:
+                    self._sleeping = not self._streams
+                if self._sleeping:
+                    select.select([conn.fileno(), self._wake_r], [], [])
+                    with self._wake_lock:
+                        self._sleeping = False
+                    os.set_blocking(self._wake_r, False)
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    time.sleep(POLL_S)
+        except RuntimeError:  # the event loop is closed: nobody is left to read
+            return
 
     # ------------------------------------------------------------------ the event loop's thread
+    def _steps(self, steps: list[tuple]) -> None:
+        for step in steps:
+            self._step(*step)
+
     def _handle(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "step":
+        if kind == "step":  # one the ring had no room for
             self._step(*message[1:])
         elif kind == "ready":
             self._counts = message[1]
@@ -195,12 +232,15 @@ class RemoteEngine(LiveEngine):
                 self._ended(stream)
         elif kind == "closed":
             self._closed.set()  # type: ignore[union-attr]
+            self._release()
         else:  # "dead" (the step loop raised) or "lost" (the engine's process is gone)
             reason = message[1] if kind == "dead" else "the engine's process exited"
             self._die(reason)
+            if kind == "lost":  # the reader has returned
+                self._release()
 
     def _step(self, seen: float, run_time: float, handles: list[int], tokens: list[int], indices: list[int],
-              reasons: dict[int, str], outputs: list, stats: tuple | None, counts: tuple) -> None:
+              reasons: dict[int, str], outputs: list, stats: StepStats | None, counts: tuple) -> None:
         self._counts = counts
         streams, by_handle, observers = self._streams, self._by_handle, self.observers
         for i, (handle, token, index) in enumerate(zip(handles, tokens, indices)):
@@ -227,9 +267,8 @@ class RemoteEngine(LiveEngine):
             if stream.ended:
                 self._ended(stream)
         if stats is not None:
-            step = StepStats(*stats)
             for o in observers:
-                o.step(step)
+                o.step(stats)
 
     def _die(self, reason: str) -> None:
         first = self._failure is None
@@ -245,6 +284,14 @@ class RemoteEngine(LiveEngine):
         self._closed.set()  # type: ignore[union-attr]
         if first and self.on_lost is not None:
             self.on_lost()
+
+    def _release(self) -> None:
+        """The reader has returned (after "closed" or a lost pipe): unmap the ring, close the wake-up pipe."""
+        if self._wake_w >= 0:
+            self.ring.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def _ended(self, stream: RequestStream) -> None:
         if self._streams.get(stream.request_id) is stream:
