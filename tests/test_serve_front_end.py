@@ -161,6 +161,7 @@ def test_a_step_loop_that_dies_fails_every_stream_and_calls_on_lost(tiny32, monk
         with pytest.raises(EngineDeadError, match="RuntimeError: boom on the third step"):
             await stream.result()
         await asyncio.to_thread(link.thread.join, 30)
+        link.core.ring.close(unlink=True)
         return link, link.remote.accepting
 
     link, accepting = asyncio.run(main())
@@ -184,6 +185,7 @@ def test_a_front_end_that_goes_away_cancels_everything(tiny32):
         # would pull it from under the reader thread instead).
         socket.socket(fileno=os.dup(link.remote.conn.fileno())).shutdown(socket.SHUT_RDWR)
         await asyncio.to_thread(link.thread.join, 30)
+        link.core.ring.close(unlink=True)
         return link
 
     link = asyncio.run(main())
