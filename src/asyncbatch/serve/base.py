@@ -6,15 +6,25 @@ Two live engines implement it: `AsyncEngine`, whose step loop is a thread of the
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..core.errors import RequestError
+from ..core.requests import Status
+from ..core.types import SamplingParams
+from .errors import EngineClosedError, EngineDeadError, QueueFullError
+from .stream import RequestStream
+
 if TYPE_CHECKING:
+    from ..core.intake import Intake
+    from ..core.requests import RequestState
     from ..core.stats import StepStats
-    from ..core.types import Output, SamplingParams
+    from ..core.types import Output
     from .protocol import ServedModel
-    from .stream import RequestStream
 
 
 class ServeObserver:
@@ -45,7 +55,8 @@ class LiveEngine(ABC):
     """An engine that takes requests while it runs, seen from asyncio code (the HTTP app).
 
     The app's lifespan calls `start` once and `shutdown` once, on the event loop that reads the streams; handlers
-    call `add_request` and `abort` on that loop; `stats` is read by metric scrapes. Nothing here may block the event
+    call `add_request` (shared: it validates with `intake`, then `_submit`s) and `abort` on that loop; `stats` is
+    read by metric scrapes and by `add_request` for the queue bound. Nothing here may block the event
     loop on the device: a step that is slow delays tokens, never the loop.
     """
 
@@ -58,12 +69,47 @@ class LiveEngine(ABC):
         """Refuse new requests, let those in flight finish for up to `timeout` seconds (default
         `engine.serve.shutdown_timeout_s`), cancel the rest, stop the step loop. Completed responses stay readable."""
 
-    @abstractmethod
     def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
                     request_id: str | None = None) -> RequestStream:
-        """Submit one request and return its stream at once. Raises, submitting nothing: `RequestError` (the
-        request is invalid), `QueueFullError`, `EngineClosedError`, `EngineDeadError`, or `ValueError` for an id
-        still in use."""
+        """Submit one request (from the event loop's thread) and return its stream at once.
+
+        Raises, and submits nothing: `RequestError` naming what is wrong (a token outside the vocabulary, a prompt
+        that leaves no room to generate, a text prompt without a tokenizer, a bad sampling value); `QueueFullError`
+        when `max_waiting` requests already wait for a row; `EngineClosedError` before `start` or once shutting down;
+        `EngineDeadError` if the step loop died; `ValueError` if `request_id` is used by a request still running.
+        """
+        if self._failure is not None:
+            raise EngineDeadError(f"the engine stopped serving: {self._failure}")
+        if not self._accepting:
+            self._rejected("closed")
+            raise EngineClosedError("the engine is not taking requests (not started, or shutting down)")
+        waiting = self.stats()["waiting"]
+        if waiting >= self.max_waiting:
+            self._rejected("queue_full")
+            raise QueueFullError(f"{waiting} requests already wait for a row (engine.serve.max_waiting="
+                                 f"{self.max_waiting}); retry later")
+        rid = f"req-{next(self._ids)}" if request_id is None else request_id
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already used by a request that has not ended")
+        try:
+            (request,) = self.intake.make_requests([prompt], params or SamplingParams(), request_ids=[rid],
+                                                   arrival_times=None)
+        except TypeError as exc:  # a text prompt without a tokenizer, or not a prompt at all
+            self._rejected("invalid")
+            raise RequestError(str(exc)) from None
+        state = self.intake.state(request, 0)
+        if state.status is Status.FINISHED:
+            self._rejected("invalid")
+            raise RequestError(state.error or "invalid request")
+        stream = RequestStream(rid, request.prompt_ids, time.perf_counter(), self.abort)
+        self._streams[rid] = stream
+        self._all_ended.clear()  # type: ignore[union-attr]
+        self._submit(state)
+        return stream
+
+    @abstractmethod
+    def _submit(self, state: RequestState) -> None:
+        """Hand a request `add_request` accepted (its stream is registered) to the step loop."""
 
     @abstractmethod
     def abort(self, request_id: str) -> bool:
@@ -76,9 +122,14 @@ class LiveEngine(ABC):
         process) and `front_end_cpu_s` (the HTTP process, or None when it is the engine's); `handover_s`, the step
         loop's time spent sending steps to a front-end process (None without one)."""
 
-    # Shared state, set by each subclass's __init__ and start: what the app reads besides the five methods.
+    # Shared state, set by each subclass's __init__ and start.
     served: ServedModel  # the served model as request parsing sees it (name, tokenizer, context, vocabulary)
     observers: list[ServeObserver]
+    intake: Intake  # validates and seeds requests as the engine does
+    max_waiting: int
+    _streams: dict[str, RequestStream]  # requests not ended yet, by id (the event loop's)
+    _all_ended: asyncio.Event | None = None  # set while `_streams` is empty (made by `start`)
+    _ids: itertools.count
     _started: bool = False
     _accepting: bool = False
     _failure: BaseException | None = None
@@ -87,6 +138,10 @@ class LiveEngine(ABC):
     def accepting(self) -> bool:
         """Started, not shutting down, and the step loop alive."""
         return self._accepting and self._failure is None
+
+    def _rejected(self, reason: str) -> None:
+        for o in self.observers:
+            o.rejected(reason)
 
     def add_observer(self, observer: ServeObserver) -> None:
         """Add an observer; before `start` (the step loop reads the list without a lock)."""

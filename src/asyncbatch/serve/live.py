@@ -18,18 +18,17 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import RequestError
 from ..core.open_book import OpenRequestBook
-from ..core.requests import Status
 from ..core.stats import StepStats
-from ..core.types import Output, SamplingParams, TokenEvent
+from ..core.types import Output, TokenEvent
 from .base import LiveEngine, ServeObserver
-from .errors import EngineClosedError, EngineDeadError, QueueFullError
+from .errors import EngineDeadError
 from .protocol import ServedModel, served_model_name
 from .stream import RequestStream
 
 if TYPE_CHECKING:
     from ..core.engine import Engine
+    from ..core.requests import RequestState
 
 log = logging.getLogger("asyncbatch")
 _LOOP_ENDED = object()
@@ -57,6 +56,7 @@ class AsyncEngine(LiveEngine):
         self.max_waiting = engine.config.serve.max_waiting if max_waiting is None else max_waiting
         self.observers = list(observers)
         self.served = served_model(engine)
+        self.intake = engine.intake
         self._streams: dict[str, RequestStream] = {}  # not ended yet; the event loop's, read by the step loop
         self._outbox: deque = deque()
         self._wake_pending = False
@@ -119,45 +119,8 @@ class AsyncEngine(LiveEngine):
         await self.shutdown()
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
-                    request_id: str | None = None) -> RequestStream:
-        """Submit one request (from the event loop's thread); returns its stream at once.
-
-        Raises, and submits nothing: `RequestError` naming what is wrong (a token outside the vocabulary, a prompt
-        that leaves no room to generate, a text prompt without a tokenizer, a bad sampling value); `QueueFullError`
-        when `max_waiting` requests already wait for a row; `EngineClosedError` before `start` or once shutting down;
-        `EngineDeadError` if the step loop died; `ValueError` if `request_id` is used by a request still running.
-        """
-        if self._failure is not None:
-            raise EngineDeadError(f"the engine stopped serving: {self._failure}")
-        if not self._accepting or self._book is None:
-            self._rejected("closed")
-            raise EngineClosedError("the engine is not taking requests (not started, or shutting down)")
-        book = self._book
-        queued = book.num_queued
-        if queued >= self.max_waiting:
-            self._rejected("queue_full")
-            raise QueueFullError(f"{queued} requests already wait for a row (engine.serve.max_waiting="
-                                 f"{self.max_waiting}); retry later")
-        rid = f"req-{next(self._ids)}" if request_id is None else request_id
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already used by a request that has not ended")
-        engine = self.engine
-        try:
-            (request,) = engine.intake.make_requests([prompt], params or SamplingParams(), request_ids=[rid],
-                                                     arrival_times=None)
-        except TypeError as exc:  # a text prompt without a tokenizer, or not a prompt at all
-            self._rejected("invalid")
-            raise RequestError(str(exc)) from None
-        state = engine.intake.state(request, 0)
-        if state.status is Status.FINISHED:
-            self._rejected("invalid")
-            raise RequestError(state.error or "invalid request")
-        stream = RequestStream(rid, request.prompt_ids, time.perf_counter(), self.abort)
-        self._streams[rid] = stream
-        self._all_ended.clear()  # type: ignore[union-attr]
-        book.submit(state)
-        return stream
+    def _submit(self, state: RequestState) -> None:
+        self._book.submit(state)  # type: ignore[union-attr]
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request (any thread): it ends with finish reason `cancelled` at the next step and its KV blocks
@@ -218,10 +181,6 @@ class AsyncEngine(LiveEngine):
             o.step(stats)
         if self._notify_step:
             self.engine.host.notify("asyncbatch_step_finished", stats=stats)
-
-    def _rejected(self, reason: str) -> None:
-        for o in self.observers:
-            o.rejected(reason)
 
     def _post(self, item: Any) -> None:
         self._outbox.append(item)

@@ -27,11 +27,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import RequestError
-from ..core.requests import Status
 from ..core.stats import StepStats
-from ..core.types import SamplingParams, TokenEvent
+from ..core.types import TokenEvent
 from .base import LiveEngine, ServeObserver
-from .errors import EngineClosedError, EngineDeadError, QueueFullError
+from .errors import EngineDeadError
 from .ring import StepRing
 from .stream import RequestStream
 
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from ..core.intake import Intake
+    from ..core.requests import RequestState
     from .protocol import ServedModel
 
 log = logging.getLogger("asyncbatch")
@@ -108,44 +108,16 @@ class RemoteEngine(LiveEngine):
         await self._closed.wait()  # the engine ends its run once the cancelled requests have ended
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, *,
-                    request_id: str | None = None) -> RequestStream:
-        if self._failure is not None:
-            raise EngineDeadError(f"the engine stopped serving: {self._failure}")
-        if not self._accepting:
-            self._rejected("closed")
-            raise EngineClosedError("the engine is not taking requests (not started, or shutting down)")
-        waiting = self.stats()["waiting"]
-        if waiting >= self.max_waiting:
-            self._rejected("queue_full")
-            raise QueueFullError(f"{waiting} requests already wait for a row (engine.serve.max_waiting="
-                                 f"{self.max_waiting}); retry later")
-        rid = f"req-{next(self._ids)}" if request_id is None else request_id
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already used by a request that has not ended")
-        try:
-            (request,) = self.intake.make_requests([prompt], params or SamplingParams(), request_ids=[rid],
-                                                   arrival_times=None)
-        except TypeError as exc:  # a text prompt without a tokenizer, or not a prompt at all
-            self._rejected("invalid")
-            raise RequestError(str(exc)) from None
-        state = self.intake.state(request, 0)
-        if state.status is Status.FINISHED:
-            self._rejected("invalid")
-            raise RequestError(state.error or "invalid request")
-        stream = RequestStream(rid, request.prompt_ids, time.perf_counter(), self.abort)
+    def _submit(self, state: RequestState) -> None:
         handle = next(self._handles)
-        self._streams[rid] = stream
-        self._by_handle[handle] = stream
-        self._handle_of[rid] = handle
-        self._all_ended.clear()  # type: ignore[union-attr]
+        self._by_handle[handle] = self._streams[state.request_id]
+        self._handle_of[state.request_id] = handle
         self._sent_adds += 1
-        self._send(("add", handle, request))
+        self._send(("add", handle, state.request))
         with self._wake_lock:
             if self._sleeping:  # the reader sleeps on the pipe: this request's steps come by the ring
                 self._sleeping = False
                 os.write(self._wake_w, b"w")
-        return stream
 
     def abort(self, request_id: str) -> bool:
         stream = self._streams.get(request_id)
@@ -160,10 +132,6 @@ class RemoteEngine(LiveEngine):
         return {"waiting": queued + self._sent_adds - added, "running": running, "kv_blocks_used": used,
                 "kv_blocks_total": total, "step_loop_cpu_s": loop_cpu, "engine_cpu_s": engine_cpu,
                 "front_end_cpu_s": time.process_time(), "handover_s": handover}
-
-    def _rejected(self, reason: str) -> None:
-        for o in self.observers:
-            o.rejected(reason)
 
     def _send(self, message: tuple) -> None:
         try:
