@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from ..core.requests import Status
 from ..core.types import SamplingParams
 from .errors import EngineClosedError, EngineDeadError, QueueFullError
 from .stream import RequestStream
+
+log = logging.getLogger("asyncbatch")
 
 if TYPE_CHECKING:
     from ..core.intake import Intake
@@ -138,6 +141,16 @@ class LiveEngine(ABC):
     def accepting(self) -> bool:
         """Started, not shutting down, and the step loop alive."""
         return self._accepting and self._failure is None
+
+    async def _finish_or_cancel(self, timeout: float) -> None:
+        """Shutdown's first half: wait up to `timeout` seconds for every open request to end, then cancel the rest."""
+        assert self._all_ended is not None
+        try:
+            await asyncio.wait_for(self._all_ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: cancelling %d requests still running after %.3g s", len(self._streams), timeout)
+            for rid in list(self._streams):
+                self.abort(rid)
 
     def _rejected(self, reason: str) -> None:
         for o in self.observers:

@@ -100,13 +100,7 @@ class AsyncEngine(LiveEngine):
         if self._thread is None or self._book is None:
             return
         timeout = self.engine.config.serve.shutdown_timeout_s if timeout is None else timeout
-        assert self._all_ended is not None
-        try:
-            await asyncio.wait_for(self._all_ended.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("shutdown: cancelling %d requests still running after %.3g s", len(self._streams), timeout)
-            for rid in list(self._streams):
-                self._book.cancel(rid)
+        await self._finish_or_cancel(timeout)
         self._book.close()
         await asyncio.to_thread(self._thread.join)
         self._drain()

@@ -97,13 +97,7 @@ class RemoteEngine(LiveEngine):
         if self._closed is None or self._closed.is_set():
             return
         timeout = self.shutdown_timeout_s if timeout is None else timeout
-        assert self._all_ended is not None
-        try:
-            await asyncio.wait_for(self._all_ended.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("shutdown: cancelling %d requests still running after %.3g s", len(self._streams), timeout)
-            for rid in list(self._streams):
-                self.abort(rid)
+        await self._finish_or_cancel(timeout)
         self._send(("close",))
         await self._closed.wait()  # the engine ends its run once the cancelled requests have ended
 
