@@ -282,3 +282,21 @@ def test_an_engine_process_that_dies_takes_the_front_end_with_it():
         gone = _gone_within(srv.front_end_pid, 30)
     assert gone, srv.text
     assert "the engine stopped serving: the engine's process exited" in srv.text
+
+
+def test_tokens_are_the_same_when_every_step_goes_by_the_pipe(tiny32, monkeypatch):
+    """Where the ring is off (processors that may reorder stores), the pipe carries every step."""
+    engine = _engine(tiny32)
+    prompts, params = [[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_new_tokens=7, temperature=0.7)
+    expected = [list(o.token_ids) for o in engine.generate(prompts, params, request_ids=["a", "b"])]
+
+    async def main():
+        async with Linked(engine) as link:
+            link.core.ring.enabled = False
+            streams = [link.remote.add_request(p, params, request_id=i) for p, i in zip(prompts, ["a", "b"])]
+            got = [await _streamed(s) for s in streams]
+            return got, link.core._pipe_steps
+
+    got, pipe_steps = asyncio.run(main())
+    assert expected == got
+    assert pipe_steps >= 7

@@ -85,3 +85,14 @@ def test_stats_fields_keep_their_types():
     finally:
         reader.close()
         ring.close(unlink=True)
+
+
+def test_where_stores_may_be_reordered_the_ring_takes_nothing_and_steps_go_by_the_pipe():
+    ring = StepRing(1 << 12, enabled=False)  # as on Arm
+    reader = StepRing(name=ring.name)
+    try:
+        assert not _write(ring, _step(1, 4))
+        assert [] == reader.read_all()
+    finally:
+        reader.close()
+        ring.close(unlink=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..core.errors import AsyncBatchError
+from ..core.errors import AsyncBatchError, ConfigError
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -52,6 +52,9 @@ def serve_in_two_processes(engine: Engine, sock: socket.socket, *, log_level: st
     import multiprocessing
 
     from .engine_core import EngineCore
+
+    if os.name != "posix":  # process groups, and select() on pipes
+        raise ConfigError("engine.serve.front_end", "'process' needs a POSIX system (Linux, macOS); use 'thread'")
     from .live import served_model
 
     ctx = multiprocessing.get_context("spawn")  # the parent holds CUDA and threads: never fork it

@@ -7,7 +7,9 @@ a pickled `(finish reasons, outputs)`. The writer publishes a message by advanci
 the bytes are in place; the reader reads up to that position and publishes its own read position, which tells the
 writer how much room is left. Positions only grow; a message never wraps around the end of the buffer (the writer
 skips to the start and leaves a marker). On x86 a store is never seen before the stores that precede it, which is
-all this needs; the reader and writer each store only their own position.
+all this needs; the reader and writer each store only their own position. Processors that may reorder stores
+(Arm, as on Grace Hopper) get no such promise, and Python has no fence to ask for one: there the ring takes
+nothing (`enabled` is False) and every step goes by the pipe, whose system calls order memory.
 
 When a message does not fit (the reader is far behind), `write` returns False and the caller sends it by the
 pipe instead; the reader drains the ring before it handles any pipe message, so order is kept.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 import pickle
+import platform
 import struct
 from multiprocessing import shared_memory
 from typing import Any
@@ -31,6 +34,7 @@ NUM_COUNTS = 8  # waiting, running, KV blocks used and in all, adds handled, loo
 _HEAD = struct.Struct(f"<IIII{2 + len(STATS_FIELDS) + NUM_COUNTS}d")  # size, tokens, extra, has stats; doubles
 _POS = struct.Struct("<Q")
 _WRAP = 0xFFFFFFFF
+ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _CONTROL = 64  # write position at 0, read position at 32 (separate cache lines would be 64 apart; 32 is enough)
 
 
@@ -67,7 +71,8 @@ def _stats_from(values: tuple[float, ...]) -> StepStats:
 class StepRing:
     """Create it in the engine's process (`StepRing(size)`); the front end attaches by `StepRing(name=...)`."""
 
-    def __init__(self, size: int = 4 << 20, *, name: str | None = None) -> None:
+    def __init__(self, size: int = 4 << 20, *, name: str | None = None, enabled: bool = ORDERED_STORES) -> None:
+        self.enabled = enabled
         if name is None:
             self.shm = shared_memory.SharedMemory(create=True, size=_CONTROL + size)
             self.shm.buf[:_CONTROL] = bytes(_CONTROL)
@@ -84,7 +89,9 @@ class StepRing:
     # ---- the writer (the step loop)
     def write(self, seen: float, run_time: float, handles: list[int], tokens: list[int], indices: list[int],
               extra: tuple | None, stats: StepStats | None, counts: tuple) -> bool:
-        """Publish one step; False (nothing written) if it does not fit now."""
+        """Publish one step; False (nothing written) if it does not fit now, or the ring is not `enabled`."""
+        if not self.enabled:
+            return False
         n = len(tokens)
         blob = pickle.dumps(extra, protocol=pickle.HIGHEST_PROTOCOL) if extra is not None else b""
         need = _HEAD.size + 12 * n + len(blob)
