@@ -53,6 +53,13 @@ def test_a_bad_serve_value_is_a_config_error(capsys):
     assert "engine.serve.max_waiting: expected an int in [1, " in capsys.readouterr().err
 
 
+def test_an_unknown_front_end_names_the_choices(capsys):
+    code = main(["--log-level", "warning", "serve", str(DEFAULT), "--set", "engine.serve.front_end=fork"])
+
+    assert 2 == code
+    assert "engine.serve.front_end: 'fork' is not allowed (valid: process, thread)" in capsys.readouterr().err
+
+
 def test_a_port_in_use_fails_before_the_model_is_built(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
