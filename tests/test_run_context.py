@@ -238,3 +238,41 @@ def test_relevant_env_keeps_values_and_drops_secrets():
     assert {"CUDA_VISIBLE_DEVICES": "0,1", "HF_HOME": "/hf", "MKL_NUM_THREADS": "2", "NCCL_DEBUG": "INFO",
             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments", "TORCH_LOGS": "+dynamo",
             "TRITON_CACHE_DIR": "/c"} == relevant_env(environ)
+
+
+def test_cpu_of_other_threads_is_counted_apart_from_the_callers():
+    import hashlib
+    import threading
+    import time
+
+    from asyncbatch.core.stats import cpu_outside_thread, cpu_times
+
+    data = bytes(64 << 20)
+    own: list[float] = []
+
+    def work():  # hashing a large buffer releases the GIL: CPU time of another thread, not this one's
+        start = time.thread_time()
+        for _ in range(4):
+            hashlib.sha256(data).digest()
+        own.append(time.thread_time() - start)
+
+    since = cpu_times()
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    other = cpu_outside_thread(since)
+    assert own[0] > 0.02
+    assert own[0] * 0.9 <= other <= own[0] + 0.05 + (time.thread_time() - since[0])
+
+
+def test_a_run_reports_the_other_threads_cpu_per_step(tiny32):
+    from asyncbatch import Engine, EngineConfig, SamplingParams
+    from asyncbatch.core.stats import RunSummary
+
+    engine = Engine.from_model(tiny32, EngineConfig.from_dict({"runtime": "cpu"}))
+    engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+    summary = engine.last_result.summary
+    steps = engine.last_result.steps
+    assert 0.5 / len(steps) * 1e3 == RunSummary.build([], steps, 1.0, busy_fraction=None, preemptions=0,
+                                                      cpu_outside_loop_s=0.5).cpu_outside_loop_ms
+    assert summary.steps > 0 and summary.cpu_outside_loop_ms is not None and summary.cpu_outside_loop_ms >= 0

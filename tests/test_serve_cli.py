@@ -60,6 +60,23 @@ def test_an_unknown_front_end_names_the_choices(capsys):
     assert "engine.serve.front_end: 'fork' is not allowed (valid: process, thread)" in capsys.readouterr().err
 
 
+def test_cpu_pinning_without_a_front_end_process_is_refused_by_name(capsys):
+    code = main(["--log-level", "warning", "serve", str(DEFAULT), "--set", "engine.serve.front_end=thread", "--set",
+                 "engine.serve.cpu_pinning=auto"])
+
+    assert 2 == code
+    assert ("engine.serve.cpu_pinning: pinning keeps a front-end process off the step loop's core: it needs "
+            "engine.serve.front_end: process (valid: off)") in capsys.readouterr().err
+
+
+def test_a_bare_yaml_off_turns_cpu_pinning_off(tmp_path):
+    cfg = tmp_path / "off.yaml"
+    cfg.write_text(DEFAULT.read_text() + "\n")
+    from asyncbatch.core.config import ExperimentConfig
+
+    assert "off" == ExperimentConfig.from_yaml(cfg, overrides=["engine.serve.cpu_pinning=off"]).engine.serve.cpu_pinning
+
+
 def test_a_port_in_use_fails_before_the_model_is_built(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ from .races import RaceReport, race_report, raise_if_racy
 from .requests import Status
 from .runtime.base import Runtime
 from .startup import Warmup, request_modes, use_compile_cache
-from .stats import RunContext, RunSummary, StepStats
+from .stats import RunContext, RunSummary, StepStats, cpu_outside_thread, cpu_times
 from .step import StepBody
 from .streaming import stream_events
 from .types import Output, Request, SamplingParams, TokenEvent
@@ -234,10 +234,11 @@ class Engine:
             if host.has_lifecycle_impls("asyncbatch_run_started"):  # before the clock: hook time is not run time
                 host.notify("asyncbatch_run_started", context=context)
             rt.reset_timeline()
-            start = rt.now()
+            start, cpu = rt.now(), cpu_times()
             steps = self.pipeline.run(
                 book, on_token=on_token,
                 on_step=(lambda s: host.notify("asyncbatch_step_finished", stats=s)) if notify_step else None)
+            other_cpu = cpu_outside_thread(cpu)
         except Exception as exc:
             raise_if_racy(rt, exc)  # a recorded race explains the failure: RaceError, chained from it
             raise
@@ -256,7 +257,8 @@ class Engine:
         busy = rt.compute_busy()
         summary = RunSummary.build(outputs, steps, wall, busy_fraction=busy and busy.get("busy_fraction"),
                                    preemptions=book.num_preemptions,
-                                   hook_errors=host.hook_error_count - errors_before, startup_s=startup_s)
+                                   hook_errors=host.hook_error_count - errors_before, startup_s=startup_s,
+                                   cpu_outside_loop_s=other_cpu)
         if host.has_lifecycle_impls("asyncbatch_run_finished"):
             host.notify("asyncbatch_run_finished", summary=summary, context=context)
         self.last_result = RunResult(outputs, summary, steps, races=race_report(rt))

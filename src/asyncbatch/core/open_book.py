@@ -92,6 +92,11 @@ class OpenRequestBook(RequestBook):
         return len(self.running)
 
     # ---- the step loop
+    def queue_sizes(self) -> tuple[int, int]:
+        """(`num_queued`, `num_running`) for the step loop's own thread, without the lock: only that thread moves
+        requests out of the inbox and between `waiting` and `running`, so it never sees such a move half done."""
+        return len(self._inbox) + len(self.waiting), len(self.running)
+
     @property
     def unfinished(self) -> int:
         return len(self._live)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,11 +119,14 @@ class RunSummary:
     # admission, so it can pass 1 only through preemption.
     prefill_tokens_saved: int = 0
     prefix_cache_hit_rate: float | None = None
+    # CPU time of the process's threads other than the step loop's during the run, per step: torch's and the
+    # driver's threads (and a front end's, when one shares the process). What a server adds to it is its cost.
+    cpu_outside_loop_ms: float | None = None
 
     @classmethod
     def build(cls, outputs: Sequence[Output], steps: Sequence[StepStats], wall_s: float, *,
               busy_fraction: float | None, preemptions: int, hook_errors: int = 0,
-              startup_s: float | None = None) -> RunSummary:
+              startup_s: float | None = None, cpu_outside_loop_s: float | None = None) -> RunSummary:
         reasons: dict[str, int] = {}
         for o in outputs:
             reasons[o.finish_reason] = reasons.get(o.finish_reason, 0) + 1
@@ -149,7 +153,19 @@ class RunSummary:
             compute_step_ms=_scale(_mean(computes), ms),
             compute_busy_fraction=busy_fraction, preemptions=preemptions, hook_errors=hook_errors,
             startup_s=startup_s, prefill_tokens_saved=saved,
-            prefix_cache_hit_rate=saved / ran_prompt if ran_prompt else None)
+            prefix_cache_hit_rate=saved / ran_prompt if ran_prompt else None,
+            cpu_outside_loop_ms=cpu_outside_loop_s / len(steps) * ms if cpu_outside_loop_s is not None and steps else None)
+
+
+def cpu_times() -> tuple[float, float]:
+    """(the calling thread's, the whole process's) CPU seconds, read one after the other."""
+    return time.thread_time(), time.process_time()
+
+
+def cpu_outside_thread(since: tuple[float, float]) -> float:
+    """CPU seconds the process's other threads used since `since` (a `cpu_times()` of this thread)."""
+    thread, process = cpu_times()
+    return max(0.0, (process - since[1]) - (thread - since[0]))
 
 
 def _scale(x: float | None, k: float) -> float | None:

@@ -23,6 +23,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads a bare off/no as false and on/yes as true: take back the word the user wrote.
+            words = [w for w in (("on", "yes") if value else ("off", "no")) if w in args]
+            if not words:
+                raise ConfigError(key, f"{show(value)} is not allowed (YAML reads on/off/yes/no as true/false: "
+                                       "quote the word)", [str(a) for a in args])
+            return words[0]
         if value not in args:
             raise ConfigError(key, f"{show(value)} is not allowed", [str(a) for a in args])
         return value

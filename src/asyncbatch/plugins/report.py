@@ -120,6 +120,7 @@ def summary_table(summary: RunSummary, runtime: str, *, prefix_cache: bool = Fal
         ("e2e ms p50 / p90 / p99 / mean", _spread(s, "e2e")),
         ("steps", s.steps),
         ("host ms/step", host),
+        ("other threads' CPU ms/step", fmt(s.cpu_outside_loop_ms)),
         ("device compute ms/step", fmt(s.compute_step_ms)),
         ("compute busy fraction", fmt(s.compute_busy_fraction, 3)),
         ("preemptions", s.preemptions),

@@ -18,9 +18,11 @@ that could not be submitted, `("dead", reason)` if the step loop failed, `("clos
 from __future__ import annotations
 
 import logging
+import operator
 import pickle
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.open_book import BookClosedError, OpenRequestBook
@@ -33,9 +35,12 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from ..core.engine import Engine
+    from .pinning import CpuPlan
 
 log = logging.getLogger("asyncbatch")
 CPU_EVERY = 32
+STRAYS_AFTER = 4  # steps handed over before threads started by the step loop are moved off its core
+_EVENT_FIELDS = operator.attrgetter("request_id", "token_id", "index", "time", "finish_reason")
 
 
 class _FlushingBook(OpenRequestBook):
@@ -57,28 +62,28 @@ class EngineCore:
     `serve()` runs on the calling thread (the process's main thread, so that signals reach it) and returns the
     exception that stopped the step loop, or None after a clean end. The front end is told about either."""
 
-    def __init__(self, engine: Engine, conn: Connection) -> None:
+    def __init__(self, engine: Engine, conn: Connection, *, cpus: CpuPlan | None = None) -> None:
         self.engine = engine
         self.conn = conn
+        self.cpus = cpus  # where the step loop and the rest run once serving starts; None: the kernel decides
         self.lost = False  # the front end went away (its end of the pipe closed)
         self.ready = False  # warmed up and serving
         self.ring = StepRing()  # the steps go here; the pipe takes the rest (and a step the ring has no room for)
         self._send_lock = threading.Lock()
         self._handles: dict[str, int] = {}  # request id -> the front end's handle, while the request runs
-        self._token_handles: list[int] = []  # the tokens since the last send: whose, which, at which index
-        self._token_ids: list[int] = []
-        self._token_index: list[int] = []
-        self._reasons: dict[int, str] = {}  # position among them -> finish reason, for tokens that carry one
-        self._run_time = 0.0
+        # The token events since the last send. The pipeline appends to it directly (`on_token=events.append`, no
+        # Python frame per token); `_flush` takes them apart with C-level calls and empties it in place.
+        self._events: list[TokenEvent] = []
+        self._blocks = (0, 0)  # KV blocks used and in all, as of the last reading (see `_counts`)
         self._outputs: list[Output] = []
         self._added = 0  # "add" messages handled, so the front end can tell how many are still on their way
-        self._loop_cpu_s = 0.0
+        self._loop_cpu_base = 0.0  # the step loop thread's CPU time when serving started
         self._handover_s = 0.0  # the step loop's time in `_on_step`: what handing a step over costs it
+        self._sampled_wall_s = self._sampled_cpu_s = 0.0  # wall and CPU time of every CPU_EVERY-th hand-over
         self._pipe_steps = 0  # steps the ring had no room for
         self._receiver_cpu_s = 0.0
         self._steps_sent = 0
         self._cpu_pair = (0.0, time.process_time())  # (step loop, whole process) CPU seconds, read together
-        self._loop_cpu_at: float | None = None
         self._notify_finish = engine.host.has_lifecycle_impls("asyncbatch_request_finished")
         self._notify_step = engine.host.has_lifecycle_impls("asyncbatch_step_finished")
         self.book = _FlushingBook(num_blocks=engine.num_blocks, num_rows=engine.config.batch.max_seqs,
@@ -93,10 +98,15 @@ class EngineCore:
                 if engine.warms_up:  # requests may take any sampling path: warm them all before serving
                     engine.warm.modes(("greedy", "sample", "filter"))
                 engine.runtime.reset_timeline()
+                if self.cpus is not None:
+                    from .pinning import pin_engine_process
+
+                    pin_engine_process(self.cpus)
                 self.ready = True
+                self._loop_cpu_base = time.thread_time()
                 self._send(("ready", self._counts()))
                 receiver.start()
-                engine.pipeline.run(self.book, on_token=self._on_token, on_step=self._on_step, keep_steps=False)
+                engine.pipeline.run(self.book, on_token=self._events.append, on_step=self._on_step, keep_steps=False)
         except BaseException as exc:  # noqa: BLE001  (the front end fails its streams with it; the caller exits)
             log.error("the serving step loop stopped: %s: %s", type(exc).__name__, exc, exc_info=exc)
             self._send(("dead", f"{type(exc).__name__}: {exc}"))
@@ -105,13 +115,18 @@ class EngineCore:
         self._send(("closed",))
         if self._steps_sent:
             n = self._steps_sent
-            log.info("handed %d steps to the front end: %.1f us per step in the step loop; %d by the pipe (no room in "
-                     "the ring); the receiver thread took %.1f us of CPU per step", n, self._handover_s / n * 1e6,
-                     self._pipe_steps, self._receiver_cpu_s / n * 1e6)
+            log.info("handed %d steps to the front end: %.1f us per step in the step loop (CPU over wall time %.2f, "
+                     "every %dth step); %d by the pipe (no room in the ring); the receiver thread took %.1f us of CPU "
+                     "per step", n, self._handover_s / n * 1e6, self._sampled_cpu_s / max(1e-12, self._sampled_wall_s),
+                     CPU_EVERY, self._pipe_steps, self._receiver_cpu_s / n * 1e6)
         return None
 
     # ------------------------------------------------------------------ the receiver thread
     def _receive(self) -> None:
+        if self.cpus is not None:  # started by the step loop's thread, it inherited the loop's core
+            from .pinning import pin_this_thread
+
+            pin_this_thread(self.cpus.rest)
         intake, book = self.engine.intake, self.book
         start = time.thread_time()
         while True:
@@ -148,16 +163,6 @@ class EngineCore:
         self.book.close()
 
     # ------------------------------------------------------------------ the step loop's thread
-    def _on_token(self, event: TokenEvent) -> None:
-        if event.token_id < 0:  # a request that ends without a token: its Output says why
-            return
-        if event.finish_reason is not None:
-            self._reasons[len(self._token_ids)] = event.finish_reason
-        self._token_handles.append(self._handles[event.request_id])
-        self._token_ids.append(event.token_id)
-        self._token_index.append(event.index)
-        self._run_time = event.time  # one update reads one clock time for all its tokens
-
     def _on_finish(self, output: Output) -> None:
         self._outputs.append(output)
         if self._notify_finish:
@@ -165,43 +170,71 @@ class EngineCore:
 
     def _on_step(self, stats: StepStats) -> None:
         start = time.perf_counter()
-        now_cpu = time.thread_time()
-        if self._loop_cpu_at is not None:
-            self._loop_cpu_s += now_cpu - self._loop_cpu_at
-        self._loop_cpu_at = now_cpu
+        sampled = self._steps_sent % CPU_EVERY == 0
+        cpu_start = time.thread_time() if sampled else 0.0
         if self._notify_step:
             self.engine.host.notify("asyncbatch_step_finished", stats=stats)
         self._flush(stats)
-        self._handover_s += time.perf_counter() - start  # reported with the next step's message
+        if self._steps_sent == STRAYS_AFTER and self.cpus is not None:
+            self._move_strays()
+        end = time.perf_counter()
+        self._handover_s += end - start  # reported with the next step's message
+        if sampled:  # CPU against wall time on every CPU_EVERY-th hand-over: slow code, or a thread kept waiting?
+            self._sampled_wall_s += end - start
+            self._sampled_cpu_s += time.thread_time() - cpu_start
+
+    def _move_strays(self) -> None:
+        # A pool a library creates on first use from the step loop's thread (torch's, at the first steps) would
+        # inherit the loop's core: moved once, after the first steps (see `pinning.move_strays`).
+        from .pinning import move_strays
+
+        n = move_strays(self.cpus)  # type: ignore[arg-type]
+        if n:
+            log.info("CPU pinning: moved %d threads started by the step loop off its core", n)
 
     def _flush(self, stats: StepStats | None = None) -> None:
-        if stats is None and not self._token_ids and not self._outputs:
+        events, outputs = self._events, self._outputs
+        if stats is None and not events and not outputs:
             return
-        outputs, self._outputs = self._outputs, []
-        reasons = self._reasons
-        counts = self._counts()
+        self._outputs = []
+        handles: Sequence[int] = ()
+        tokens: Sequence[int] = ()
+        indices: Sequence[int] = ()
+        reasons: dict[int, str] = {}
+        run_time = 0.0
+        if events:
+            rids, tokens, indices, times, ends = zip(*map(_EVENT_FIELDS, events))
+            events.clear()
+            run_time = times[-1]  # one update reads one clock time for all its tokens
+            if -1 in tokens:  # a request that ended without a token: its Output says why
+                kept = [i for i, t in enumerate(tokens) if t >= 0]
+                rids, tokens, indices, ends = ([x[i] for i in kept] for x in (rids, tokens, indices, ends))
+            handles = tuple(map(self._handles.__getitem__, rids))
+            if any(ends):
+                reasons = {i: r for i, r in enumerate(ends) if r is not None}
+        counts = self._counts(refresh=bool(outputs))
         seen = time.perf_counter()
         extra = (reasons, outputs) if reasons or outputs else None
-        if not self.ring.write(seen, self._run_time, self._token_handles, self._token_ids, self._token_index, extra,
-                               stats, counts):
-            self._send(("step", seen, self._run_time, self._token_handles, self._token_ids, self._token_index,
-                        reasons, outputs, stats, counts))
+        if not self.ring.write(seen, run_time, handles, tokens, indices, extra, stats, counts):
+            self._send(("step", seen, run_time, list(handles), list(tokens), list(indices), reasons, outputs, stats,
+                        counts))
             self._pipe_steps += 1
         self._steps_sent += 1
-        self._token_handles, self._token_ids, self._token_index, self._reasons = [], [], [], {}
         for output in outputs:  # its tokens, the last included, are in this message or an earlier one
             self._handles.pop(output.request_id, None)
 
-    def _counts(self) -> tuple:
-        """What the front end's `stats()` reports between two messages (see `RemoteEngine.stats`). The process's
-        CPU time is read every `CPU_EVERY` steps and when the loop goes idle: the kernel sums it over every thread
-        of the process, which is not free in a process with many. The step loop's CPU time is reported as of the
-        same reading, so that their difference (serving's cost outside the loop) stays right."""
+    def _counts(self, *, refresh: bool = False) -> tuple:
+        """What the front end's `stats()` reports between two messages (see `RemoteEngine.stats`). Queue sizes are
+        read every step. The KV blocks, the process's CPU time (the kernel sums it over every thread, which is not
+        free in a process with many) and the step loop's are read every `CPU_EVERY` steps, when a request ends
+        (`refresh`) and when the loop goes idle; the two CPU times are read together, so that their difference
+        (serving's cost outside the loop) stays right. Step loop thread only."""
         book = self.book
-        if self._steps_sent % CPU_EVERY == 0 or book.unfinished == 0:
-            self._cpu_pair = (self._loop_cpu_s, time.process_time())
-        return (book.num_queued, book.num_running, book.blocks.num_owned, book.blocks.size, self._added,
-                *self._cpu_pair, self._handover_s)
+        queued, running = book.queue_sizes()
+        if refresh or self._steps_sent % CPU_EVERY == 0 or book.unfinished == 0:
+            self._cpu_pair = (time.thread_time() - self._loop_cpu_base, time.process_time())
+            self._blocks = (book.blocks.num_owned, book.blocks.size)
+        return (queued, running, *self._blocks, self._added, *self._cpu_pair, self._handover_s)
 
     def _send(self, message: tuple) -> None:
         self._send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))

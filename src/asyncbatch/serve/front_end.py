@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from ..core.engine import Engine
+    from .pinning import CpuPlan
     from .protocol import ServedModel
 
 log = logging.getLogger("asyncbatch")
@@ -45,6 +46,7 @@ class FrontEndSpec:
     shutdown_timeout_s: float
     log_level: str
     url: str
+    cpus: frozenset[int] | None = None  # where the front end may run (`engine.serve.cpu_pinning`); None: anywhere
 
 
 def serve_in_two_processes(engine: Engine, sock: socket.socket, *, log_level: str) -> int:
@@ -61,11 +63,12 @@ def serve_in_two_processes(engine: Engine, sock: socket.socket, *, log_level: st
     ours, theirs = ctx.Pipe(duplex=True)
     host, port = sock.getsockname()[:2]
     serve_cfg = engine.config.serve
-    core = EngineCore(engine, ours)
+    plan = _cpu_plan(serve_cfg.cpu_pinning, str(engine.runtime.device))
+    core = EngineCore(engine, ours, cpus=plan)
     try:
         spec = FrontEndSpec(served=served_model(engine), ring=core.ring.name, intake=engine.intake.settings(),
                             max_waiting=serve_cfg.max_waiting, shutdown_timeout_s=serve_cfg.shutdown_timeout_s,
-                            log_level=log_level, url=f"http://{host}:{port}")
+                            log_level=log_level, url=f"http://{host}:{port}", cpus=plan and plan.rest)
         child = ctx.Process(target=run_front_end, args=(spec, theirs, sock), name="asyncbatch-front-end",
                             daemon=True)
         child.start()
@@ -93,6 +96,21 @@ def serve_in_two_processes(engine: Engine, sock: socket.socket, *, log_level: st
     return 0
 
 
+def _cpu_plan(policy: str, device: str) -> CpuPlan | None:
+    from .pinning import machine_plan
+
+    if policy == "off":
+        return None
+    if device == "cpu":  # the model's own math runs on the step loop's thread pool: it needs every core
+        log.info("CPU pinning off: the model runs on the CPU, where it needs every core")
+        return None
+    plan = machine_plan()
+    if isinstance(plan, str):
+        log.info("CPU pinning off: %s", plan)
+        return None
+    return plan
+
+
 def _forward_signals(pid: int, serving: Any) -> Any:
     """Forward SIGINT and SIGTERM to the front end (main thread only); returns what restores the old handlers.
     Before the engine serves (building graphs can take minutes) Ctrl-C also interrupts this process, as it would
@@ -115,6 +133,8 @@ def _forward_signals(pid: int, serving: Any) -> Any:
 def run_front_end(spec: FrontEndSpec, conn: Connection, sock: socket.socket) -> None:
     """The front-end process: uvicorn serving the app around a `RemoteEngine`, until a signal or a lost engine."""
     os.setpgid(0, 0)  # its own process group: a terminal's Ctrl-C goes to the engine's process, which forwards it
+    if spec.cpus:  # before any thread starts: they inherit it
+        os.sched_setaffinity(0, spec.cpus)
     import sys
 
     import uvicorn

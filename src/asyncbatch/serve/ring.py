@@ -22,6 +22,7 @@ import operator
 import pickle
 import platform
 import struct
+from collections.abc import Sequence
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -33,9 +34,11 @@ STATS_FIELDS = tuple(attrs.fields(StepStats))
 NUM_COUNTS = 8  # waiting, running, KV blocks used and in all, adds handled, loop CPU, process CPU, hand-over time
 _HEAD = struct.Struct(f"<IIII{2 + len(STATS_FIELDS) + NUM_COUNTS}d")  # size, tokens, extra, has stats; doubles
 _POS = struct.Struct("<Q")
+_STEPS: dict[int, struct.Struct] = {}  # a step of n tokens: the header, then the three arrays, packed in one call
 _WRAP = 0xFFFFFFFF
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-_CONTROL = 64  # write position at 0, read position at 32 (separate cache lines would be 64 apart; 32 is enough)
+_READ_AT = 64  # the write position is at 0, the read position a cache line further: each side stores to its own line
+_CONTROL = 128
 
 
 _NO_STATS = (0.0,) * len(STATS_FIELDS)
@@ -84,10 +87,10 @@ class StepRing:
         self.size = self.shm.size - _CONTROL
         self._buf = self.shm.buf  # SharedMemory's own view (no slice of it is kept: close() must find no export)
         self._write = _POS.unpack_from(self._buf, 0)[0]
-        self._read = _POS.unpack_from(self._buf, 32)[0]
+        self._read = _POS.unpack_from(self._buf, _READ_AT)[0]
 
     # ---- the writer (the step loop)
-    def write(self, seen: float, run_time: float, handles: list[int], tokens: list[int], indices: list[int],
+    def write(self, seen: float, run_time: float, handles: Sequence[int], tokens: Sequence[int], indices: Sequence[int],
               extra: tuple | None, stats: StepStats | None, counts: tuple) -> bool:
         """Publish one step; False (nothing written) if it does not fit now, or the ring is not `enabled`."""
         if not self.enabled:
@@ -98,7 +101,7 @@ class StepRing:
         pos = self._write
         offset = pos % self.size + _CONTROL
         skip = self.size + _CONTROL - offset if offset + need > self.size + _CONTROL else 0
-        read = _POS.unpack_from(self._buf, 32)[0]
+        read = _POS.unpack_from(self._buf, _READ_AT)[0]
         if pos + skip + need - read > self.size:
             return False
         if skip:
@@ -106,12 +109,12 @@ class StepRing:
                 struct.pack_into("<I", self._buf, offset, _WRAP)
             pos += skip
             offset = _CONTROL
-        _HEAD.pack_into(self._buf, offset, need, n, len(blob), stats is not None, seen, run_time,
-                        *_stats_doubles(stats), *counts)
-        start = offset + _HEAD.size
-        struct.pack_into(f"<{3 * n}i", self._buf, start, *handles, *tokens, *indices)
+        layout = _STEPS.get(n) or _STEPS.setdefault(n, struct.Struct(f"{_HEAD.format}{3 * n}i"))
+        layout.pack_into(self._buf, offset, need, n, len(blob), stats is not None, seen, run_time,
+                         *_stats_doubles(stats), *counts, *handles, *tokens, *indices)
         if blob:
-            self._buf[start + 12 * n : start + 12 * n + len(blob)] = blob
+            start = offset + layout.size
+            self._buf[start : start + len(blob)] = blob
         self._write = pos + need
         _POS.pack_into(self._buf, 0, self._write)  # last: the reader sees the message whole or not at all
         return True
@@ -143,7 +146,7 @@ class StepRing:
             pos += need
         if pos != self._read:
             self._read = pos
-            _POS.pack_into(self._buf, 32, pos)  # after reading: the writer may reuse the space
+            _POS.pack_into(self._buf, _READ_AT, pos)  # after reading: the writer may reuse the space
         return out
 
     def close(self, *, unlink: bool = False) -> None:

@@ -41,6 +41,9 @@ def serve(config_path: str, *, host: str, port: int, overrides: Sequence[str] = 
     config = ExperimentConfig.from_yaml(config_path, overrides=list(overrides)).engine
     if config.parallel.data * config.parallel.tensor > 1:
         raise ConfigError("engine.parallel", "serving runs one engine in one process: set data and tensor to 1")
+    if config.serve.cpu_pinning != "off" and config.serve.front_end != "process":
+        raise ConfigError("engine.serve.cpu_pinning", "pinning keeps a front-end process off the step loop's core: "
+                                                      "it needs engine.serve.front_end: process", ["off"])
     sock = bind(host, port)
     try:
         engine = Engine.from_config(config)
