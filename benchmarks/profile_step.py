@@ -19,21 +19,13 @@ import random
 from collections import defaultdict
 
 import torch
+from step_profiler.asyncbatch_step_profiler import category  # benchmarks/ is on the path
 from torch.profiler import ProfilerActivity, profile
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core.config import ModelConfig
 from asyncbatch.core.models import build_model
 from asyncbatch.core.plugin_host import get_plugin_host
-
-
-def category(name: str) -> str:
-    n = name.lower()
-    if any(k in n for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul", "splitk")):
-        return "matmul"
-    if any(k in n for k in ("_paged_attn", "_combine_splits", "_cache_write", "attention")):
-        return "attention"
-    return "other"
 
 
 def main() -> None:

@@ -91,6 +91,23 @@ def test_tensor_parallel_ranks_give_exactly_the_tokens_of_one_process(tmp_path, 
     assert ("engine.parallel.shard_lm_head=true" in extra) == split
 
 
+def test_compiled_shards_compile_once_for_every_layer(tmp_path):
+    """torch.compile guards a compiled layer on the classes and objects it touches: the row-parallel layers of
+    every decoder layer share one class and one reducer, so adding layers adds no compilation (with one each, every
+    layer recompiled and, past the recompile limit, all of them ran eagerly)."""
+    env = {**os.environ, "TORCH_LOGS": "recompiles"}
+
+    def recompiles(layers: int) -> int:
+        out = tmp_path / f"l{layers}"
+        done = _cli("--out", str(out), "--set", "workload.num_requests=4", "--set", "output.plots=false",
+                    "--set", "engine.parallel.tensor=2", "--set", "engine.compile=layers",
+                    "--set", f"engine.model.overrides={{num_hidden_layers: {layers}}}", env=env)
+        assert 0 == done.returncode, done.stderr[-3000:]
+        return (out / "ranks" / "rank1.log").read_text().count("Recompiling function")
+
+    assert recompiles(2) == recompiles(6)
+
+
 def test_replicas_of_tensor_parallel_groups_give_exactly_the_tokens_of_one_process(tmp_path, single):
     """Data parallelism over tensor-parallel groups: 4 processes, 2 replicas of 2 shards each."""
     out = tmp_path / "run"
