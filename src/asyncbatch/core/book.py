@@ -215,8 +215,9 @@ class RequestBook:
                f"{block_size} tokens)")
         self.finish(stuck, "error", now, error=f"request {stuck.request_id!r} cannot be scheduled: {why}")
 
-    def apply_token(self, entry: BatchEntry, token: int, now: float) -> TokenEvent | None:
-        """Deliver one sampled token to its request (or drop it if the request already ended)."""
+    def apply_token(self, entry: BatchEntry, token: int, now: float, *, event: bool = True) -> TokenEvent | None:
+        """Deliver one sampled token to its request (or drop it if the request already ended). Its `TokenEvent`
+        comes back only where `event` (a run without `on_token` skips building one per token)."""
         req = entry.req
         req.num_pending -= 1
         if req.status is Status.FINISHED:  # stopped or cancelled earlier: later in-flight tokens are dropped
@@ -231,7 +232,7 @@ class RequestBook:
             reason = "length"
         if reason is not None:
             self.finish(req, reason, now)
-        return TokenEvent(req.request_id, token, index, now, reason)
+        return TokenEvent(req.request_id, token, index, now, reason) if event else None
 
     def results(self) -> list[Output]:
         return [self.outputs[i] for i in sorted(self.outputs)]

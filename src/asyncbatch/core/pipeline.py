@@ -292,11 +292,16 @@ class Pipeline:
                            accesses=[(("host_out", s), "r", None)] if rt.tracks_accesses else ()):
             tokens = self.slots[s].host_out[: len(rec.entries)].tolist()
             now = rt.now()
-            for e, tok in zip(rec.entries, tokens):
-                if e.samples:
-                    event = book.apply_token(e, tok, now)
-                    if event is not None and on_token is not None:
-                        on_token(event)
+            if on_token is None:
+                for e, tok in zip(rec.entries, tokens):
+                    if e.samples:
+                        book.apply_token(e, tok, now, event=False)
+            else:
+                for e, tok in zip(rec.entries, tokens):
+                    if e.samples:
+                        event = book.apply_token(e, tok, now)
+                        if event is not None:
+                            on_token(event)
         t2 = time.perf_counter()
         stats = StepStats(
             batch=rec.batch, slot=s, num_seqs=len(rec.entries), num_tokens=sum(e.num_tokens for e in rec.entries),
