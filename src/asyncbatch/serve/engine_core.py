@@ -1,7 +1,8 @@
 """The engine's end of a front end that runs in another process (`engine.serve.front_end: process`).
 
-The step loop runs on the calling thread over an `OpenRequestBook`, exactly as under `AsyncEngine`; what differs
-is who is on the other side. A receiver thread blocks on the pipe (without the GIL) and turns each message into a
+The step loop runs on the calling thread over an `OpenRequestBook`, as under `AsyncEngine`; what differs is who is
+on the other side, and that the book itself collects each step's tokens as flat lists of handles, token ids and
+indices, so no `TokenEvent` is built per token. A receiver thread blocks on the pipe (without the GIL) and turns each message into a
 book call: `("add", handle, request)` submits, `("abort", id)` cancels, `("close",)` closes the book.
 
 Each step's tokens and ended requests go to the front end in one message through a shared-memory ring
@@ -18,17 +19,15 @@ that could not be submitted, `("dead", reason)` if the step loop failed, `("clos
 from __future__ import annotations
 
 import logging
-import operator
 import pickle
 import threading
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.open_book import BookClosedError, OpenRequestBook
 from ..core.requests import Status
 from ..core.stats import StepStats
-from ..core.types import Output, TokenEvent
+from ..core.types import Output
 from .ring import StepRing
 
 if TYPE_CHECKING:
@@ -40,16 +39,38 @@ if TYPE_CHECKING:
 log = logging.getLogger("asyncbatch")
 CPU_EVERY = 32
 STRAYS_AFTER = 4  # steps handed over before threads started by the step loop are moved off its core
-_EVENT_FIELDS = operator.attrgetter("request_id", "token_id", "index", "time", "finish_reason")
 
 
-class _FlushingBook(OpenRequestBook):
-    """Sends what is pending before the idle loop blocks: a request cancelled while nothing else runs ends without
-    a step, and its output would otherwise wait for the next one."""
+class _ServingBook(OpenRequestBook):
+    """The book of a served run. It collects each delivered token as the front end's handle, the token and its
+    index in three flat lists (and a finish reason by position, for the few tokens that end a request), without a
+    `TokenEvent` per token: the step loop then hands them over as they are. And it sends what is pending before
+    the idle loop blocks: a request cancelled while nothing else runs ends without a step, and its output would
+    otherwise wait for the next one."""
 
-    def __init__(self, *, before_wait: Any, **kwargs: Any) -> None:
+    def __init__(self, *, before_wait: Any, handles: dict[str, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._before_wait = before_wait
+        self._handles = handles
+        self.taken: tuple[list[int], list[int], list[int], dict[int, str]] = ([], [], [], {})
+        self.taken_at = 0.0  # the clock reading of the last token taken
+
+    def apply_token(self, entry: Any, token: int, now: float, *, event: bool = True) -> None:
+        req = entry.req
+        delivered = req.status is not Status.FINISHED  # else a token in flight for a request that already ended
+        super().apply_token(entry, token, now, event=False)
+        if delivered:
+            handles, tokens, indices, reasons = self.taken
+            if req.status is Status.FINISHED:
+                reasons[len(tokens)] = req.finish_reason
+            handles.append(self._handles[req.request_id])
+            tokens.append(token)
+            indices.append(req.num_output - 1)
+            self.taken_at = now
+
+    def take(self) -> tuple[list[int], list[int], list[int], dict[int, str]]:
+        taken, self.taken = self.taken, ([], [], [], {})
+        return taken
 
     def wait_for_arrivals(self) -> bool:
         self._before_wait()
@@ -71,9 +92,6 @@ class EngineCore:
         self.ring = StepRing()  # the steps go here; the pipe takes the rest (and a step the ring has no room for)
         self._send_lock = threading.Lock()
         self._handles: dict[str, int] = {}  # request id -> the front end's handle, while the request runs
-        # The token events since the last send. The pipeline appends to it directly (`on_token=events.append`, no
-        # Python frame per token); `_flush` takes them apart with C-level calls and empties it in place.
-        self._events: list[TokenEvent] = []
         self._blocks = (0, 0)  # KV blocks used and in all, as of the last reading (see `_counts`)
         self._outputs: list[Output] = []
         self._added = 0  # "add" messages handled, so the front end can tell how many are still on their way
@@ -86,9 +104,10 @@ class EngineCore:
         self._cpu_pair = (0.0, time.process_time())  # (step loop, whole process) CPU seconds, read together
         self._notify_finish = engine.host.has_lifecycle_impls("asyncbatch_request_finished")
         self._notify_step = engine.host.has_lifecycle_impls("asyncbatch_step_finished")
-        self.book = _FlushingBook(num_blocks=engine.num_blocks, num_rows=engine.config.batch.max_seqs,
-                                  block_size=engine.config.cache.block_size, prefix_cache=engine.new_prefix_cache(),
-                                  on_finish=self._on_finish, before_wait=self._flush)
+        self.book = _ServingBook(handles=self._handles, num_blocks=engine.num_blocks,
+                                 num_rows=engine.config.batch.max_seqs, block_size=engine.config.cache.block_size,
+                                 prefix_cache=engine.new_prefix_cache(), on_finish=self._on_finish,
+                                 before_wait=self._flush)
 
     def serve(self) -> BaseException | None:
         engine = self.engine
@@ -106,7 +125,7 @@ class EngineCore:
                 self._loop_cpu_base = time.thread_time()
                 self._send(("ready", self._counts()))
                 receiver.start()
-                engine.pipeline.run(self.book, on_token=self._events.append, on_step=self._on_step, keep_steps=False)
+                engine.pipeline.run(self.book, on_step=self._on_step, keep_steps=False)  # tokens: the book's
         except BaseException as exc:  # noqa: BLE001  (the front end fails its streams with it; the caller exits)
             log.error("the serving step loop stopped: %s: %s", type(exc).__name__, exc, exc_info=exc)
             self._send(("dead", f"{type(exc).__name__}: {exc}"))
@@ -193,31 +212,17 @@ class EngineCore:
             log.info("CPU pinning: moved %d threads started by the step loop off its core", n)
 
     def _flush(self, stats: StepStats | None = None) -> None:
-        events, outputs = self._events, self._outputs
-        if stats is None and not events and not outputs:
+        book, outputs = self.book, self._outputs
+        if stats is None and not book.taken[1] and not outputs:
             return
         self._outputs = []
-        handles: Sequence[int] = ()
-        tokens: Sequence[int] = ()
-        indices: Sequence[int] = ()
-        reasons: dict[int, str] = {}
-        run_time = 0.0
-        if events:
-            rids, tokens, indices, times, ends = zip(*map(_EVENT_FIELDS, events))
-            events.clear()
-            run_time = times[-1]  # one update reads one clock time for all its tokens
-            if -1 in tokens:  # a request that ended without a token: its Output says why
-                kept = [i for i, t in enumerate(tokens) if t >= 0]
-                rids, tokens, indices, ends = ([x[i] for i in kept] for x in (rids, tokens, indices, ends))
-            handles = tuple(map(self._handles.__getitem__, rids))
-            if any(ends):
-                reasons = {i: r for i, r in enumerate(ends) if r is not None}
+        handles, tokens, indices, reasons = book.take()
+        run_time = book.taken_at  # one update reads one clock time for all its tokens
         counts = self._counts(refresh=bool(outputs))
         seen = time.perf_counter()
         extra = (reasons, outputs) if reasons or outputs else None
         if not self.ring.write(seen, run_time, handles, tokens, indices, extra, stats, counts):
-            self._send(("step", seen, run_time, list(handles), list(tokens), list(indices), reasons, outputs, stats,
-                        counts))
+            self._send(("step", seen, run_time, handles, tokens, indices, reasons, outputs, stats, counts))
             self._pipe_steps += 1
         self._steps_sent += 1
         for output in outputs:  # its tokens, the last included, are in this message or an earlier one
