@@ -2,8 +2,9 @@
 
 The step loop runs on the calling thread over an `OpenRequestBook`, as under `AsyncEngine`; what differs is who is
 on the other side, and that the book itself collects each step's tokens as flat lists of handles, token ids and
-indices, so no `TokenEvent` is built per token. A receiver thread blocks on the pipe (without the GIL) and turns each message into a
-book call: `("add", handle, request)` submits, `("abort", id)` cancels, `("close",)` closes the book.
+indices, so no `TokenEvent` is built per token. A receiver thread blocks on the pipe (without the GIL) and turns
+each message into a book call: `("add", handle, request)` submits, `("abort", id)` cancels, `("close",)` closes
+the book.
 
 Each step's tokens and ended requests go to the front end in one message through a shared-memory ring
 (`StepRing`): fixed-layout binary, no pickling and no system call, so a step costs the step loop a few struct

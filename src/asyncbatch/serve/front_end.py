@@ -102,11 +102,11 @@ def _cpu_plan(policy: str, device: str) -> CpuPlan | None:
     if policy == "off":
         return None
     if device == "cpu":  # the model's own math runs on the step loop's thread pool: it needs every core
-        log.info("CPU pinning off: the model runs on the CPU, where it needs every core")
+        log.warning("CPU pinning off: the model runs on the CPU, where it needs every core")
         return None
     plan = machine_plan()
     if isinstance(plan, str):
-        log.info("CPU pinning off: %s", plan)
+        log.warning("CPU pinning off: %s", plan)
         return None
     return plan
 
