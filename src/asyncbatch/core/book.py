@@ -28,6 +28,7 @@ class RequestBook:
         run's `PrefixCache` index (None: no sharing)."""
         self.states = list(requests)
         self._on_end = on_end
+        self.token_events = True  # `apply_token` returns events; the pipeline turns it off for a run nobody streams
         self.blocks = KVBlocks(num_blocks, block_size, prefix_cache)  # block 0 is the trash block
         self.rows = DeferredPool(num_rows, name="row")
         self._arrivals = [(r.arrival_time, r.index, r) for r in self.states if r.status is Status.WAITING]
@@ -215,9 +216,9 @@ class RequestBook:
                f"{block_size} tokens)")
         self.finish(stuck, "error", now, error=f"request {stuck.request_id!r} cannot be scheduled: {why}")
 
-    def apply_token(self, entry: BatchEntry, token: int, now: float, *, event: bool = True) -> TokenEvent | None:
+    def apply_token(self, entry: BatchEntry, token: int, now: float) -> TokenEvent | None:
         """Deliver one sampled token to its request (or drop it if the request already ended). Its `TokenEvent`
-        comes back only where `event` (a run without `on_token` skips building one per token)."""
+        comes back only while `token_events` is on (a run without `on_token` skips building one per token)."""
         req = entry.req
         req.num_pending -= 1
         if req.status is Status.FINISHED:  # stopped or cancelled earlier: later in-flight tokens are dropped
@@ -232,7 +233,7 @@ class RequestBook:
             reason = "length"
         if reason is not None:
             self.finish(req, reason, now)
-        return TokenEvent(req.request_id, token, index, now, reason) if event else None
+        return TokenEvent(req.request_id, token, index, now, reason) if self.token_events else None
 
     def results(self) -> list[Output]:
         return [self.outputs[i] for i in sorted(self.outputs)]

@@ -114,6 +114,7 @@ class Pipeline:
         keep = S - 1
         inflight: deque[InFlight] = deque()
         steps: list[StepStats] = []
+        book.token_events = on_token is not None  # nobody streams: no event object per token
         self._events.clear()
         self._last_pool = None
         k = 0
@@ -292,16 +293,11 @@ class Pipeline:
                            accesses=[(("host_out", s), "r", None)] if rt.tracks_accesses else ()):
             tokens = self.slots[s].host_out[: len(rec.entries)].tolist()
             now = rt.now()
-            if on_token is None:
-                for e, tok in zip(rec.entries, tokens):
-                    if e.samples:
-                        book.apply_token(e, tok, now, event=False)
-            else:
-                for e, tok in zip(rec.entries, tokens):
-                    if e.samples:
-                        event = book.apply_token(e, tok, now)
-                        if event is not None:
-                            on_token(event)
+            for e, tok in zip(rec.entries, tokens):
+                if e.samples:
+                    event = book.apply_token(e, tok, now)
+                    if event is not None and on_token is not None:
+                        on_token(event)
         t2 = time.perf_counter()
         stats = StepStats(
             batch=rec.batch, slot=s, num_seqs=len(rec.entries), num_tokens=sum(e.num_tokens for e in rec.entries),

@@ -56,10 +56,10 @@ class _ServingBook(OpenRequestBook):
         self.taken: tuple[list[int], list[int], list[int], dict[int, str]] = ([], [], [], {})
         self.taken_at = 0.0  # the clock reading of the last token taken
 
-    def apply_token(self, entry: Any, token: int, now: float, *, event: bool = True) -> None:
+    def apply_token(self, entry: Any, token: int, now: float) -> None:
         req = entry.req
         delivered = req.status is not Status.FINISHED  # else a token in flight for a request that already ended
-        super().apply_token(entry, token, now, event=False)
+        super().apply_token(entry, token, now)  # the pipeline turned `token_events` off: it builds no event
         if delivered:
             handles, tokens, indices, reasons = self.taken
             if req.status is Status.FINISHED:
