@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.open_book import BookClosedError, OpenRequestBook
 from ..core.requests import Status
-from ..core.stats import StepStats
+from ..core.stats import StepStats, cpu_times
 from ..core.types import Output
 from .ring import StepRing
 
@@ -238,7 +238,8 @@ class EngineCore:
         book = self.book
         queued, running = book.queue_sizes()
         if refresh or self._steps_sent % CPU_EVERY == 0 or book.unfinished == 0:
-            self._cpu_pair = (time.thread_time() - self._loop_cpu_base, time.process_time())
+            loop, process = cpu_times()
+            self._cpu_pair = (loop - self._loop_cpu_base, process)
             self._blocks = (book.blocks.num_owned, book.blocks.size)
         return (queued, running, *self._blocks, self._added, *self._cpu_pair, self._handover_s)
 
