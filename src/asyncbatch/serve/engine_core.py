@@ -6,7 +6,7 @@ indices, so no `TokenEvent` is built per token. A receiver thread blocks on the 
 each message into a book call: `("add", handle, request)` submits, `("abort", id)` cancels, `("close",)` closes
 the book.
 
-Each step's tokens and ended requests go to the front end in one message through a shared-memory ring
+Each step's tokens (as handle, token pairs) and ended requests go to the front end in one message through a shared-memory ring
 (`StepRing`): fixed-layout binary, no pickling and no system call, so a step costs the step loop a few struct
 writes however many streams are open. A request is named there by the small integer handle the front end gave it.
 Parsing, detokenising, JSON and the clients' sockets are the front end's work, in its own process. (A pickled
@@ -43,17 +43,18 @@ STRAYS_AFTER = 4  # steps handed over before threads started by the step loop ar
 
 
 class _ServingBook(OpenRequestBook):
-    """The book of a served run. It collects each delivered token as the front end's handle, the token and its
-    index in three flat lists (and a finish reason by position, for the few tokens that end a request), without a
-    `TokenEvent` per token: the step loop then hands them over as they are. And it sends what is pending before
-    the idle loop blocks: a request cancelled while nothing else runs ends without a step, and its output would
-    otherwise wait for the next one."""
+    """The book of a served run. It collects each delivered token as the front end's handle and the token, in one
+    flat list (and a finish reason by position, for the few tokens that end a request), without a `TokenEvent` per
+    token: the step loop then hands the list over as it is. And it sends what is pending before the idle loop
+    blocks: a request cancelled while nothing else runs ends without a step, and its output would otherwise wait
+    for the next one."""
 
     def __init__(self, *, before_wait: Any, handles: dict[str, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._before_wait = before_wait
         self._handles = handles
-        self.taken: tuple[list[int], list[int], list[int], dict[int, str]] = ([], [], [], {})
+        self.pairs: list[int] = []  # handle, token, handle, token... of the tokens delivered since the last take
+        self.reasons: dict[int, str] = {}  # a token's position in `pairs` // 2 -> the finish reason it brought
         self.taken_at = 0.0  # the clock reading of the last token taken
 
     def apply_token(self, entry: Any, token: int, now: float) -> None:
@@ -61,17 +62,12 @@ class _ServingBook(OpenRequestBook):
         delivered = req.status is not Status.FINISHED  # else a token in flight for a request that already ended
         super().apply_token(entry, token, now)  # the pipeline turned `token_events` off: it builds no event
         if delivered:
-            handles, tokens, indices, reasons = self.taken
+            pairs = self.pairs
             if req.status is Status.FINISHED:
-                reasons[len(tokens)] = req.finish_reason
-            handles.append(self._handles[req.request_id])
-            tokens.append(token)
-            indices.append(req.num_output - 1)
+                self.reasons[len(pairs) >> 1] = req.finish_reason
+            pairs.append(self._handles[req.request_id])
+            pairs.append(token)
             self.taken_at = now
-
-    def take(self) -> tuple[list[int], list[int], list[int], dict[int, str]]:
-        taken, self.taken = self.taken, ([], [], [], {})
-        return taken
 
     def wait_for_arrivals(self) -> bool:
         self._before_wait()
@@ -102,6 +98,9 @@ class EngineCore:
         self._pipe_steps = 0  # steps the ring had no room for
         self._receiver_cpu_s = 0.0
         self._steps_sent = 0
+        self._last_sizes: tuple[int, int] = (-1, -1)  # queue sizes and adds handled as of the last counts sent
+        self._last_added = -1
+        self._last_counts: tuple = ()
         self._cpu_pair = (0.0, time.process_time())  # (step loop, whole process) CPU seconds, read together
         self._notify_finish = engine.host.has_lifecycle_impls("asyncbatch_request_finished")
         self._notify_step = engine.host.has_lifecycle_impls("asyncbatch_step_finished")
@@ -124,7 +123,7 @@ class EngineCore:
                     pin_engine_process(self.cpus)
                 self.ready = True
                 self._loop_cpu_base = time.thread_time()
-                self._send(("ready", self._counts()))
+                self._send(("ready", self._counts(self.book.queue_sizes(), refresh=True)))
                 receiver.start()
                 engine.pipeline.run(self.book, on_step=self._on_step, keep_steps=False)  # tokens: the book's
         except BaseException as exc:  # noqa: BLE001  (the front end fails its streams with it; the caller exits)
@@ -194,11 +193,11 @@ class EngineCore:
         cpu_start = time.thread_time() if sampled else 0.0
         if self._notify_step:
             self.engine.host.notify("asyncbatch_step_finished", stats=stats)
-        self._flush(stats)
+        self._flush(stats, start)
         if self._steps_sent == STRAYS_AFTER and self.cpus is not None:
             self._move_strays()
         end = time.perf_counter()
-        self._handover_s += end - start  # reported with the next step's message
+        self._handover_s += end - start  # reported with the next counts sent
         if sampled:  # CPU against wall time on every CPU_EVERY-th hand-over: slow code, or a thread kept waiting?
             self._sampled_wall_s += end - start
             self._sampled_cpu_s += time.thread_time() - cpu_start
@@ -212,36 +211,48 @@ class EngineCore:
         if n:
             log.info("CPU pinning: moved %d threads started by the step loop off its core", n)
 
-    def _flush(self, stats: StepStats | None = None) -> None:
+    def _flush(self, stats: StepStats | None = None, seen: float = 0.0) -> None:
         book, outputs = self.book, self._outputs
-        if stats is None and not book.taken[1] and not outputs:
+        pairs, reasons = book.pairs, book.reasons
+        if stats is None and not pairs and not outputs:
             return
-        self._outputs = []
-        handles, tokens, indices, reasons = book.take()
-        run_time = book.taken_at  # one update reads one clock time for all its tokens
-        counts = self._counts(refresh=bool(outputs))
-        seen = time.perf_counter()
+        if outputs:
+            self._outputs = []
+        if pairs:
+            book.pairs = []
+        if reasons:
+            book.reasons = {}
+        sizes = book.queue_sizes()
+        if outputs or stats is None or self._steps_sent % CPU_EVERY == 0 or not book.unfinished:
+            counts: tuple | None = self._counts(sizes, refresh=True)
+        elif sizes != self._last_sizes or self._added != self._last_added:
+            counts = self._counts(sizes)
+        else:
+            counts = None  # the front end keeps the last ones
+        seen = seen or time.perf_counter()
         extra = (reasons, outputs) if reasons or outputs else None
-        if not self.ring.write(seen, run_time, handles, tokens, indices, extra, stats, counts):
-            self._send(("step", seen, run_time, handles, tokens, indices, reasons, outputs, stats, counts))
+        if not self.ring.write(seen, book.taken_at, pairs, extra, stats, counts):
+            self._send(("step", seen, book.taken_at, pairs, reasons, outputs, stats, counts or self._last_counts))
             self._pipe_steps += 1
         self._steps_sent += 1
         for output in outputs:  # its tokens, the last included, are in this message or an earlier one
             self._handles.pop(output.request_id, None)
 
-    def _counts(self, *, refresh: bool = False) -> tuple:
-        """What the front end's `stats()` reports between two messages (see `RemoteEngine.stats`). Queue sizes are
-        read every step. The KV blocks, the process's CPU time (the kernel sums it over every thread, which is not
-        free in a process with many) and the step loop's are read every `CPU_EVERY` steps, when a request ends
-        (`refresh`) and when the loop goes idle; the two CPU times are read together, so that their difference
+    def _counts(self, sizes: tuple[int, int], *, refresh: bool = False) -> tuple:
+        """What the front end's `stats()` reports between two messages (see `RemoteEngine.stats`); `_flush` sends
+        them only when they changed. Queue sizes and adds handled are compared every step (a new request changes
+        them). The KV blocks, the process's CPU time (the kernel sums it over every thread, which is not free in a
+        process with many) and the step loop's are read only when `refresh`: every `CPU_EVERY` steps, when a
+        request ends and when the loop goes idle. The two CPU times are read together, so that their difference
         (serving's cost outside the loop) stays right. Step loop thread only."""
-        book = self.book
-        queued, running = book.queue_sizes()
-        if refresh or self._steps_sent % CPU_EVERY == 0 or book.unfinished == 0:
+        if refresh:
+            book = self.book
             loop, process = cpu_times()
             self._cpu_pair = (loop - self._loop_cpu_base, process)
             self._blocks = (book.blocks.num_owned, book.blocks.size)
-        return (queued, running, *self._blocks, self._added, *self._cpu_pair, self._handover_s)
+        self._last_sizes, self._last_added = sizes, self._added
+        self._last_counts = (*sizes, *self._blocks, self._added, *self._cpu_pair, self._handover_s)
+        return self._last_counts
 
     def _send(self, message: tuple) -> None:
         self._send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))

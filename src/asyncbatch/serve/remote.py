@@ -201,12 +201,13 @@ class RemoteEngine(LiveEngine):
             if kind == "lost":  # the reader has returned
                 self._release()
 
-    def _step(self, seen: float, run_time: float, handles: list[int], tokens: list[int], indices: list[int],
-              reasons: dict[int, str], outputs: list, stats: StepStats | None, counts: tuple) -> None:
-        self._counts = counts
+    def _step(self, seen: float, run_time: float, pairs: list[int], reasons: dict[int, str], outputs: list,
+              stats: StepStats | None, counts: tuple | None) -> None:
+        if counts is not None:  # None: unchanged since the last step that sent them
+            self._counts = counts
         streams, by_handle, observers = self._streams, self._by_handle, self.observers
-        for i, (handle, token, index) in enumerate(zip(handles, tokens, indices)):
-            stream = by_handle.get(handle)
+        for i in range(len(pairs) >> 1):
+            stream = by_handle.get(pairs[2 * i])
             if stream is None:
                 continue
             rid = stream.request_id
@@ -216,7 +217,9 @@ class RemoteEngine(LiveEngine):
                 else:
                     o.token_gap(seen - stream.last_seen)
             stream.last_seen = seen
-            stream._token(TokenEvent(rid, token, index, run_time, reasons.get(i) if reasons else None), seen)
+            # The engine sends each delivered token once and in order: the count so far is this one's index.
+            event = TokenEvent(rid, pairs[2 * i + 1], stream.num_tokens, run_time, reasons.get(i) if reasons else None)
+            stream._token(event, seen)
             if stream.ended:
                 self._ended(stream)
         for output in outputs:

@@ -1,9 +1,11 @@
 """`StepRing`: the per-step token batches from the engine's process to the front end, through shared memory.
 
 One writer (the step loop) and one reader (the front end's reader thread). A step is written as fixed-layout
-binary, with no pickling and no system call: a header of doubles (clock readings, the step's stats, the engine's
-counts), then three int32 arrays (request handles, token ids, token indices), then, only when the step has any,
-a pickled `(finish reasons, outputs)`. The writer publishes a message by advancing a 64-bit write position after
+binary in one `pack_into`, with no pickling and no system call: a header (sizes, flags, two clock readings), the
+step's stats as doubles, the engine's counts only when they changed, then the delivered tokens as int32 pairs
+(request handle, token id), then, only when the step has any, a pickled `(finish reasons, outputs)`. A token's
+index is not sent: the front end counts the tokens it has received for each request, and the engine sends every
+delivered token once, in order. The writer publishes a message by advancing a 64-bit write position after
 the bytes are in place; the reader reads up to that position and publishes its own read position, which tells the
 writer how much room is left. Positions only grow; a message never wraps around the end of the buffer (the writer
 skips to the start and leaves a marker). On x86 a store is never seen before the stores that precede it, which is
@@ -32,23 +34,34 @@ from ..core.stats import StepStats
 
 STATS_FIELDS = tuple(attrs.fields(StepStats))
 NUM_COUNTS = 8  # waiting, running, KV blocks used and in all, adds handled, loop CPU, process CPU, hand-over time
-_HEAD = struct.Struct(f"<IIII{2 + len(STATS_FIELDS) + NUM_COUNTS}d")  # size, tokens, extra, has stats; doubles
+_HEAD = struct.Struct("<IIII2d")  # size, tokens, extra's size, flags; seen, run time
+_HAS_STATS, _HAS_COUNTS = 1, 2
+_STATS = f"{len(STATS_FIELDS)}d"
+_COUNTS = f"{NUM_COUNTS}d"
 _POS = struct.Struct("<Q")
-_STEPS: dict[int, struct.Struct] = {}  # a step of n tokens: the header, then the three arrays, packed in one call
+_STEPS: dict[int, struct.Struct] = {}  # tokens << 2 | flags -> the whole fixed part, packed in one call
 _WRAP = 0xFFFFFFFF
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _READ_AT = 64  # the write position is at 0, the read position a cache line further: each side stores to its own line
 _CONTROL = 128
 
 
-_NO_STATS = (0.0,) * len(STATS_FIELDS)
 _stats_values = operator.attrgetter(*(f.name for f in STATS_FIELDS))  # one C call for every field
 _NONE_FIELDS = tuple(i for i, f in enumerate(STATS_FIELDS) if "None" in str(f.type))
 
 
+def _layout(n: int, flags: int) -> struct.Struct:
+    layout = _STEPS.get(n << 2 | flags)
+    if layout is None:
+        layout = _STEPS[n << 2 | flags] = struct.Struct(
+            _HEAD.format + (_STATS if flags & _HAS_STATS else "") + (_COUNTS if flags & _HAS_COUNTS else "")
+            + f"{2 * n}i")
+    return layout
+
+
 def _stats_doubles(stats: StepStats | None) -> tuple:
     if stats is None:
-        return _NO_STATS
+        return ()
     values = _stats_values(stats)
     for i in _NONE_FIELDS:  # the only fields that may be None (compute_s): NaN stands for it
         if values[i] is None:
@@ -85,33 +98,39 @@ class StepRing:
             self.shm = shared_memory.SharedMemory(name=name)
         self.name = self.shm.name
         self.size = self.shm.size - _CONTROL
+        self._end = self.shm.size  # a message never runs past here
         self._buf = self.shm.buf  # SharedMemory's own view (no slice of it is kept: close() must find no export)
         self._write = _POS.unpack_from(self._buf, 0)[0]
-        self._read = _POS.unpack_from(self._buf, _READ_AT)[0]
+        self._read = _POS.unpack_from(self._buf, _READ_AT)[0]  # the writer's last reading of it; the reader's own
 
     # ---- the writer (the step loop)
-    def write(self, seen: float, run_time: float, handles: Sequence[int], tokens: Sequence[int], indices: Sequence[int],
-              extra: tuple | None, stats: StepStats | None, counts: tuple) -> bool:
-        """Publish one step; False (nothing written) if it does not fit now, or the ring is not `enabled`."""
+    def write(self, seen: float, run_time: float, pairs: Sequence[int], extra: tuple | None, stats: StepStats | None,
+              counts: tuple | None) -> bool:
+        """Publish one step: `pairs` is the delivered tokens as handle, token, handle, token...; `counts` None when
+        they did not change. False (nothing written) if it does not fit now, or the ring is not `enabled`."""
         if not self.enabled:
             return False
-        n = len(tokens)
-        blob = pickle.dumps(extra, protocol=pickle.HIGHEST_PROTOCOL) if extra is not None else b""
-        need = _HEAD.size + 12 * n + len(blob)
+        n = len(pairs) >> 1
+        flags = (stats is not None) | (counts is not None) << 1
+        layout = _STEPS.get(n << 2 | flags) or _layout(n, flags)
+        blob = pickle.dumps(extra, protocol=pickle.HIGHEST_PROTOCOL) if extra is not None else None
+        need = layout.size + len(blob) if blob else layout.size
         pos = self._write
         offset = pos % self.size + _CONTROL
-        skip = self.size + _CONTROL - offset if offset + need > self.size + _CONTROL else 0
-        read = _POS.unpack_from(self._buf, _READ_AT)[0]
-        if pos + skip + need - read > self.size:
-            return False
+        skip = self._end - offset if offset + need > self._end else 0
+        # The reader's position is read from its cache line only when the last reading leaves too little room: the
+        # line lives in the reader's core, and a step costs the writer one transfer fewer.
+        if pos + skip + need - self._read > self.size:
+            self._read = _POS.unpack_from(self._buf, _READ_AT)[0]
+            if pos + skip + need - self._read > self.size:
+                return False
         if skip:
             if skip >= 4:
                 struct.pack_into("<I", self._buf, offset, _WRAP)
             pos += skip
             offset = _CONTROL
-        layout = _STEPS.get(n) or _STEPS.setdefault(n, struct.Struct(f"{_HEAD.format}{3 * n}i"))
-        layout.pack_into(self._buf, offset, need, n, len(blob), stats is not None, seen, run_time,
-                         *_stats_doubles(stats), *counts, *handles, *tokens, *indices)
+        layout.pack_into(self._buf, offset, need, n, len(blob) if blob else 0, flags, seen, run_time,
+                         *_stats_doubles(stats), *(counts or ()), *pairs)
         if blob:
             start = offset + layout.size
             self._buf[start : start + len(blob)] = blob
@@ -121,7 +140,8 @@ class StepRing:
 
     # ---- the reader (the front end)
     def read_all(self) -> list[tuple]:
-        """Every step published since the last call, oldest first, as the tuples `RemoteEngine._step` takes."""
+        """Every step published since the last call, oldest first, as the tuples `RemoteEngine._step` takes:
+        `(seen, run_time, pairs, reasons, outputs, stats or None, counts or None)`."""
         out = []
         end = _POS.unpack_from(self._buf, 0)[0]
         pos = self._read
@@ -131,18 +151,22 @@ class StepRing:
             if room < 4 or struct.unpack_from("<I", self._buf, offset)[0] == _WRAP:
                 pos += room
                 continue
-            head = _HEAD.unpack_from(self._buf, offset)
-            need, n, blob_len, has_stats = head[:4]
-            seen, run_time = head[4], head[5]
-            stats_values = head[6 : 6 + len(STATS_FIELDS)]
-            counts = head[6 + len(STATS_FIELDS) :]
-            start = offset + _HEAD.size
-            arrays = struct.unpack_from(f"<{3 * n}i", self._buf, start)
+            need, n, blob_len, flags = struct.unpack_from("<IIII", self._buf, offset)
+            layout = _layout(n, flags)
+            values = layout.unpack_from(self._buf, offset)
+            at = 6
+            stats = counts = None
+            if flags & _HAS_STATS:
+                stats = _stats_from(values[at : at + len(STATS_FIELDS)])
+                at += len(STATS_FIELDS)
+            if flags & _HAS_COUNTS:
+                counts = _counts(values[at : at + NUM_COUNTS])
+                at += NUM_COUNTS
             reasons, outputs = ({}, [])
             if blob_len:
-                reasons, outputs = pickle.loads(self._buf[start + 12 * n : start + 12 * n + blob_len])
-            out.append((seen, run_time, list(arrays[:n]), list(arrays[n : 2 * n]), list(arrays[2 * n :]), reasons,
-                        outputs, _stats_from(stats_values) if has_stats else None, _counts(counts)))
+                start = offset + layout.size
+                reasons, outputs = pickle.loads(self._buf[start : start + blob_len])
+            out.append((values[4], values[5], list(values[at:]), reasons, outputs, stats, counts))
             pos += need
         if pos != self._read:
             self._read = pos
