@@ -21,7 +21,8 @@ def _step(i: int, n: int, *, extra: bool = False) -> tuple:
     pairs = [v for j in range(n) for v in (i + j, (i * 31 + j) % 50_000)]  # handle, token
     out = Output(f"r{i}", (1, 2), (5, 6), "length") if extra else None
     reasons, outputs = ({0: "length"}, [out]) if extra else ({}, [])
-    return (float(i), i / 2, pairs, reasons, outputs, STATS if i % 2 else None, COUNTS if i % 3 else None)
+    stats = [attrs.evolve(STATS, batch=i + b) for b in range(i % 4)]  # most steps carry none
+    return (float(i), i / 2, pairs, reasons, outputs, stats, COUNTS if i % 3 else None)
 
 
 def _write(ring: StepRing, step: tuple) -> bool:
@@ -38,7 +39,8 @@ def test_a_step_comes_out_as_it_went_in():
         assert all(_write(ring, s) for s in sent)
         assert sent == reader.read_all()
         assert [] == reader.read_all()
-        assert (None, True, 7) == (STATS.compute_s, sent[0][5].graph_replay, sent[0][5].batch)
+        assert [[1], [2, 3], [3, 4, 5]] == [[x.batch for x in s[5]] for s in sent]
+        assert (None, True) == (sent[0][5][0].compute_s, sent[0][5][0].graph_replay)
         assert [COUNTS, COUNTS, None] == [s[6] for s in sent]  # counts go only when they changed
     finally:
         reader.close()
@@ -78,10 +80,11 @@ def test_stats_fields_keep_their_types():
     reader = StepRing(name=ring.name)
     try:
         stats = attrs.evolve(STATS, compute_s=0.0061, graph_replay=False)
-        _write(ring, (1.0, 2.0, [], {}, [], stats, COUNTS))
+        _write(ring, (1.0, 2.0, [], {}, [], [STATS, stats], COUNTS))
         (step,) = reader.read_all()
-        assert stats == step[5]
-        assert [int, bool, float] == [type(step[5].batch), type(step[5].graph_replay), type(step[5].compute_s)]
+        assert [STATS, stats] == step[5]
+        got = step[5][1]
+        assert [int, bool, float] == [type(got.batch), type(got.graph_replay), type(got.compute_s)]
         assert COUNTS == step[6] and int is type(step[6][0])
     finally:
         reader.close()

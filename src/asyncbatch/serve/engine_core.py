@@ -89,12 +89,14 @@ class EngineCore:
         self.ring = StepRing()  # the steps go here; the pipe takes the rest (and a step the ring has no room for)
         self._send_lock = threading.Lock()
         self._handles: dict[str, int] = {}  # request id -> the front end's handle, while the request runs
-        self._blocks = (0, 0)  # KV blocks used and in all, as of the last reading (see `_counts`)
         self._outputs: list[Output] = []
+        self._stats: list[StepStats] = []  # stats of the steps handed over since the last full message
+        self._until_full = STRAYS_AFTER  # steps until the next full message (see `_on_step`)
+        self._strays_moved = False
         self._added = 0  # "add" messages handled, so the front end can tell how many are still on their way
         self._loop_cpu_base = 0.0  # the step loop thread's CPU time when serving started
         self._handover_s = 0.0  # the step loop's time in `_on_step`: what handing a step over costs it
-        self._sampled_wall_s = self._sampled_cpu_s = 0.0  # wall and CPU time of every CPU_EVERY-th hand-over
+        self._sampled_wall_s = self._sampled_cpu_s = 0.0  # wall and CPU time of the full hand-overs
         self._pipe_steps = 0  # steps the ring had no room for
         self._receiver_cpu_s = 0.0
         self._steps_sent = 0
@@ -123,7 +125,7 @@ class EngineCore:
                     pin_engine_process(self.cpus)
                 self.ready = True
                 self._loop_cpu_base = time.thread_time()
-                self._send(("ready", self._counts(self.book.queue_sizes(), refresh=True)))
+                self._send(("ready", self._counts(self.book.queue_sizes(), cpu=True)))
                 receiver.start()
                 engine.pipeline.run(self.book, on_step=self._on_step, keep_steps=False)  # tokens: the book's
         except BaseException as exc:  # noqa: BLE001  (the front end fails its streams with it; the caller exits)
@@ -135,9 +137,9 @@ class EngineCore:
         if self._steps_sent:
             n = self._steps_sent
             log.info("handed %d steps to the front end: %.1f us per step in the step loop (CPU over wall time %.2f, "
-                     "every %dth step); %d by the pipe (no room in the ring); the receiver thread took %.1f us of CPU "
+                     "full messages); %d by the pipe (no room in the ring); the receiver thread took %.1f us of CPU "
                      "per step", n, self._handover_s / n * 1e6, self._sampled_cpu_s / max(1e-12, self._sampled_wall_s),
-                     CPU_EVERY, self._pipe_steps, self._receiver_cpu_s / n * 1e6)
+                     self._pipe_steps, self._receiver_cpu_s / n * 1e6)
         return None
 
     # ------------------------------------------------------------------ the receiver thread
@@ -189,69 +191,81 @@ class EngineCore:
 
     def _on_step(self, stats: StepStats) -> None:
         start = time.perf_counter()
-        sampled = self._steps_sent % CPU_EVERY == 0
-        cpu_start = time.thread_time() if sampled else 0.0
         if self._notify_step:
             self.engine.host.notify("asyncbatch_step_finished", stats=stats)
-        self._flush(stats, start)
-        if self._steps_sent == STRAYS_AFTER and self.cpus is not None:
+        self._stats.append(stats)
+        self._until_full -= 1
+        if self._until_full and not self._outputs and self._send_tokens(start):
+            self._handover_s += time.perf_counter() - start  # reported with the next counts sent
+            return
+        # Every CPU_EVERY-th step, a step that ended requests, and one the ring had no room for: the full message.
+        self._until_full = CPU_EVERY
+        cpu_start = time.thread_time()
+        self._flush(start)
+        if self.cpus is not None and not self._strays_moved:
             self._move_strays()
         end = time.perf_counter()
-        self._handover_s += end - start  # reported with the next counts sent
-        if sampled:  # CPU against wall time on every CPU_EVERY-th hand-over: slow code, or a thread kept waiting?
-            self._sampled_wall_s += end - start
-            self._sampled_cpu_s += time.thread_time() - cpu_start
+        self._handover_s += end - start
+        # CPU against wall time of the full hand-overs: slow code, or a thread kept waiting?
+        self._sampled_wall_s += end - start
+        self._sampled_cpu_s += time.thread_time() - cpu_start
+
+    def _send_tokens(self, seen: float) -> bool:
+        """The common step: its tokens, and the counts if the queues or the adds handled changed; the stats wait for
+        the next full message. False if the ring has no room now (or is off): the full message goes by the pipe."""
+        book = self.book
+        sizes = book.queue_sizes()
+        counts = self._counts(sizes) if sizes != self._last_sizes or self._added != self._last_added else None
+        if not self.ring.write(seen, book.taken_at, book.pairs, None, (), counts):
+            return False
+        book.pairs = []
+        self._steps_sent += 1
+        return True
 
     def _move_strays(self) -> None:
         # A pool a library creates on first use from the step loop's thread (torch's, at the first steps) would
-        # inherit the loop's core: moved once, after the first steps (see `pinning.move_strays`).
+        # inherit the loop's core: moved once, at the first full message (after STRAYS_AFTER steps).
         from .pinning import move_strays
 
+        self._strays_moved = True
         n = move_strays(self.cpus)  # type: ignore[arg-type]
         if n:
             log.info("CPU pinning: moved %d threads started by the step loop off its core", n)
 
-    def _flush(self, stats: StepStats | None = None, seen: float = 0.0) -> None:
-        book, outputs = self.book, self._outputs
+    def _flush(self, seen: float = 0.0) -> None:
+        """Send the full message: the tokens delivered since the last one sent, the stats of the steps since the
+        last full message, fresh counts (CPU clocks included) and the ended requests' outputs. `seen` is when the
+        step loop handed its step over, 0 when the loop goes idle or ends. A step's stats so reach the front end's
+        metrics within `CPU_EVERY` steps, and the common step (`_send_tokens`) packs a few dozen numbers."""
+        book, outputs, stats = self.book, self._outputs, self._stats
         pairs, reasons = book.pairs, book.reasons
-        if stats is None and not pairs and not outputs:
+        if not pairs and not outputs and not stats:
             return
-        if outputs:
-            self._outputs = []
-        if pairs:
-            book.pairs = []
-        if reasons:
-            book.reasons = {}
-        sizes = book.queue_sizes()
-        if outputs or stats is None or self._steps_sent % CPU_EVERY == 0 or not book.unfinished:
-            counts: tuple | None = self._counts(sizes, refresh=True)
-        elif sizes != self._last_sizes or self._added != self._last_added:
-            counts = self._counts(sizes)
-        else:
-            counts = None  # the front end keeps the last ones
+        book.pairs, book.reasons, self._outputs, self._stats = [], {}, [], []
+        counts = self._counts(book.queue_sizes(), cpu=True)
         seen = seen or time.perf_counter()
-        extra = (reasons, outputs) if reasons or outputs else None
-        if not self.ring.write(seen, book.taken_at, pairs, extra, stats, counts):
-            self._send(("step", seen, book.taken_at, pairs, reasons, outputs, stats, counts or self._last_counts))
+        if not self.ring.write(seen, book.taken_at, pairs, (reasons, outputs) if reasons or outputs else None, stats,
+                               counts):
+            self._send(("step", seen, book.taken_at, pairs, reasons, outputs, stats, counts))
             self._pipe_steps += 1
         self._steps_sent += 1
         for output in outputs:  # its tokens, the last included, are in this message or an earlier one
             self._handles.pop(output.request_id, None)
 
-    def _counts(self, sizes: tuple[int, int], *, refresh: bool = False) -> tuple:
+    def _counts(self, sizes: tuple[int, int], *, cpu: bool = False) -> tuple:
         """What the front end's `stats()` reports between two messages (see `RemoteEngine.stats`); `_flush` sends
-        them only when they changed. Queue sizes and adds handled are compared every step (a new request changes
-        them). The KV blocks, the process's CPU time (the kernel sums it over every thread, which is not free in a
-        process with many) and the step loop's are read only when `refresh`: every `CPU_EVERY` steps, when a
-        request ends and when the loop goes idle. The two CPU times are read together, so that their difference
-        (serving's cost outside the loop) stays right. Step loop thread only."""
-        if refresh:
-            book = self.book
+        them only when the queues or the adds handled changed, or with a step's full message. Counting KV blocks
+        walks the prefix cache's shared blocks, so it happens only then. The process's CPU time (the kernel sums it
+        over every thread, which is not free in a process with many) and the step loop's are read only with a full
+        message (`cpu`), and together, so that their difference (serving's cost outside the loop) stays right. Step
+        loop thread only."""
+        book = self.book
+        if cpu:
             loop, process = cpu_times()
             self._cpu_pair = (loop - self._loop_cpu_base, process)
-            self._blocks = (book.blocks.num_owned, book.blocks.size)
         self._last_sizes, self._last_added = sizes, self._added
-        self._last_counts = (*sizes, *self._blocks, self._added, *self._cpu_pair, self._handover_s)
+        self._last_counts = (*sizes, book.blocks.num_owned, book.blocks.size, self._added, *self._cpu_pair,
+                             self._handover_s)
         return self._last_counts
 
     def _send(self, message: tuple) -> None:

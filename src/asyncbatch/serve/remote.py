@@ -202,7 +202,7 @@ class RemoteEngine(LiveEngine):
                 self._release()
 
     def _step(self, seen: float, run_time: float, pairs: list[int], reasons: dict[int, str], outputs: list,
-              stats: StepStats | None, counts: tuple | None) -> None:
+              stats: list[StepStats], counts: tuple | None) -> None:
         if counts is not None:  # None: unchanged since the last step that sent them
             self._counts = counts
         streams, by_handle, observers = self._streams, self._by_handle, self.observers
@@ -231,9 +231,9 @@ class RemoteEngine(LiveEngine):
             stream._finish(output)
             if stream.ended:
                 self._ended(stream)
-        if stats is not None:
+        for one in stats:  # the engine sends them in batches (see `EngineCore._flush`)
             for o in observers:
-                o.step(stats)
+                o.step(one)
 
     def _die(self, reason: str) -> None:
         first = self._failure is None

@@ -1,9 +1,10 @@
 """`StepRing`: the per-step token batches from the engine's process to the front end, through shared memory.
 
 One writer (the step loop) and one reader (the front end's reader thread). A step is written as fixed-layout
-binary in one `pack_into`, with no pickling and no system call: a header (sizes, flags, two clock readings), the
-step's stats as doubles, the engine's counts only when they changed, then the delivered tokens as int32 pairs
-(request handle, token id), then, only when the step has any, a pickled `(finish reasons, outputs)`. A token's
+binary in one `pack_into`, with no pickling and no system call: a header (sizes, two clock readings), the stats
+of the steps since the last message that carried any (the engine sends them in batches) as doubles, the engine's
+counts only when they changed, then the delivered tokens as int32 pairs (request handle, token id), then, only when
+the step has any, a pickled `(finish reasons, outputs)`. A token's
 index is not sent: the front end counts the tokens it has received for each request, and the engine sends every
 delivered token once, in order. The writer publishes a message by advancing a 64-bit write position after
 the bytes are in place; the reader reads up to that position and publishes its own read position, which tells the
@@ -34,12 +35,11 @@ from ..core.stats import StepStats
 
 STATS_FIELDS = tuple(attrs.fields(StepStats))
 NUM_COUNTS = 8  # waiting, running, KV blocks used and in all, adds handled, loop CPU, process CPU, hand-over time
-_HEAD = struct.Struct("<IIII2d")  # size, tokens, extra's size, flags; seen, run time
-_HAS_STATS, _HAS_COUNTS = 1, 2
-_STATS = f"{len(STATS_FIELDS)}d"
+_HEAD = struct.Struct("<IIIII2d")  # size, tokens, extra's size, stats, has counts; seen, run time
+_SIZES = struct.Struct("<IIIII")
 _COUNTS = f"{NUM_COUNTS}d"
 _POS = struct.Struct("<Q")
-_STEPS: dict[int, struct.Struct] = {}  # tokens << 2 | flags -> the whole fixed part, packed in one call
+_STEPS: dict[int, struct.Struct] = {}  # _key(tokens, stats, has counts) -> the whole fixed part, packed in one call
 _WRAP = 0xFFFFFFFF
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _READ_AT = 64  # the write position is at 0, the read position a cache line further: each side stores to its own line
@@ -50,23 +50,26 @@ _stats_values = operator.attrgetter(*(f.name for f in STATS_FIELDS))  # one C ca
 _NONE_FIELDS = tuple(i for i, f in enumerate(STATS_FIELDS) if "None" in str(f.type))
 
 
-def _layout(n: int, flags: int) -> struct.Struct:
-    layout = _STEPS.get(n << 2 | flags)
+def _key(n: int, k: int, has_counts: bool) -> int:
+    return (n << 16 | k) << 1 | has_counts
+
+
+def _layout(n: int, k: int, has_counts: bool) -> struct.Struct:
+    layout = _STEPS.get(_key(n, k, has_counts))
     if layout is None:
-        layout = _STEPS[n << 2 | flags] = struct.Struct(
-            _HEAD.format + (_STATS if flags & _HAS_STATS else "") + (_COUNTS if flags & _HAS_COUNTS else "")
-            + f"{2 * n}i")
+        layout = _STEPS[_key(n, k, has_counts)] = struct.Struct(
+            f"{_HEAD.format}{k * len(STATS_FIELDS)}d{_COUNTS if has_counts else ''}{2 * n}i")
     return layout
 
 
-def _stats_doubles(stats: StepStats | None) -> tuple:
-    if stats is None:
-        return ()
-    values = _stats_values(stats)
-    for i in _NONE_FIELDS:  # the only fields that may be None (compute_s): NaN stands for it
-        if values[i] is None:
-            values = (*values[:i], math.nan, *values[i + 1 :])
-    return values
+def _stats_doubles(stats: Sequence[StepStats]) -> list:
+    out: list = []
+    for one in stats:
+        out += _stats_values(one)
+        for i in _NONE_FIELDS:  # the only fields that may be None (compute_s): NaN stands for it
+            if out[i - len(STATS_FIELDS)] is None:
+                out[i - len(STATS_FIELDS)] = math.nan
+    return out
 
 
 def _stats_from(values: tuple[float, ...]) -> StepStats:
@@ -104,15 +107,17 @@ class StepRing:
         self._read = _POS.unpack_from(self._buf, _READ_AT)[0]  # the writer's last reading of it; the reader's own
 
     # ---- the writer (the step loop)
-    def write(self, seen: float, run_time: float, pairs: Sequence[int], extra: tuple | None, stats: StepStats | None,
-              counts: tuple | None) -> bool:
-        """Publish one step: `pairs` is the delivered tokens as handle, token, handle, token...; `counts` None when
-        they did not change. False (nothing written) if it does not fit now, or the ring is not `enabled`."""
+    def write(self, seen: float, run_time: float, pairs: Sequence[int], extra: tuple | None,
+              stats: Sequence[StepStats], counts: tuple | None) -> bool:
+        """Publish one step: `pairs` is the delivered tokens as handle, token, handle, token...; `stats` the steps'
+        stats to send with it (none on most steps); `counts` None when they did not change. False (nothing
+        written) if it does not fit now, or the ring is not `enabled`."""
         if not self.enabled:
             return False
         n = len(pairs) >> 1
-        flags = (stats is not None) | (counts is not None) << 1
-        layout = _STEPS.get(n << 2 | flags) or _layout(n, flags)
+        k = len(stats)
+        has_counts = counts is not None
+        layout = _STEPS.get(_key(n, k, has_counts)) or _layout(n, k, has_counts)
         blob = pickle.dumps(extra, protocol=pickle.HIGHEST_PROTOCOL) if extra is not None else None
         need = layout.size + len(blob) if blob else layout.size
         pos = self._write
@@ -129,8 +134,8 @@ class StepRing:
                 struct.pack_into("<I", self._buf, offset, _WRAP)
             pos += skip
             offset = _CONTROL
-        layout.pack_into(self._buf, offset, need, n, len(blob) if blob else 0, flags, seen, run_time,
-                         *_stats_doubles(stats), *(counts or ()), *pairs)
+        layout.pack_into(self._buf, offset, need, n, len(blob) if blob else 0, k, has_counts, seen, run_time,
+                         *(_stats_doubles(stats) if k else ()), *(counts or ()), *pairs)
         if blob:
             start = offset + layout.size
             self._buf[start : start + len(blob)] = blob
@@ -141,32 +146,32 @@ class StepRing:
     # ---- the reader (the front end)
     def read_all(self) -> list[tuple]:
         """Every step published since the last call, oldest first, as the tuples `RemoteEngine._step` takes:
-        `(seen, run_time, pairs, reasons, outputs, stats or None, counts or None)`."""
+        `(seen, run_time, pairs, reasons, outputs, stats, counts or None)`."""
         out = []
         end = _POS.unpack_from(self._buf, 0)[0]
         pos = self._read
+        width = len(STATS_FIELDS)
         while pos < end:
             offset = pos % self.size + _CONTROL
             room = self.size + _CONTROL - offset
             if room < 4 or struct.unpack_from("<I", self._buf, offset)[0] == _WRAP:
                 pos += room
                 continue
-            need, n, blob_len, flags = struct.unpack_from("<IIII", self._buf, offset)
-            layout = _layout(n, flags)
+            need, n, blob_len, k, has_counts = _SIZES.unpack_from(self._buf, offset)
+            layout = _layout(n, k, bool(has_counts))
             values = layout.unpack_from(self._buf, offset)
-            at = 6
-            stats = counts = None
-            if flags & _HAS_STATS:
-                stats = _stats_from(values[at : at + len(STATS_FIELDS)])
-                at += len(STATS_FIELDS)
-            if flags & _HAS_COUNTS:
+            at = 7  # past the header's five sizes and two clock readings
+            stats = [_stats_from(values[at + i * width : at + (i + 1) * width]) for i in range(k)]
+            at += k * width
+            counts = None
+            if has_counts:
                 counts = _counts(values[at : at + NUM_COUNTS])
                 at += NUM_COUNTS
             reasons, outputs = ({}, [])
             if blob_len:
                 start = offset + layout.size
                 reasons, outputs = pickle.loads(self._buf[start : start + blob_len])
-            out.append((values[4], values[5], list(values[at:]), reasons, outputs, stats, counts))
+            out.append((values[5], values[6], list(values[at:]), reasons, outputs, stats, counts))
             pos += need
         if pos != self._read:
             self._read = pos
