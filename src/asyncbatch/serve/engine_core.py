@@ -195,9 +195,15 @@ class EngineCore:
             self.engine.host.notify("asyncbatch_step_finished", stats=stats)
         self._stats.append(stats)
         self._until_full -= 1
-        if self._until_full and not self._outputs and self._send_tokens(start):
-            self._handover_s += time.perf_counter() - start  # reported with the next counts sent
-            return
+        if self._until_full and not self._outputs:  # the common step: its tokens, and counts that changed
+            book = self.book
+            sizes = book.queue_sizes()
+            counts = self._counts(sizes) if sizes != self._last_sizes or self._added != self._last_added else None
+            if self.ring.write_tokens(start, book.taken_at, book.pairs, counts):
+                book.pairs = []
+                self._steps_sent += 1
+                self._handover_s += time.perf_counter() - start  # reported with the next counts sent
+                return
         # Every CPU_EVERY-th step, a step that ended requests, and one the ring had no room for: the full message.
         self._until_full = CPU_EVERY
         cpu_start = time.thread_time()
@@ -209,18 +215,6 @@ class EngineCore:
         # CPU against wall time of the full hand-overs: slow code, or a thread kept waiting?
         self._sampled_wall_s += end - start
         self._sampled_cpu_s += time.thread_time() - cpu_start
-
-    def _send_tokens(self, seen: float) -> bool:
-        """The common step: its tokens, and the counts if the queues or the adds handled changed; the stats wait for
-        the next full message. False if the ring has no room now (or is off): the full message goes by the pipe."""
-        book = self.book
-        sizes = book.queue_sizes()
-        counts = self._counts(sizes) if sizes != self._last_sizes or self._added != self._last_added else None
-        if not self.ring.write(seen, book.taken_at, book.pairs, None, (), counts):
-            return False
-        book.pairs = []
-        self._steps_sent += 1
-        return True
 
     def _move_strays(self) -> None:
         # A pool a library creates on first use from the step loop's thread (torch's, at the first steps) would
@@ -236,7 +230,7 @@ class EngineCore:
         """Send the full message: the tokens delivered since the last one sent, the stats of the steps since the
         last full message, fresh counts (CPU clocks included) and the ended requests' outputs. `seen` is when the
         step loop handed its step over, 0 when the loop goes idle or ends. A step's stats so reach the front end's
-        metrics within `CPU_EVERY` steps, and the common step (`_send_tokens`) packs a few dozen numbers."""
+        metrics within `CPU_EVERY` steps, and the common step (`_on_step`) packs a few dozen numbers."""
         book, outputs, stats = self.book, self._outputs, self._stats
         pairs, reasons = book.pairs, book.reasons
         if not pairs and not outputs and not stats:

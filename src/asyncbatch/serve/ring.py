@@ -51,7 +51,7 @@ _NONE_FIELDS = tuple(i for i, f in enumerate(STATS_FIELDS) if "None" in str(f.ty
 
 
 def _key(n: int, k: int, has_counts: bool) -> int:
-    return (n << 16 | k) << 1 | has_counts
+    return (n << 16 | k) << 1 | has_counts  # `write_tokens` computes it inline for k = 0
 
 
 def _layout(n: int, k: int, has_counts: bool) -> struct.Struct:
@@ -140,6 +140,21 @@ class StepRing:
             start = offset + layout.size
             self._buf[start : start + len(blob)] = blob
         self._write = pos + need
+        _POS.pack_into(self._buf, 0, self._write)  # last: the reader sees the message whole or not at all
+        return True
+
+    def write_tokens(self, seen: float, run_time: float, pairs: Sequence[int], counts: tuple | None) -> bool:
+        """`write` for the common step, which carries no stats and no extra: the same message in fewer steps (every
+        line of Python counts on the step loop's thread). A wrap or too little room takes `write`."""
+        has_counts = counts is not None
+        n = len(pairs) >> 1
+        layout = _STEPS.get(n << 17 | has_counts) or _layout(n, 0, has_counts)
+        pos = self._write
+        offset = pos % self.size + _CONTROL
+        if not self.enabled or offset + layout.size > self._end or pos + layout.size - self._read > self.size:
+            return self.write(seen, run_time, pairs, None, (), counts)
+        layout.pack_into(self._buf, offset, layout.size, n, 0, 0, has_counts, seen, run_time, *(counts or ()), *pairs)
+        self._write = pos + layout.size
         _POS.pack_into(self._buf, 0, self._write)  # last: the reader sees the message whole or not at all
         return True
 
