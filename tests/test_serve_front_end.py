@@ -25,7 +25,8 @@ from serve_process import ServeProcess
 from asyncbatch import Engine, EngineConfig, RequestError, SamplingParams
 from asyncbatch.core.intake import Intake
 from asyncbatch.serve import EngineDeadError, QueueFullError
-from asyncbatch.serve.engine_core import EngineCore
+from asyncbatch.serve.base import ServeObserver
+from asyncbatch.serve.engine_core import CPU_EVERY, EngineCore
 from asyncbatch.serve.live import served_model
 from asyncbatch.serve.remote import RemoteEngine
 
@@ -91,6 +92,35 @@ def test_streamed_tokens_equal_offline_generation(tiny32):
     assert ["length"] * 5 == reasons
     assert (0, 0, 0) == (stats["waiting"], stats["running"], stats["kv_blocks_used"])
     assert stats["step_loop_cpu_s"] > 0 and stats["front_end_cpu_s"] > 0
+
+
+def test_every_steps_stats_reach_the_observers_in_order_though_most_steps_send_none(tiny32):
+    class Steps(ServeObserver):
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def step(self, stats) -> None:
+            self.batches.append(stats.batch)
+
+    engine = _engine(tiny32)
+    seen = Steps()
+
+    async def main():
+        async with Linked(engine) as link:
+            link.remote.observers.append(seen)
+            streams = [link.remote.add_request(list(range(1, 20 + i)), SamplingParams(max_new_tokens=70 + 9 * i))
+                       for i in range(3)]
+            for s in streams:
+                await _streamed(s)
+            for _ in range(500):  # the idle loop sends the last ones
+                if len(seen.batches) >= link.core._steps_sent:
+                    break
+                await asyncio.sleep(0.01)
+            return link.core._steps_sent
+
+    steps = asyncio.run(main())
+    assert steps > 2 * CPU_EVERY  # so that several full messages carried stats, and most steps none
+    assert list(range(steps)) == seen.batches
 
 
 def test_an_abort_ends_the_request_and_frees_its_blocks(tiny32):

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 class ServeObserver:
     """Receives what a serving engine measures (the metrics of `asyncbatch serve` subclass it); the defaults do
     nothing. With `AsyncEngine`, `step` is called on the step loop's thread, once per step, so it must be quick and
-    thread-safe; with `RemoteEngine` it comes on the event loop's thread, when the step's tokens arrive. The
+    thread-safe; with `RemoteEngine` it comes on the event loop's thread, in order but in batches: the engine sends
+    the stats of up to 32 steps at once, with a step that ends a request, and when it goes idle. The
     per-request calls (`first_token`, `token_gap`, `finished`) and `rejected` always come on the event loop's
     thread, in the order the step loop saw them: per token, the step loop only takes the time (host clock) and
     hands it over, so that serving adds as little as possible to the host work of a step."""

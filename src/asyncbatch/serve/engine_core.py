@@ -1,16 +1,19 @@
 """The engine's end of a front end that runs in another process (`engine.serve.front_end: process`).
 
 The step loop runs on the calling thread over an `OpenRequestBook`, as under `AsyncEngine`; what differs is who is
-on the other side, and that the book itself collects each step's tokens as flat lists of handles, token ids and
-indices, so no `TokenEvent` is built per token. A receiver thread blocks on the pipe (without the GIL) and turns
+on the other side, and that the book itself collects each step's tokens as one flat list of (handle, token id)
+pairs, so no `TokenEvent` is built per token. A receiver thread blocks on the pipe (without the GIL) and turns
 each message into a book call: `("add", handle, request)` submits, `("abort", id)` cancels, `("close",)` closes
 the book.
 
-Each step's tokens (as handle, token pairs) and ended requests go to the front end in one message through a shared-memory ring
-(`StepRing`): fixed-layout binary, no pickling and no system call, so a step costs the step loop a few struct
-writes however many streams are open. A request is named there by the small integer handle the front end gave it.
-Parsing, detokenising, JSON and the clients' sockets are the front end's work, in its own process. (A pickled
-message per step over the pipe cost the loop 40-90 us per step on an H100 machine, a third of it the write.)
+Each step's tokens go to the front end in one message through a shared-memory ring (`StepRing`): fixed-layout
+binary, no pickling and no system call. A request is named there by the small integer handle the front end gave
+it. Most steps carry only their tokens (and the counts, when they changed); every `CPU_EVERY` steps, when a
+request ends and when the loop goes idle, a full message adds the steps' stats, the CPU clocks and the ended
+requests' outputs. On the H100 machines the hand-over's Python runs cold after the wait for the device, so every
+line and every packed number shows: the spare common step took it from 37-48 us to 21-27 us per step. Parsing,
+detokenising, JSON and the clients' sockets are the front end's work, in its own process. (A pickled message per
+step over the pipe cost the loop 40-90 us per step on an H100 machine, a third of it the write.)
 
 Other messages go by the pipe, pickled: `("ready", counts)` once warmed up, `("reject", id, reason)` for a request
 that could not be submitted, `("dead", reason)` if the step loop failed, `("closed",)` when the run has ended, and a
