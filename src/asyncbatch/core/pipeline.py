@@ -240,8 +240,11 @@ class Pipeline:
         def comp() -> None:
             rec.replayed = graphs.run(s, shape)
 
+        info = {"tokens": shape.tokens, "graph": rec.uses_graph}
+        if tracks:  # a checking runtime (`sim`) compares the plans of ranks that meet in a step (`sim_group`)
+            info["plan"] = tuple((e.req.request_id, e.start, e.num_tokens) for e in rec.entries)
         rec.comp = rt.launch("comp", self.stream["compute"], comp, waits=_dedup(waits), accesses=rec.accesses,
-                             batch=k, info={"tokens": shape.tokens, "graph": rec.uses_graph})
+                             batch=k, info=info)
         if rec.uses_graph:
             self._last_pool = rec.comp
         self._events[k] = rec

@@ -7,6 +7,8 @@
 - Checks: `check_engine` (one run, four invariants, `InvariantError` on failure), `check_component` (one
   component with every built-in of the other families), `invariant_test` (a ready-made hypothesis test),
   `reference_tokens`, `Checker`.
+- Ranks: `run_ranks` runs one engine per tensor-parallel rank on the `sim` runtime, their compute ops meeting
+  in a `SimGroup` as the all-reduces make them meet on cards; ranks that split raise `RanksSplitError`.
 - The pytest plugin (`asyncbatch.testing.pytest_plugin`, loaded automatically): fixtures `asyncbatch_host`,
   `asyncbatch_model_factory`, `asyncbatch_tiny_model`, `asyncbatch_check`.
 
@@ -31,6 +33,7 @@ _EXPORTS = {
     "check_component": "component", "invariant_test": "component", "fixed_workload": "component",
     "FIXED_GEOMETRY": "component", "Checker": "component",
     "tiny_model": "models",
+    "run_ranks": "ranks", "SimGroup": "ranks", "RanksSplitError": "ranks",
 }
 
 __all__ = sorted(_EXPORTS)

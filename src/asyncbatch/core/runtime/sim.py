@@ -123,7 +123,15 @@ class SimRuntime(Runtime):
         self.tracks_accesses = self.config.check
         self._device = torch.device(device)
         self.chooser: Chooser = chooser or RandomChooser(self.config.seed)
+        self._group: Any = None  # a `SimGroup` this rank's compute ops meet the other ranks' in (`join`)
+        self._rank = 0
+        self._meetings = 0  # compute ops run so far in the group: never reset, every rank counts the same ones
         self.reset()
+
+    def join(self, group: Any, rank: int) -> None:
+        """Make this runtime rank `rank` of `group` (a `SimGroup`): from now on its compute ops run in the order
+        they were issued, and each starts only once every rank has reached its own (see `sim_group`)."""
+        self._group, self._rank = group, rank
 
     def reset(self) -> None:
         self.hb = HappensBefore()
@@ -220,7 +228,11 @@ class SimRuntime(Runtime):
     # ---- execution
     def _ready(self) -> list[_Op]:
         ops = self._ops
-        return [op for op in self._pending if all(p not in ops or ops[p].done for p in op.preds)]
+        ready = [op for op in self._pending if all(p not in ops or ops[p].done for p in op.preds)]
+        if self._group is not None:  # collectives run in issue order, as on one NCCL communicator
+            first = min((op.node for op in self._pending if op.name == "comp"), default=None)
+            ready = [op for op in ready if op.name != "comp" or op.node == first]
+        return ready
 
     def _progress(self) -> None:
         """Let the device run ahead by a chosen number of ops (random order only)."""
@@ -239,7 +251,10 @@ class SimRuntime(Runtime):
         `h2d[k-1]` copied it). Same (start, node) order as the waits: the virtual timeline does not change."""
         while self.config.order == "timed" and (ready := self._ready()):
             op = min(ready, key=self._timed_key)
-            if self._earliest_start(op) > self._host_time:
+            start = self._earliest_start(op)
+            if self._group is not None and op.name == "comp":  # the host never waits here for other ranks
+                start = self._group.arrive(self._rank, self._meetings, self._signature(op), start)
+            if start is None or start > self._host_time:
                 return
             self._run(op)
 
@@ -259,8 +274,19 @@ class SimRuntime(Runtime):
         timed = self.config.order == "timed"
         self._run(min(ready, key=self._timed_key) if timed else ready[self.chooser.choose(len(ready))])
 
+    def _signature(self, op: _Op) -> tuple:
+        return op.batch, op.info.get("tokens"), op.info.get("plan")
+
+    def _meet(self, op: _Op) -> float:
+        """A compute op in a group starts when every rank has reached its own, at the latest rank's time."""
+        meeting = self._meetings
+        self._group.arrive(self._rank, meeting, self._signature(op), self._earliest_start(op))
+        start = self._group.wait(self._rank, meeting)
+        self._meetings += 1
+        return start
+
     def _run(self, op: _Op) -> None:
-        op.start = self._earliest_start(op)
+        op.start = self._meet(op) if self._group is not None and op.name == "comp" else self._earliest_start(op)
         op.end = op.start + self.config.cost.op_ms(op.name, op.info)
         self._stream_free[op.stream] = op.end
         try:
@@ -271,7 +297,8 @@ class SimRuntime(Runtime):
         op.done = True
         self._pending.remove(op)
         self.executed.append((op.name, op.batch))
-        self.spans.append(Span(op.stream, op.name, op.start / 1e3, op.end / 1e3, op.batch, dict(op.info)))
+        args = {k: v for k, v in op.info.items() if k != "plan"}  # the plan is for `sim_group`, not the trace
+        self.spans.append(Span(op.stream, op.name, op.start / 1e3, op.end / 1e3, op.batch, args))
 
     # ---- virtual time
     def idle_until(self, t: float) -> None:
