@@ -16,9 +16,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core.config import ExperimentConfig
 from asyncbatch.core.errors import ConfigError
+from asyncbatch.core.stats import RunContext
 from asyncbatch.parallel.launch import launch
+from asyncbatch.parallel.replicas import run_replicated
 from asyncbatch.parallel.router import assign
 from asyncbatch.plugins.experiment import run_experiment
 
@@ -236,3 +239,32 @@ def test_parallel_settings_are_checked():
     outside = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2}}})
     with pytest.raises(ConfigError, match="2 ranks configured .* not part of a launched world"):
         run_experiment(outside, echo=lambda _: None)
+
+
+class _FakeWorld:
+    """A rank of a tensor-parallel group of two (one replica) whose collectives only record what it sends."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.data, self.tensor = rank, 1, 2
+        self.replica, self.tp_rank = 0, rank
+        self.sent: list = []
+
+    def barrier(self) -> None:
+        pass
+
+    def gather(self, obj):
+        self.sent.append(obj)
+        return None
+
+
+def test_a_tensor_parallel_groups_other_ranks_send_rank_0_only_their_summary(tiny32):
+    engine = Engine.from_model(tiny32, EngineConfig.from_dict({"runtime": "cpu"}))
+    requests = engine.make_requests([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=4))
+    sent = {}
+    for rank in (0, 1):
+        world = _FakeWorld(rank)
+        run_replicated(engine, requests, world, context=RunContext(config={}))
+        ((indices, part),) = world.sent
+        sent[rank] = (indices, len(part.outputs), len(part.steps) > 0, part.summary.generated_tokens)
+
+    assert {0: ([0, 1], 2, True, 8), 1: ([0, 1], 0, False, 8)} == sent

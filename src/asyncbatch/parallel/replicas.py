@@ -42,7 +42,9 @@ def run_replicated(engine: Any, requests: Sequence[Any], world: World, *, contex
     world.barrier()  # the replicas' clocks start together
     result = engine.run([requests[i] for i in mine], context=attrs.evolve(context, num_requests=len(mine)),
                         on_token=on_token)
-    parts = world.gather((mine, result))
+    # A tensor-parallel group's other ranks hold the same outputs and steps as its first: they send only their
+    # summary, not a second copy of every token for rank 0 to unpickle and drop.
+    parts = world.gather((mine, result if world.tp_rank == 0 else attrs.evolve(result, outputs=[], steps=[])))
     if parts is None:
         return result, []
     outputs: list[Any] = [None] * len(requests)
@@ -52,7 +54,7 @@ def run_replicated(engine: Any, requests: Sequence[Any], world: World, *, contex
         ranks.append(RankSummary(rank, rank // world.tensor, len(indices), s.generated_tokens, s.wall_s,
                                  s.tokens_per_s, s.compute_busy_fraction))
         if rank % world.tensor:
-            continue  # a tensor-parallel group's other ranks hold the same outputs and steps as its first
+            continue  # a tensor-parallel group's other ranks sent their summary alone
         for i, out in zip(indices, part.outputs, strict=True):
             outputs[i] = out
         steps.extend(part.steps)
