@@ -330,3 +330,34 @@ def test_core_never_imports_serve():
 
     assert set() == {(m, d) for m in graph if m.startswith("asyncbatch.core") for d in graph[m]
                      if d.startswith("asyncbatch.serve")}
+
+
+def test_the_step_loop_reads_its_cpu_clocks_every_32_steps_and_when_it_goes_idle(engine, monkeypatch):
+    """Not every step (a clock read is a system call on the hot path), and together with the process's, so that
+    the metrics' serving cost outside the loop never counts loop time. The idle reading makes the last steps show."""
+    import asyncbatch.serve.live as live_module
+
+    reads = []
+
+    def counted():
+        reads.append(None)
+        return real()
+
+    real = live_module.cpu_times
+    monkeypatch.setattr(live_module, "cpu_times", counted)
+    observer = Steps()
+
+    async def main():
+        async with AsyncEngine(engine, observers=[observer]) as live:
+            await _tokens(live.add_request([5, 6, 7], SamplingParams(max_new_tokens=100, ignore_eos=True)))
+            for _ in range(200):  # the loop goes idle, reads its clocks, then blocks
+                if len(reads) and live._book.unfinished == 0 and live.stats()["step_loop_cpu_s"] > 0:
+                    break
+                await asyncio.sleep(0.01)
+            return live.stats(), len(reads)
+
+    stats, n = _run(main())
+    steps = len(observer.seqs)
+    assert steps >= 100
+    assert steps // 32 <= n <= steps // 32 + 3  # at the start, every 32nd step, and at each idle wait
+    assert 0 < stats["step_loop_cpu_s"] <= stats["engine_cpu_s"]

@@ -27,9 +27,12 @@ class BookClosedError(RuntimeError):
 class OpenRequestBook(RequestBook):
     def __init__(self, *, num_blocks: int, num_rows: int, on_finish: Callable[[Output], None] | None = None,
                  on_end: Callable[[TokenEvent], None] | None = None, block_size: int = 16,
-                 prefix_cache: object = None) -> None:
+                 prefix_cache: object = None, on_idle: Callable[[], None] | None = None) -> None:
+        """`on_idle` is called on the step loop's thread each time the loop is about to block for arrivals
+        (nothing unfinished): a front end sends what is pending, or takes a last reading of its clocks."""
         super().__init__((), num_blocks=num_blocks, num_rows=num_rows, on_finish=on_finish, on_end=on_end,
                          block_size=block_size, prefix_cache=prefix_cache)
+        self._on_idle = on_idle
         self._cond = threading.Condition()
         self._inbox: list[RequestState] = []
         self._live: dict[str, RequestState] = {}  # submitted and not ended (inbox included), by id
@@ -127,6 +130,8 @@ class OpenRequestBook(RequestBook):
             self._record(r)  # outside the lock: it calls back into the front
 
     def wait_for_arrivals(self) -> bool:
+        if self._on_idle is not None:
+            self._on_idle()
         with self._cond:
             while self._open and not self._inbox:
                 self._cond.wait()

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from .protocol import ServedModel
 
 
+CPU_EVERY = 32  # a serving step loop reads its CPU clocks (and sends a full message, under `front_end: process`)
+# once every this many steps, and when it goes idle
+
 class ServeObserver:
     """Receives what a serving engine measures (the metrics of `asyncbatch serve` subclass it); the defaults do
     nothing. With `AsyncEngine`, `step` is called on the step loop's thread, once per step, so it must be quick and

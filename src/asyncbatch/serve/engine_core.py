@@ -32,6 +32,7 @@ from ..core.open_book import BookClosedError, OpenRequestBook
 from ..core.requests import Status
 from ..core.stats import StepStats, cpu_times
 from ..core.types import Output
+from .base import CPU_EVERY
 from .ring import StepRing
 
 if TYPE_CHECKING:
@@ -41,20 +42,16 @@ if TYPE_CHECKING:
     from .pinning import CpuPlan
 
 log = logging.getLogger("asyncbatch")
-CPU_EVERY = 32
 STRAYS_AFTER = 4  # steps handed over before threads started by the step loop are moved off its core
 
 
 class _ServingBook(OpenRequestBook):
     """The book of a served run. It collects each delivered token as the front end's handle and the token, in one
     flat list (and a finish reason by position, for the few tokens that end a request), without a `TokenEvent` per
-    token: the step loop then hands the list over as it is. And it sends what is pending before the idle loop
-    blocks: a request cancelled while nothing else runs ends without a step, and its output would otherwise wait
-    for the next one."""
+    token: the step loop then hands the list over as it is."""
 
-    def __init__(self, *, before_wait: Any, handles: dict[str, int], **kwargs: Any) -> None:
+    def __init__(self, *, handles: dict[str, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._before_wait = before_wait
         self._handles = handles
         self.pairs: list[int] = []  # handle, token, handle, token... of the tokens delivered since the last take
         self.reasons: dict[int, str] = {}  # a token's position in `pairs` // 2 -> the finish reason it brought
@@ -71,10 +68,6 @@ class _ServingBook(OpenRequestBook):
             pairs.append(self._handles[req.request_id])
             pairs.append(token)
             self.taken_at = now
-
-    def wait_for_arrivals(self) -> bool:
-        self._before_wait()
-        return super().wait_for_arrivals()
 
 
 class EngineCore:
@@ -112,7 +105,7 @@ class EngineCore:
         self.book = _ServingBook(handles=self._handles, num_blocks=engine.num_blocks,
                                  num_rows=engine.config.batch.max_seqs, block_size=engine.config.cache.block_size,
                                  prefix_cache=engine.new_prefix_cache(), on_finish=self._on_finish,
-                                 before_wait=self._flush)
+                                 on_idle=self._flush)  # a request cancelled while nothing runs ends without a step
 
     def serve(self) -> BaseException | None:
         engine = self.engine

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.open_book import OpenRequestBook
-from ..core.stats import StepStats
+from ..core.stats import StepStats, cpu_times
 from ..core.types import Output, TokenEvent
-from .base import LiveEngine, ServeObserver
+from .base import CPU_EVERY, LiveEngine, ServeObserver
 from .errors import EngineDeadError
 from .protocol import ServedModel, served_model_name
 from .stream import RequestStream
@@ -64,8 +64,12 @@ class AsyncEngine(LiveEngine):
         self._book: OpenRequestBook | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_cpu_s = 0.0  # the step loop thread's CPU time over its steps (warm-up excluded)
-        self._loop_cpu_at: float | None = None
+        # (step loop thread, whole process) CPU seconds, read together on the loop's thread every CPU_EVERY steps and
+        # when it goes idle: a clock read per step would be a system call on the hot path, and clocks read apart
+        # (the loop's at its last step, the process's at a scrape) would count loop time as serving's.
+        self._cpu_pair = (0.0, time.process_time())
+        self._loop_cpu_base: float | None = None  # the loop thread's CPU time when serving started
+        self._steps = 0
         self._all_ended: asyncio.Event | None = None
         self._notify_finish = engine.host.has_lifecycle_impls("asyncbatch_request_finished")
         self._notify_step = engine.host.has_lifecycle_impls("asyncbatch_step_finished")
@@ -83,7 +87,7 @@ class AsyncEngine(LiveEngine):
         engine = self.engine
         self._book = OpenRequestBook(num_blocks=engine.num_blocks, num_rows=engine.config.batch.max_seqs,
                                      block_size=engine.config.cache.block_size, prefix_cache=engine.new_prefix_cache(),
-                                     on_finish=self._on_finish)
+                                     on_finish=self._on_finish, on_idle=self._read_cpu)
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="asyncbatch-serve", daemon=True)
         self._thread.start()
@@ -125,7 +129,8 @@ class AsyncEngine(LiveEngine):
         """A snapshot for metrics (`LiveEngine.stats`); the HTTP side shares this process, so it has no CPU time
         of its own (`front_end_cpu_s` is None)."""
         book = self._book
-        cpu = {"step_loop_cpu_s": self._loop_cpu_s, "engine_cpu_s": time.process_time(), "front_end_cpu_s": None, "handover_s": None}
+        loop_cpu, engine_cpu = self._cpu_pair
+        cpu = {"step_loop_cpu_s": loop_cpu, "engine_cpu_s": engine_cpu, "front_end_cpu_s": None, "handover_s": None}
         if book is None:
             return {"waiting": 0, "running": 0, "kv_blocks_used": 0, "kv_blocks_total": self.engine.num_blocks - 1,
                     **cpu}
@@ -141,6 +146,8 @@ class AsyncEngine(LiveEngine):
                 if engine.warms_up:  # requests may take any sampling path: warm them all before serving
                     engine.warm.modes(("greedy", "sample", "filter"))
                 engine.runtime.reset_timeline()
+                self._loop_cpu_base = time.thread_time()
+                self._read_cpu()
                 ready.set()
                 assert self._book is not None
                 engine.pipeline.run(self._book, on_token=self._on_token, on_step=self._on_step, keep_steps=False)
@@ -166,11 +173,14 @@ class AsyncEngine(LiveEngine):
         if self._notify_finish:
             self.engine.host.notify("asyncbatch_request_finished", output=output)
 
+    def _read_cpu(self) -> None:
+        loop, process = cpu_times()
+        self._cpu_pair = (loop - (self._loop_cpu_base or 0.0), process)
+
     def _on_step(self, stats: StepStats) -> None:
-        now_cpu = time.thread_time()  # this thread's: from one step to the next, everything the loop did
-        if self._loop_cpu_at is not None:
-            self._loop_cpu_s += now_cpu - self._loop_cpu_at
-        self._loop_cpu_at = now_cpu
+        self._steps += 1
+        if self._steps % CPU_EVERY == 0:
+            self._read_cpu()
         for o in self.observers:
             o.step(stats)
         if self._notify_step:
