@@ -1,8 +1,9 @@
-"""GPU micro-benchmark: one all-reduce of a tensor-parallel layer, NCCL against the one-shot symmetric-memory path.
+"""GPU micro-benchmark: one all-reduce of a tensor-parallel layer, NCCL against the symmetric-memory one-shots
+(torch's `one_shot`, with barriers, and `lamport`, without).
 
 Times each `engine.parallel.all_reduce` choice the way the engine runs it: 16 calls captured in one CUDA graph,
 replayed, for the shapes a row-parallel layer produces (rows x hidden, bfloat16). Also checks that every rank
-gets the same bits and that one-shot equals NCCL's sum within bfloat16 rounding. Start it with torchrun:
+gets the same bits and that each one-shot equals NCCL's sum within bfloat16 rounding. Start it with torchrun:
 
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/all_reduce_bench.py --out ar2.json
 """
@@ -57,7 +58,7 @@ def main() -> None:
     dist.init_process_group("nccl")
     group = dist.new_group(list(range(dist.get_world_size())))
     dist.all_reduce(torch.ones(1, device="cuda"), group=group)
-    one_shot = Reducer(group, "one_shot", torch.bfloat16, torch.device("cuda"))
+    one_shots = {kind: Reducer(group, kind, torch.bfloat16, torch.device("cuda")) for kind in ("one_shot", "lamport")}
     nccl = Reducer(group, "nccl", torch.bfloat16, torch.device("cuda"))
     rows_out = []
     for hidden in map(int, args.hidden.split(",")):
@@ -67,23 +68,29 @@ def main() -> None:
             ref = nccl(x.clone())
             row = {"rows": rows, "hidden": hidden, "kib": rows * hidden * 2 / 1024,
                    "nccl_us": time_graph(nccl, x.clone())}  # in place, as the engine's NCCL path (values grow)
-            if rows * hidden * 2 <= ONE_SHOT_MAX_BYTES:
-                got = one_shot(x)
+            for kind, reducer in one_shots.items():
+                if rows * hidden * 2 > ONE_SHOT_MAX_BYTES:
+                    continue
+                for _ in range(4):  # lamport: every slot of the rotation, fresh and reused
+                    got = reducer(x)
                 gathered = [torch.empty_like(got) for _ in range(dist.get_world_size())]
                 dist.all_gather(gathered, got, group=group)
-                row["same_bits_on_every_rank"] = all(torch.equal(g, gathered[0]) for g in gathered)
-                row["max_abs_diff_vs_nccl"] = (got.float() - ref.float()).abs().max().item()
-                row["one_shot_us"] = time_graph(one_shot, x)
+                row[f"{kind}_same_bits_on_every_rank"] = all(torch.equal(g, gathered[0]) for g in gathered)
+                row[f"{kind}_max_abs_diff_vs_nccl"] = (got.float() - ref.float()).abs().max().item()
+                row[f"{kind}_us"] = time_graph(reducer, x)
             rows_out.append(row)
     if rank == 0:
         info = {"device": torch.cuda.get_device_name(), "world": dist.get_world_size(), "torch": torch.__version__,
                 "calls_per_graph": CALLS}
         print(f"{info['world']} x {info['device']}: µs per all-reduce (graph-replayed)")
-        print("rows | hidden | KiB | nccl µs | one_shot µs | same bits | max |diff| vs nccl")
+        print("rows | hidden | KiB | nccl µs | one_shot µs | lamport µs | same bits (one_shot, lamport) | "
+              "max |diff| vs nccl (one_shot, lamport)")
+        nan = float("nan")
         for r in rows_out:
             print(f"{r['rows']} | {r['hidden']} | {r['kib']:.0f} | {r['nccl_us']:.1f} | "
-                  f"{r.get('one_shot_us', float('nan')):.1f} | {r.get('same_bits_on_every_rank', '-')} | "
-                  f"{r.get('max_abs_diff_vs_nccl', float('nan')):.3g}")
+                  f"{r.get('one_shot_us', nan):.1f} | {r.get('lamport_us', nan):.1f} | "
+                  f"{r.get('one_shot_same_bits_on_every_rank', '-')}, {r.get('lamport_same_bits_on_every_rank', '-')} | "
+                  f"{r.get('one_shot_max_abs_diff_vs_nccl', nan):.3g}, {r.get('lamport_max_abs_diff_vs_nccl', nan):.3g}")
         with open(args.out, "w") as fh:
             json.dump({"info": info, "rows": rows_out}, fh, indent=1)
     dist.barrier()

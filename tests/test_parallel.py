@@ -204,12 +204,13 @@ def test_nproc_must_hold_whole_tensor_parallel_replicas(tmp_path):
     assert "--nproc: 3 processes cannot hold replicas of engine.parallel.tensor=2 ranks" in done.stderr
 
 
-def test_a_one_shot_all_reduce_is_refused_on_the_cpu_by_every_rank_with_the_reason(tmp_path):
+@pytest.mark.parametrize("kind", ["one_shot", "lamport"])
+def test_a_one_shot_all_reduce_is_refused_on_the_cpu_by_every_rank_with_the_reason(tmp_path, kind):
     done = _cli("--out", str(tmp_path / "tp"), "--set", "engine.parallel.tensor=2", "--set",
-                "engine.parallel.all_reduce=one_shot", *SMALL)
+                f"engine.parallel.all_reduce={kind}", *SMALL)
 
     assert 1 == done.returncode
-    assert "engine.parallel.all_reduce=one_shot: it needs CUDA devices (use auto or nccl)" in done.stderr
+    assert f"engine.parallel.all_reduce={kind}: it needs CUDA devices (use auto or nccl)" in done.stderr
     assert "still running" not in done.stderr  # both ranks stopped on their own: no hang, no timeout
 
 
@@ -234,7 +235,7 @@ def test_parallel_settings_are_checked():
         ExperimentConfig.from_dict({"engine": {"parallel": {"data": 0}}})
     with pytest.raises(ConfigError, match="sweep.engine.parallel.data"):
         ExperimentConfig.from_dict({"sweep": {"engine.parallel.data": [1, 2]}}).sweep_cells()
-    with pytest.raises(ConfigError, match="engine.parallel.all_reduce.*auto, nccl, one_shot"):
+    with pytest.raises(ConfigError, match="engine.parallel.all_reduce.*auto, lamport, nccl, one_shot"):
         ExperimentConfig.from_dict({"engine": {"parallel": {"all_reduce": "ring"}}})
     outside = ExperimentConfig.from_dict({"engine": {"parallel": {"data": 2}}})
     with pytest.raises(ConfigError, match="2 ranks configured .* not part of a launched world"):

@@ -1,5 +1,5 @@
-"""Scale-out on several GPUs, the way users start it (`asyncbatch run --nproc N`): NCCL and one-shot
-(symmetric-memory) all-reduces inside captured CUDA graphs, eager and compiled, with the output head whole or split
+"""Scale-out on several GPUs, the way users start it (`asyncbatch run --nproc N`): NCCL and both one-shot
+(symmetric-memory: `one_shot`, `lamport`) all-reduces inside captured CUDA graphs, eager and compiled, with the output head whole or split
 by vocabulary, give the tokens of one GPU (float32, greedy); data parallelism over tensor-parallel groups too.
 Skipped with fewer than two (or four) cards."""
 
@@ -38,7 +38,8 @@ _ONE_GPU: dict[tuple[str, str], list[str]] = {}
 @pytest.mark.parametrize(("graphs", "compile_mode", "all_reduce", "head"), [
     ("per_slot", "layers", "one_shot", False), ("per_slot", "layers", "nccl", False),
     ("eager", "none", "one_shot", False), ("eager", "none", "nccl", False), ("per_slot", "none", "one_shot", False),
-    ("eager", "layers", "nccl", False), ("per_slot", "layers", "one_shot", True), ("eager", "none", "nccl", True)])
+    ("eager", "layers", "nccl", False), ("per_slot", "layers", "one_shot", True), ("eager", "none", "nccl", True),
+    ("per_slot", "layers", "lamport", False), ("eager", "none", "lamport", False), ("per_slot", "none", "lamport", True)])
 def test_tensor_parallel_on_two_gpus_gives_the_tokens_of_one(tmp_path, graphs, compile_mode, all_reduce, head):
     """`head`: the output head split by vocabulary too (`engine.parallel.shard_lm_head`: the logits' all-gather
     captured in the step graphs)."""

@@ -170,15 +170,15 @@ class ParallelConfig:
     with as many ranks). `timeout_s`: how long any collective between the processes may wait before the run
     fails (a dead or stopped rank never hangs it). `all_reduce`: how tensor-parallel layers sum their partial
     outputs: `nccl` (a collective; gloo on the CPU), `one_shot` (every rank reads its peers' partials over NVLink
-    through torch's symmetric memory, for small tensors such as a decode step's), `auto` (`one_shot` where every
-    rank can run it, else `nccl`). `shard_lm_head`: split the output head by vocabulary over the tensor-parallel
+    through torch's symmetric memory, for small tensors such as a decode step's), `lamport` (the same without
+    barriers: each value is its own arrival signal), `auto` (`lamport` where every rank can run it, else `nccl`). `shard_lm_head`: split the output head by vocabulary over the tensor-parallel
     ranks and gather the logits (each rank reads its share of it instead of all of it); off until measured on a
     GPU."""
 
     data: int = attrs.field(default=1, validator=_positive)
     tensor: int = attrs.field(default=1, validator=_positive)
     timeout_s: float = attrs.field(default=300.0, validator=_positive)
-    all_reduce: Literal["auto", "nccl", "one_shot"] = "auto"
+    all_reduce: Literal["auto", "nccl", "one_shot", "lamport"] = "auto"
     shard_lm_head: bool = False
 
 

@@ -12,7 +12,10 @@
   buffer would cost more than a ring. It needs CUDA and peer access between the group's cards; it sums
   bfloat16 or float32 values (the kernel's types), and layers of another type take the NCCL path. Measured: 11 µs
   at 2 ranks and 14 µs at 4 for the same 256 KB.
-* `auto`: `one_shot` where all of that holds on every rank of the world, else `nccl`.
+* `lamport`: the same one-shot without barriers (`parallel.lamport`): each value is its own signal, so a call is
+  one kernel that pushes this rank's partial to every peer and sums what arrives, with no round trip to wait
+  for. Same conditions and same size limit as `one_shot`, plus Triton.
+* `auto`: `lamport` where all of that holds on every rank of the world, else `nccl`.
 
 The choice is agreed by all ranks in `parallel.world.join`; a reducer is built per group when a layer is
 sharded, before anything is compiled or captured.
@@ -27,16 +30,23 @@ from ..core.errors import UnsupportedError
 ONE_SHOT_MAX_BYTES = 1 << 20  # 1 MiB: 64 rows of an 8,192-wide bf16 model; a 2,048-token chunk takes NCCL
 _ONE_SHOT_DTYPES = ("torch.bfloat16", "torch.float32")
 _OP = "asyncbatch::one_shot_all_reduce"
+_LAMPORT_OP = "asyncbatch::lamport_all_reduce"
 _buffers: dict[str, tuple[Any, Any]] = {}  # group name -> (the group, this rank's symmetric buffer)
+_lamport: dict[str, tuple[Any, dict]] = {}  # group name -> (the group, its buffer, addresses, counters, geometry)
 
 
-def one_shot_unavailable(device: Any, ranks: list[int]) -> str | None:
-    """Why this rank cannot run `one_shot` over the cards of `ranks` (local device indices), or None if it can.
-    Checks only what this process can see; the world agrees on the result (`join`)."""
+def one_shot_unavailable(device: Any, ranks: list[int], kind: str = "one_shot") -> str | None:
+    """Why this rank cannot run `kind` (`one_shot` or `lamport`) over the cards of `ranks` (local device indices),
+    or None if it can. Checks only what this process can see; the world agrees on the result (`join`)."""
     import torch
 
     if device.type != "cuda":
         return "it needs CUDA devices"
+    if kind == "lamport":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "it needs Triton (pip install triton)"
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
 
@@ -70,6 +80,25 @@ def _register_op() -> None:
         return torch.empty_like(y)
 
 
+def _register_lamport_op() -> None:
+    import torch
+
+    if hasattr(torch.ops.asyncbatch, "lamport_all_reduce"):
+        return
+
+    @torch.library.custom_op(_LAMPORT_OP, mutates_args=(), schema="(Tensor y, str group_name) -> Tensor")
+    def lamport_all_reduce(y: torch.Tensor, group_name: str) -> torch.Tensor:
+        from . import lamport
+
+        held = _lamport[group_name][1]
+        return lamport.all_reduce(y.contiguous(), held["table"], held["state"], rank=held["rank"],
+                                  world=held["world"], cap=held["cap"])
+
+    @lamport_all_reduce.register_fake
+    def _(y: torch.Tensor, group_name: str) -> torch.Tensor:
+        return torch.empty_like(y)
+
+
 class Reducer:
     """Sums a row-parallel layer's partial output over `group`. Called by `RowParallelLinear.forward`, eagerly or
     while torch.compile traces; it must give every rank of the group identical results."""
@@ -77,8 +106,37 @@ class Reducer:
     def __init__(self, group: Any, kind: str, dtype: Any, device: Any) -> None:
         self.group = group
         self.one_shot_numel = 0
+        self.lamport_numel = 0
         if kind == "one_shot" and str(dtype) in _ONE_SHOT_DTYPES:
             self._setup_one_shot(dtype, device)
+        if kind == "lamport" and str(dtype) in _ONE_SHOT_DTYPES:
+            self._setup_lamport(dtype, device)
+
+    def _setup_lamport(self, dtype: Any, device: Any) -> None:
+        import torch
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from . import lamport
+
+        name = self.group.group_name
+        if _lamport.get(name, (None,))[0] is not self.group:
+            world, cap = dist.get_world_size(self.group), ONE_SHOT_MAX_BYTES // torch.empty((), dtype=dtype).element_size()
+            buf = symm_mem.empty(lamport.SLOTS * world * cap, dtype=lamport.bits_dtype(dtype), device=device)
+            buf.fill_(lamport.sentinel(dtype))
+            handle = symm_mem.rendezvous(buf, name)  # collective over the group, like `_setup_one_shot`
+            torch.cuda.synchronize(device)
+            dist.barrier(group=self.group)  # every rank's buffer holds the sentinel before any peer pushes into it
+            _lamport[name] = (self.group, {
+                "dtype": str(dtype), "buffer": buf, "world": world, "cap": cap, "rank": dist.get_rank(self.group),
+                "table": torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device),
+                "state": torch.zeros(lamport.STATE_INTS, dtype=torch.int32, device=device)})
+        held = _lamport[name][1]
+        if held["dtype"] != str(dtype):
+            raise UnsupportedError(f"engine.parallel.all_reduce=lamport: one group cannot serve both "
+                                   f"{held['dtype']} and {dtype} layers")
+        _register_lamport_op()
+        self.lamport_numel = held["cap"]
 
     def _setup_one_shot(self, dtype: Any, device: Any) -> None:
         import torch
@@ -100,6 +158,8 @@ class Reducer:
     def __call__(self, y: Any) -> Any:
         import torch
 
+        if 0 < y.numel() <= self.lamport_numel:
+            return torch.ops.asyncbatch.lamport_all_reduce(y, self.group.group_name)
         if 0 < y.numel() <= self.one_shot_numel:
             return torch.ops.asyncbatch.one_shot_all_reduce(y, self.group.group_name)
         if torch.compiler.is_compiling():

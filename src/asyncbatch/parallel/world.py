@@ -146,7 +146,9 @@ def join(data: int, tensor: int, timeout_s: float, device: str, all_reduce: str 
 
 
 def _agree_all_reduce(found: World, wanted: str, cuda: bool, tensor: int) -> str:
-    """`one_shot` or `nccl`, the same on every rank (a rank that cannot run `one_shot` turns it off for all)."""
+    """`lamport`, `one_shot` or `nccl`, the same on every rank. `auto` takes the first of `lamport`, `one_shot` and
+    `nccl` that every rank can run (a rank that cannot run one turns it off for all); an explicit choice that some
+    rank cannot run fails the run with that rank's reason."""
     if wanted == "nccl":
         log.info("parallel: tensor-parallel all-reduce: nccl")
         return "nccl"
@@ -154,18 +156,18 @@ def _agree_all_reduce(found: World, wanted: str, cuda: bool, tensor: int) -> str
 
     from .all_reduce import one_shot_unavailable
 
-    if cuda:
-        count = torch.cuda.device_count()
-        first = found.rank // tensor * tensor
-        why = one_shot_unavailable(torch.device("cuda", torch.cuda.current_device()),
-                                   [r % count for r in range(first, first + tensor)])
-    else:
-        why = "it needs CUDA devices"
-    if found.min(0 if why else 1):
-        log.info("parallel: tensor-parallel all-reduce: one_shot (symmetric memory)")
-        return "one_shot"
-    if wanted == "one_shot":
-        raise UnsupportedError(f"engine.parallel.all_reduce=one_shot: {why or 'another rank cannot run it'} "
-                               f"(use auto or nccl)")
-    log.info("parallel: tensor-parallel all-reduce: nccl (one_shot: %s)", why or "another rank cannot run it")
+    why = "it needs CUDA devices"
+    for kind in ("lamport", "one_shot") if wanted == "auto" else (wanted,):
+        if cuda:
+            count = torch.cuda.device_count()
+            first = found.rank // tensor * tensor
+            why = one_shot_unavailable(torch.device("cuda", torch.cuda.current_device()),
+                                       [r % count for r in range(first, first + tensor)], kind)
+        if found.min(0 if why else 1):
+            log.info("parallel: tensor-parallel all-reduce: %s (symmetric memory)", kind)
+            return kind
+        why = why or "another rank cannot run it"
+    if wanted != "auto":
+        raise UnsupportedError(f"engine.parallel.all_reduce={wanted}: {why} (use auto or nccl)")
+    log.info("parallel: tensor-parallel all-reduce: nccl (%s)", why)
     return "nccl"
