@@ -93,18 +93,22 @@ class RequestState:
     def total_len(self) -> int:
         return len(self.tokens) + self.num_pending
 
+    # The next three are read for every running request in every step (scheduling, reserves), so each computes
+    # from the fields directly rather than through the properties above it.
     @property
     def num_remaining(self) -> int:
-        """Tokens still to feed before the next token can be sampled."""
-        return self.total_len - self.num_computed
+        """Tokens still to feed before the next token can be sampled (`total_len - num_computed`)."""
+        return len(self.tokens) + self.num_pending - self.num_computed
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_remaining > 1 or self.num_computed == 0
+        """More than one token left to feed, or none fed yet."""
+        return self.num_computed == 0 or len(self.tokens) + self.num_pending - self.num_computed > 1
 
     @property
     def is_decode(self) -> bool:
-        return not self.is_prefill
+        """`not is_prefill`."""
+        return self.num_computed != 0 and len(self.tokens) + self.num_pending - self.num_computed <= 1
 
     @property
     def is_schedulable(self) -> bool:

@@ -145,12 +145,19 @@ class SchedulingState:
     # ---- the one mutation
     def add(self, req: RequestState, num_tokens: int) -> bool:
         """Put `num_tokens` of `req` into this batch. Returns False (and changes nothing) if it does not fit."""
+        if num_tokens == 1 and req.status is Status.RUNNING:
+            return self._add_one_running(req)
+        return self._add_any(req, num_tokens)
+
+    def _add_any(self, req: RequestState, num_tokens: int) -> bool:
+        """`add` for any request and chunk: `can_add`, then admission where it is waiting, then the commit."""
         if not self.can_add(req, num_tokens):
             self.num_refused += 1
             return False
-        k = self.batch_index
         waits: set[int] = set()
         admitted = req.status is Status.WAITING
+        cached: list[int] = []
+        reads: frozenset[int] = frozenset()
         if admitted:
             if self._kv is not None:
                 reads = self._kv.admit(req)  # hold the cached prefix before allocating, which may evict
@@ -162,11 +169,37 @@ class SchedulingState:
                 waits.add(last)
         if req.is_decode and not admitted:  # a running decode takes its reserved block (an admitted request whose
             self._reserve -= self.blocks_needed(req, 1)  # cached prefix leaves one token looks like a decode too)
-        need = self.blocks_needed(req, num_tokens)
+        self._commit(req, num_tokens, self.blocks_needed(req, num_tokens), num_tokens == req.num_remaining,
+                     admitted, cached, waits, reads)
+        return True
+
+    def _add_one_running(self, req: RequestState) -> bool:
+        """`add(req, 1)` for a running request: what `can_add` and `add` do, with each of the request's counts
+        read once. Every decode of every batch comes here, so it is the scheduler's hot path (measured: a third
+        of the host's scheduling time at batch 256 went to recomputing the same properties)."""
+        computed = req.num_computed
+        remaining = len(req.tokens) + req.num_pending - computed
+        if id(req) in self._added or remaining < 1 or self.token_budget < 1 or self.seq_budget < 1:
+            self.num_refused += 1
+            return False
+        need = max(0, -(-(computed + 1) // self.block_size) - len(req.blocks))
+        decode = remaining == 1 and computed > 0  # `req.is_decode`
+        if need > self._blocks.num_free - (self._reserve - (need if decode else 0)):
+            self.num_refused += 1
+            return False
+        if decode:
+            self._reserve -= need
+        self._commit(req, 1, need, remaining == 1, False, [], set(), frozenset())
+        return True
+
+    def _commit(self, req: RequestState, num_tokens: int, need: int, samples: bool, admitted: bool,
+                cached: list[int], waits: set[int], reads: frozenset[int]) -> None:
+        """The part of `add` common to every request: its blocks, its accounting and its entry. `samples`: the
+        chunk ends its prompt (or is a decode), so the step samples a token for it."""
         got = self._blocks.allocate(need, req) if need else []
         if got is None:  # `can_add` counted them free: a broken count, never a short block table
             raise AssertionError(f"{need} KV blocks counted free for {req!r} could not be allocated")
-        new_blocks = (cached if admitted else []) + [b for b, _ in got]  # new to its row's block table
+        new_blocks = cached + [b for b, _ in got]  # new to its row's block table
         for b, last in got:
             req.blocks.append(b)
             req.block_last_use.append(last)
@@ -175,17 +208,15 @@ class SchedulingState:
         prev_batch = req.last_batch if not admitted else -1
         start = req.num_computed
         carries = start + num_tokens > len(req.tokens)
-        samples = num_tokens == req.num_remaining
         req.num_computed += num_tokens
         if samples:
             req.num_pending += 1
-        req.last_batch = k
+        req.last_batch = self.batch_index
         self.entries.append(BatchEntry(req, num_tokens, start, samples, req.row, new_blocks, prev_batch, waits,
-                                       admitted, carries, reads if admitted and self._kv is not None else frozenset()))
+                                       admitted, carries, reads))
         self._added.add(id(req))
         self.token_budget -= num_tokens
         self.seq_budget -= 1
-        return True
 
     @property
     def num_tokens(self) -> int:
