@@ -88,3 +88,13 @@ def test_the_lamport_all_reduce_is_one_opaque_op_to_torch_compile():
         out = torch.ops.asyncbatch.lamport_all_reduce(torch.empty(3, 8, dtype=torch.bfloat16), "group")
 
     assert ((3, 8), torch.bfloat16) == (tuple(out.shape), out.dtype)
+
+
+def test_lamport_is_refused_on_rocm_with_the_reason(monkeypatch):
+    from asyncbatch.parallel.all_reduce import one_shot_unavailable
+
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+
+    why = one_shot_unavailable(torch.device("cuda", 0), [0, 1], "lamport")
+
+    assert "its kernel is written for NVIDIA GPUs (it traps a dead peer with PTX)" == why

@@ -43,6 +43,8 @@ def one_shot_unavailable(device: Any, ranks: list[int], kind: str = "one_shot") 
     if device.type != "cuda":
         return "it needs CUDA devices"
     if kind == "lamport":
+        if torch.version.hip is not None:
+            return "its kernel is written for NVIDIA GPUs (it traps a dead peer with PTX)"
         try:
             import triton  # noqa: F401
         except ImportError:
