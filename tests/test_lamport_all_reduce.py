@@ -36,7 +36,7 @@ def test_every_rank_gets_the_float32_sum_in_rank_order_with_the_same_bits(world)
             expected += x  # rank order, float32, as the kernel sums
         for r in range(world):
             assert torch.equal(expected, out[r])
-    assert [[len(SIZES), 0]] * world == [s[:2].tolist() for s in states]
+    assert [[len(SIZES) % 3, 0]] * world == [s[:2].tolist() for s in states]  # the next slot
     assert [0] * world == [int(s[6]) for s in states]  # no poll timed out: -0.0 values were not taken for absent
 
 

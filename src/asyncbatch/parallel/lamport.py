@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 SLOTS = 3
-STATE_INTS = 8  # [0] calls so far, [1] programs finished in this call, [2 + slot] elements the slot last held, [6] timed out
+STATE_INTS = 8  # [0] the current slot, [1] programs finished in this call, [2 + slot] elements it last held, [6] timed out
 MAX_POLLS = 1 << 30  # polls of one block before giving up on a peer: about a quarter of an hour on a GPU, longer
 # than any start-up skew between ranks (each compiles its own layers before its first real call)
 _MIN_BLOCK = 256
@@ -43,9 +43,8 @@ def _lamport_all_reduce(x_ptr, out_ptr, table_ptr, state_ptr, numel, cap, rank: 
                         MAX_POLL: tl.constexpr, TRAP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    call = tl.load(state_ptr, volatile=True)
-    cur = call % 3
-    prev = (call + 2) % 3
+    cur = tl.load(state_ptr, volatile=True)  # the slot itself, not a call count: a count would overflow in days
+    prev = (cur + 2) % 3
     mine = tl.load(table_ptr + rank).to(tl.pointer_type(BITS))
     slot = cap * world  # elements in a slot
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -82,7 +81,7 @@ def _lamport_all_reduce(x_ptr, out_ptr, table_ptr, state_ptr, numel, cap, rank: 
         tl.store(state_ptr + 2 + cur, numel)
     if tl.atomic_add(state_ptr + 1, 1) == nprog - 1:  # the last program of this call moves every rank's slot on
         tl.store(state_ptr + 1, 0)
-        tl.store(state_ptr, call + 1)
+        tl.store(state_ptr, (cur + 1) % 3)
 
 
 _KINDS = {"torch.bfloat16": (tl.int16, tl.bfloat16, -(1 << 15)), "torch.float32": (tl.int32, tl.float32, -(1 << 31))}
