@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import attrs
+
 from .errors import UnsupportedError
 
 log = logging.getLogger("asyncbatch")
@@ -17,6 +19,34 @@ def build(host: Any, family: str, spec: Any) -> Any:
     component = host.registry(family).get(spec.name, family)
     config = spec.config if spec.config is not None else component.make_config({}, family)
     return component.factory(config)
+
+
+@attrs.frozen
+class PipelineParts:
+    """The strategies one pipeline is composed of. `graph_name`: the graph policy that was built (`eager` where
+    the runtime has no graphs, whatever was configured)."""
+
+    scheduler: Any
+    buffers: Any
+    topology: Any
+    graphs: Any
+    graph_name: str
+
+
+def build_pipeline_parts(host: Any, config: Any, runtime: Any) -> PipelineParts:
+    """The scheduler, buffer policy, stream topology and graph policy `config` (an `EngineConfig`) names, for
+    `runtime`. Says so in the log where the runtime changes what they can do."""
+    buffers = build(host, "buffer_policy", config.buffers)
+    topology = build(host, "stream_topology", config.streams)
+    graph_spec = config.graphs
+    if runtime.graph_support == "none" and graph_spec.name != "eager":
+        log.info("runtime %r has no graphs: graph policy %r falls back to 'eager'", runtime.name, graph_spec.name)
+        graph_spec = attrs.evolve(graph_spec, name="eager", config=None)
+    if not runtime.is_asynchronous and (buffers.num_slots > 1 or len(topology.streams) > 1):
+        log.info("runtime %r runs every op at once in program order: buffers %r and streams %r give the same "
+                 "tokens but no overlap here", runtime.name, config.buffers.name, config.streams.name)
+    return PipelineParts(build(host, "scheduler", config.scheduler), buffers, topology,
+                         build(host, "graph_policy", graph_spec), graph_spec.name)
 
 
 def build_runtime(host: Any, spec: Any, device: Any) -> Any:

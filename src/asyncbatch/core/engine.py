@@ -18,7 +18,7 @@ from .book import RequestBook
 from .config import EngineConfig
 from .errors import ConfigError
 from .intake import Intake
-from .kv_sizing import kv_cache_blocks
+from .kv_sizing import allocate_kv, kv_cache_blocks, max_model_len
 from .layout import HostBatchWriter, SlotLayout
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
@@ -67,18 +67,8 @@ class Engine:
         if self.runtime.device.type != device.type:
             raise ConfigError("engine.runtime", f"runtime {self.runtime.name!r} runs on {self.runtime.device} but "
                                                 f"the model is on {device}")
-        self.scheduler = assembly.build(self.host, "scheduler", config.scheduler)
-        buffers = assembly.build(self.host, "buffer_policy", config.buffers)
-        topology = assembly.build(self.host, "stream_topology", config.streams)
-        graph_spec = config.graphs
-        if self.runtime.graph_support == "none" and graph_spec.name != "eager":
-            log.info("runtime %r has no graphs: graph policy %r falls back to 'eager'", self.runtime.name,
-                     graph_spec.name)
-            graph_spec = attrs.evolve(graph_spec, name="eager", config=None)
-        graphs = assembly.build(self.host, "graph_policy", graph_spec)
-        if not self.runtime.is_asynchronous and (buffers.num_slots > 1 or len(topology.streams) > 1):
-            log.info("runtime %r runs every op at once in program order: buffers %r and streams %r give the same "
-                     "tokens but no overlap here", self.runtime.name, config.buffers.name, config.streams.name)
+        parts = assembly.build_pipeline_parts(self.host, config, self.runtime)
+        self.scheduler, buffers, topology, graphs = parts.scheduler, parts.buffers, parts.topology, parts.graphs
         self.batch_invariant = config.batch_invariant
         if self.batch_invariant:
             from .invariant import check_supported
@@ -87,35 +77,23 @@ class Engine:
         self.backend, self.attention_name = assembly.choose_attention(
             self.host, config.attention, device, dtype, geo["head_dim"], config.cache.block_size,
             invariant=self.batch_invariant)
-        # `auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more host
-        # time per layer than fusion saves on the device. Batch-invariant engines always compile, so that every
-        # graph policy runs the same program (inductor's fused elementwise code rounds unlike eager's).
-        self.compiled = config.compile == "layers" or (config.compile == "auto" and (
-            self.batch_invariant or (self.runtime.graph_support == "native" and graph_spec.name != "eager")))
+        self.model_state = model_state.decide(config, self.runtime, parts.graph_name)
+        self.compiled, self.fused = self.model_state.compiled, self.model_state.fused
         if self.compiled:
             use_compile_cache(config.startup.compile_cache)
-        self.fused = config.fuse_projections == "always" or (
-            config.fuse_projections == "auto" and self.runtime.graph_support == "native")
-        self.model_state = model_state.ModelState(self.fused, self.batch_invariant, self.compiled)
         model_state.settle(model, self.model_state)
 
-        cache = config.cache
-        bs = cache.block_size
-        num_blocks = kv_cache_blocks(cache, device, dtype, geo, self.runtime.free_memory())
+        bs = config.cache.block_size
+        num_blocks = kv_cache_blocks(config.cache, device, dtype, geo, self.runtime.free_memory())
         if agree_kv_blocks is not None:  # processes that must hold the same count (tensor-parallel ranks)
             num_blocks = agree_kv_blocks(num_blocks)
-        limits = [geo["max_positions"], (num_blocks - 1) * bs]
-        if cache.max_model_len is not None:
-            limits.append(cache.max_model_len)
-        self.max_len = min(limits)
+        self.max_len = max_model_len(config.cache, geo, num_blocks)
         self.num_blocks = num_blocks
         self.intake = Intake(tokenizer=tokenizer, vocab=geo["vocab"], max_len=self.max_len, seed=config.seed,
                              eos_ids=self.eos_ids, limits=f"model context {geo['max_positions']}, KV cache "
                                                           f"{(num_blocks - 1) * bs} tokens")
         max_blocks = -(-self.max_len // bs)
-        shape = (num_blocks, bs, geo["kv_heads"], geo["head_dim"])
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])]
+        self.k_cache, self.v_cache = allocate_kv(num_blocks, bs, geo, dtype, device)
         rows = config.batch.max_seqs
         layout = SlotLayout(config.batch.max_tokens, config.batch.max_seqs, max_blocks)
         self.writer = HostBatchWriter(layout, rows, bs)
@@ -134,7 +112,7 @@ class Engine:
         self.last_result: RunResult | None = None
         log.info("engine: runtime=%s scheduler=%s buffers=%s streams=%s graphs=%s attention=%s prefix_cache=%s; %d KV "
                  "blocks of %d tokens, max_len %d", self.runtime.name, config.scheduler.name, config.buffers.name,
-                 config.streams.name, graph_spec.name, self.attention_name, config.prefix_cache.name, num_blocks, bs,
+                 config.streams.name, parts.graph_name, self.attention_name, config.prefix_cache.name, num_blocks, bs,
                  self.max_len)
         self.warm = Warmup(self.pipeline, graphs, compiled=self.compiled, progress=config.startup.progress)
         warm = config.startup.warmup

@@ -1,4 +1,5 @@
-"""How many KV-cache blocks an engine allocates: as configured, or as many as fit the device."""
+"""How many KV-cache blocks an engine allocates (as configured, or as many as fit the device), the longest
+sequence they allow, and the cache tensors themselves."""
 
 from __future__ import annotations
 
@@ -26,3 +27,21 @@ def kv_cache_blocks(cache: Any, device: Any, dtype: Any, geo: dict[str, int], fr
         raise ConfigError(key, f"{blocks} KV blocks of {cache.block_size} tokens need "
                                f"{blocks * per_block / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is free on {device}")
     return max(2, blocks)
+
+
+def max_model_len(cache: Any, geo: dict[str, int], num_blocks: int) -> int:
+    """The longest sequence a run can hold: the model's context, the cache (block 0 is padding), and
+    `engine.cache.max_model_len` where set."""
+    limits = [geo["max_positions"], (num_blocks - 1) * cache.block_size]
+    if cache.max_model_len is not None:
+        limits.append(cache.max_model_len)
+    return min(limits)
+
+
+def allocate_kv(num_blocks: int, block_size: int, geo: dict[str, int], dtype: Any, device: Any) -> tuple[list, list]:
+    """One zeroed K and one V tensor per layer, [num_blocks, block_size, kv_heads, head_dim] each."""
+    import torch
+
+    shape = (num_blocks, block_size, geo["kv_heads"], geo["head_dim"])
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])])

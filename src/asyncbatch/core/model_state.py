@@ -21,6 +21,20 @@ class ModelState:
     compiled: bool
 
 
+def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
+    """What an engine with `config` (an `EngineConfig`) on `runtime`, running graph policy `graph_name`, wants.
+
+    `compile: auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more
+    host time per layer than fusion saves on the device. Batch-invariant engines always compile, so that every
+    graph policy runs the same program (inductor's fused elementwise code rounds unlike eager's).
+    `fuse_projections: auto` fuses on a real device."""
+    native = runtime.graph_support == "native"
+    compiled = config.compile == "layers" or (config.compile == "auto" and (
+        config.batch_invariant or (native and graph_name != "eager")))
+    fused = config.fuse_projections == "always" or (config.fuse_projections == "auto" and native)
+    return ModelState(fused, config.batch_invariant, compiled)
+
+
 def settle(model: Any, state: ModelState) -> None:
     """Fuse the weights now if `state` wants them fused, before the engine sizes its KV cache from free memory.
 
