@@ -9,6 +9,8 @@ buffer (int32), from rank 0 to every rank:
 * gloo: blocking broadcasts of a CPU tensor, back to back (µs each, median of 20 rounds of 20);
 * NCCL (CUDA only): 16 broadcasts captured in one CUDA graph and replayed, as a step would run them.
 
+Run it from the repository root or from `benchmarks/` (it shares the graph timer of `all_reduce_bench.py`).
+
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/handoff_bench.py --out handoff.json
 """
 
@@ -22,8 +24,7 @@ import time
 
 import torch
 import torch.distributed as dist
-
-CALLS = 16
+from all_reduce_bench import time_graph  # run from benchmarks/, or with it on the path
 
 
 def time_gloo(buf: torch.Tensor, group, rounds: int = 20, per_round: int = 20) -> float:
@@ -37,28 +38,9 @@ def time_gloo(buf: torch.Tensor, group, rounds: int = 20, per_round: int = 20) -
     return statistics.median(times) * 1e6
 
 
-def time_nccl(buf: torch.Tensor, replays: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            dist.broadcast(buf, src=0)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            dist.broadcast(buf, src=0)
-    graph.replay()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * CALLS)
+def time_nccl(buf: torch.Tensor) -> float:
+    """µs per broadcast replayed from a graph of CALLS of them (`all_reduce_bench.time_graph`)."""
+    return time_graph(lambda x: dist.broadcast(x, src=0), buf)
 
 
 def main() -> None:

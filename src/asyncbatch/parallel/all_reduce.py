@@ -62,43 +62,41 @@ def one_shot_unavailable(device: Any, ranks: list[int], kind: str = "one_shot") 
     return None
 
 
-def _register_op() -> None:
+def _register(op: str, impl: Any) -> None:
+    """Register `impl(y, group_name) -> sum` as the custom op `op`, once per process.
+
+    An opaque op to torch.compile: inductor must neither move the symmetric buffer nor copy it into memory of its
+    own, and a custom op keeps the layer in one compiled graph (no graph break around the collective). The schema
+    is spelled out: this module's postponed annotations are strings the op's inference cannot read."""
     import torch
 
-    if hasattr(torch.ops.asyncbatch, "one_shot_all_reduce"):
+    if hasattr(torch.ops.asyncbatch, op.split("::")[1]):
         return
+    custom = torch.library.custom_op(op, impl, mutates_args=(), schema="(Tensor y, str group_name) -> Tensor")
+    custom.register_fake(lambda y, group_name: torch.empty_like(y))
 
-    # An opaque op to torch.compile: inductor must neither move the symmetric buffer nor copy it into memory
-    # of its own, and a custom op keeps the layer in one compiled graph (no graph break around the collective).
-    # The schema is spelled out: this module's postponed annotations are strings the op's inference cannot read.
-    @torch.library.custom_op(_OP, mutates_args=(), schema="(Tensor y, str group_name) -> Tensor")
-    def one_shot_all_reduce(y: torch.Tensor, group_name: str) -> torch.Tensor:
-        buf = _buffers[group_name][1]
-        flat = buf[: y.numel()].view(y.shape)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(flat, y.contiguous(), "sum", group_name)
 
-    @one_shot_all_reduce.register_fake
-    def _(y: torch.Tensor, group_name: str) -> torch.Tensor:
-        return torch.empty_like(y)
+def _one_shot(y: Any, group_name: str) -> Any:
+    import torch
+
+    flat = _buffers[group_name][1][: y.numel()].view(y.shape)
+    return torch.ops.symm_mem.one_shot_all_reduce_copy(flat, y.contiguous(), "sum", group_name)
+
+
+def _lamport_sum(y: Any, group_name: str) -> Any:
+    from . import lamport
+
+    held = _lamport[group_name][1]
+    return lamport.all_reduce(y.contiguous(), held["table"], held["state"], rank=held["rank"], world=held["world"],
+                              cap=held["cap"])
+
+
+def _register_op() -> None:
+    _register(_OP, _one_shot)
 
 
 def _register_lamport_op() -> None:
-    import torch
-
-    if hasattr(torch.ops.asyncbatch, "lamport_all_reduce"):
-        return
-
-    @torch.library.custom_op(_LAMPORT_OP, mutates_args=(), schema="(Tensor y, str group_name) -> Tensor")
-    def lamport_all_reduce(y: torch.Tensor, group_name: str) -> torch.Tensor:
-        from . import lamport
-
-        held = _lamport[group_name][1]
-        return lamport.all_reduce(y.contiguous(), held["table"], held["state"], rank=held["rank"],
-                                  world=held["world"], cap=held["cap"])
-
-    @lamport_all_reduce.register_fake
-    def _(y: torch.Tensor, group_name: str) -> torch.Tensor:
-        return torch.empty_like(y)
+    _register(_LAMPORT_OP, _lamport_sum)
 
 
 class Reducer:
