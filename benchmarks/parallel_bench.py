@@ -10,7 +10,7 @@ efficiency: TP N is step(TP 1) / step(TP N) / N; DP N is tok/s(DP N) / tok/s(DP 
     python benchmarks/parallel_bench.py --out par.json                        # the whole grid, in order
     python benchmarks/parallel_bench.py --out tp.json --runs tp1,tp2,tp4      # some of it
     python benchmarks/parallel_bench.py --out ar.json --runs tp2:nccl,tp2:one_shot   # engine.parallel.all_reduce
-    python benchmarks/parallel_bench.py --out h.json --runs tp2:one_shot,tp2:one_shot:head  # shard_lm_head
+    python benchmarks/parallel_bench.py --out h.json --runs tp2:lamport:whole,tp2:lamport  # shard_lm_head
 
 Data parallelism is measured as weak scaling: each replica serves 32 requests at batch 32, so DP 1 is TP 1.
 """
@@ -41,8 +41,8 @@ RUNS = {  # name: (label, preset, processes, tensor); data-parallel runs give ea
 
 
 def run_args(name: str, new: int) -> tuple[str, str, int, int, list[str]]:
-    """`name` is a key of RUNS, then optionally `:<engine.parallel.all_reduce>` and `:head`
-    (`engine.parallel.shard_lm_head`), as in `tp2:nccl` or `tp4:one_shot:head`."""
+    """`name` is a key of RUNS, then optionally `:<engine.parallel.all_reduce>` and `:head` or `:whole`
+    (`engine.parallel.shard_lm_head` true, the default, or false), as in `tp2:nccl` or `tp4:one_shot:whole`."""
     name, *options = name.split(":")
     if name not in RUNS:
         raise SystemExit(f"unknown run {name!r}: {', '.join(RUNS)}")
@@ -50,8 +50,8 @@ def run_args(name: str, new: int) -> tuple[str, str, int, int, list[str]]:
     requests = 32 * procs // tensor
     extra = []
     for option in options:
-        extra += ["--set", "engine.parallel.shard_lm_head=true" if option == "head" else
-                  f"engine.parallel.all_reduce={option}"]
+        extra += ["--set", {"head": "engine.parallel.shard_lm_head=true", "whole": "engine.parallel.shard_lm_head=false"}
+                  .get(option, f"engine.parallel.all_reduce={option}")]
     return (f"{label} ({', '.join(options)})" if options else label), preset, procs, tensor, [
         "--set", f"engine.parallel.tensor={tensor}", "--set", f"workload.num_requests={requests}", "--set",
         f"workload.output_len={{dist: fixed, value: {new}}}", *extra]

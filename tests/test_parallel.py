@@ -73,14 +73,14 @@ def test_replicas_give_exactly_the_tokens_of_one_process(tmp_path, single, nproc
 @pytest.mark.parametrize("preset,tensor,extra", [
     ("tiny", 2, []), ("tiny-qwen2", 2, []), ("tiny-qwen3", 2, []), ("tiny-mistral", 2, []),
     ("tiny", 4, ["--set", "engine.model.overrides={num_key_value_heads: 4}"]),
-    ("tiny-qwen2", 2, ["--set", "engine.parallel.shard_lm_head=true"]),
-    ("tiny", 4, ["--set", "engine.model.overrides={num_key_value_heads: 4, vocab_size: 509, tie_word_embeddings: true}",
-                 "--set", "engine.parallel.shard_lm_head=true"]),
+    ("tiny-qwen2", 2, ["--set", "engine.parallel.shard_lm_head=false"]),
+    ("tiny", 4, ["--set", "engine.model.overrides={num_key_value_heads: 4, vocab_size: 509, tie_word_embeddings: true}"]),
 ])
 def test_tensor_parallel_ranks_give_exactly_the_tokens_of_one_process(tmp_path, preset, tensor, extra):
     """Heads and MLP features split over gloo processes (float32): qkv biases (qwen2), per-head norms (qwen3) and
-    a sliding window (mistral) included; the output head split by vocabulary too (`shard_lm_head`), also where the
-    vocabulary does not divide by the ranks and the head shares its weight with the embedding."""
+    a sliding window (mistral) included; the output head split by vocabulary too (`shard_lm_head`, the default),
+    also where the vocabulary does not divide by the ranks and the head shares its weight with the embedding, and
+    kept whole on request."""
     args = [*SMALL, "--set", f"engine.model.preset={preset}", *extra]
     assert 0 == _cli("--out", str(tmp_path / "one"), *args).returncode
 
@@ -91,7 +91,7 @@ def test_tensor_parallel_ranks_give_exactly_the_tokens_of_one_process(tmp_path, 
     ranks = json.loads((tmp_path / "tp" / "results.json").read_text())["ranks"]
     assert [(r, 0, 24) for r in range(tensor)] == [(r["rank"], r["replica"], r["num_requests"]) for r in ranks]
     split = "lm_head split by vocabulary: rows " in (tmp_path / "tp" / "ranks" / "rank1.log").read_text()
-    assert ("engine.parallel.shard_lm_head=true" in extra) == split
+    assert ("engine.parallel.shard_lm_head=false" not in extra) == split
 
 
 def test_compiled_shards_compile_once_for_every_layer(tmp_path):

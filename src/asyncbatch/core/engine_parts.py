@@ -165,21 +165,23 @@ class StartupConfig:
 class ParallelConfig:
     """Scale-out over several processes. `data`: engine replicas, one process (and device) each; requests are
     shared out by least outstanding tokens and the results merged in input order. `tensor`: one model sharded
-    over that many processes (attention heads and MLP features split, the KV cache by KV heads); with both above 1,
-    each replica is a tensor-parallel group of consecutive ranks. `asyncbatch run` starts the `data * tensor` processes itself (or runs under `torchrun`
-    with as many ranks). `timeout_s`: how long any collective between the processes may wait before the run
-    fails (a dead or stopped rank never hangs it). `all_reduce`: how tensor-parallel layers sum their partial
-    outputs: `nccl` (a collective; gloo on the CPU), `one_shot` (every rank reads its peers' partials over NVLink
-    through torch's symmetric memory, for small tensors such as a decode step's), `lamport` (the same without
-    barriers: each value is its own arrival signal), `auto` (`lamport` where every rank can run it, else `nccl`). `shard_lm_head`: split the output head by vocabulary over the tensor-parallel
-    ranks and gather the logits (each rank reads its share of it instead of all of it); off until measured on a
-    GPU."""
+    over that many processes (attention heads and MLP features split, the KV cache by KV heads); with both above
+    1, each replica is a tensor-parallel group of consecutive ranks. `asyncbatch run` starts the `data * tensor`
+    processes itself (or runs under `torchrun` with as many ranks). `timeout_s`: how long any collective between
+    the processes may wait before the run fails (a dead or stopped rank never hangs it). `all_reduce`: how
+    tensor-parallel layers sum their partial outputs: `nccl` (a collective; gloo on the CPU), `one_shot` (every
+    rank reads its peers' partials over NVLink through torch's symmetric memory, for small tensors such as a
+    decode step's), `lamport` (the same without barriers: each value is its own arrival signal), `auto`
+    (`lamport`, else `one_shot`, else `nccl`: the first every rank can run). `shard_lm_head`: split the output
+    head by vocabulary over the tensor-parallel ranks and gather the logits, so each rank reads its share of the
+    head instead of all of it (on by default: 3% off an 8B TP 2 step and 2.7% off a 70B TP 4 step on 4 × H100;
+    `false` keeps the head whole on every rank)."""
 
     data: int = attrs.field(default=1, validator=_positive)
     tensor: int = attrs.field(default=1, validator=_positive)
     timeout_s: float = attrs.field(default=300.0, validator=_positive)
     all_reduce: Literal["auto", "nccl", "one_shot", "lamport"] = "auto"
-    shard_lm_head: bool = False
+    shard_lm_head: bool = True
 
 
 def _max_waiting(_: Any, attribute: attrs.Attribute, value: int) -> None:
