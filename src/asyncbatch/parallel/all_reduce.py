@@ -15,7 +15,7 @@
 * `lamport`: the same one-shot without barriers (`parallel.lamport`): each value is its own signal, so a call is
   one kernel that pushes this rank's partial to every peer and sums what arrives, with no round trip to wait
   for. Same conditions and same size limit as `one_shot`, plus Triton.
-* `auto`: `lamport` where all of that holds on every rank of the world, else `nccl`.
+* `auto`: the first of `lamport` and `one_shot` whose conditions hold on every rank of the world, else `nccl`.
 
 The choice is agreed by all ranks in `parallel.world.join`; a reducer is built per group when a layer is
 sharded, before anything is compiled or captured.
