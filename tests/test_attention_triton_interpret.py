@@ -148,6 +148,38 @@ def test_random_tables(seed):
              block_n=(16, 32, 64)[seed])
 
 
+@pytest.mark.parametrize("pad_tokens,pad_seqs", [(4, 1), (0, 3), (2, 2)])
+def test_decode_splits_combined_by_their_last_program_match_the_combine_kernel(interpreted_kernels, monkeypatch,
+                                                                               pad_tokens, pad_seqs):
+    """More padding tokens than sequences, or fewer: padding rows are zeros either way. Fresh buffers are filled
+    with NaN, so a row nobody writes shows. Two calls in a row: the split counters are back at zero after each."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    gen = torch.Generator().manual_seed(pad_tokens * 10 + pad_seqs)
+    inputs, meta, nb = make_step(gen, DECODE, pad_tokens=pad_tokens, pad_seqs=pad_seqs, block_size=16,
+                                 q_heads=8, kv_heads=2, head_dim=32)
+    q, k, v, k_cache, v_cache = inputs
+    scale = q.shape[-1] ** -0.5
+    ref = Sdpa().forward(q, k, v, k_cache.clone(), v_cache.clone(), attrs.evolve(meta, kv_blocks=nb), scale=scale,
+                         sliding_window=None)
+    pads = meta.token_seq < 0
+    outs = {}
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for fuse in (True, False, True):
+        backend = TritonPaged(TritonPagedConfig(num_splits=3, block_n=16, fuse_combine=fuse))
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, scale=scale, sliding_window=None)
+        assert torch.all(out[pads] == 0)
+        assert (out - ref).abs().max().item() < 1e-4
+        outs.setdefault(fuse, out)
+        assert all(int(buf.abs().sum()) == 0 for buf in interpreted_kernels._COUNTERS.get(q.device, []))
+    assert interpreted_kernels._COUNTERS[q.device]  # the fused path ran
+    assert torch.allclose(outs[True], outs[False], atol=1e-6, rtol=0)
+
+
 def test_check_refuses_cpu_and_missing_triton(monkeypatch):
     backend = TritonPaged()
     with pytest.raises(UnsupportedError, match="CUDA"):

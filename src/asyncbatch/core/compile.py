@@ -4,6 +4,11 @@ A decode step of a transformers model is hundreds of small elementwise kernels (
 activations, residual adds) between the matrix products; inductor fuses them. Layers share one code object, so
 with parameters as graph inputs one compiled graph serves every layer. Attention stays an opaque custom op
 (`asyncbatch::paged_attention`). Compiled layers are then captured in CUDA graphs by the graph policy as usual.
+
+The model's final norm and rotary-embedding table (`model.norm`, `model.rotary_emb` in transformers' decoder
+models) run once a step, outside the layers, but eagerly they are still a dozen small kernels (the rotary angles
+through a float32 matrix product, then cos, sin, casts; the norm's pow, mean, rsqrt, multiplies): each is compiled
+too, into one kernel or two.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ def attention_modules(model: Any) -> list[Any]:
     return mods
 
 
+def outer_modules(model: Any) -> list[Any]:
+    """The once-a-step modules around the decoder layers that are compiled with them, where the model has them."""
+    import torch
+
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    found = [getattr(base, name, None) for name in ("norm", "rotary_emb")]
+    return [m for m in found if isinstance(m, torch.nn.Module)]
+
+
 def set_compiled(model: Any, compiled: bool, *, mode: str | None = None) -> None:
     """Switch the decoder layers of a (possibly shared) model to compiled or eager execution, in place.
 
@@ -60,7 +74,8 @@ def set_compiled(model: Any, compiled: bool, *, mode: str | None = None) -> None
 
         inductor_config.compile_threads = 1
     changed = 0
-    for layer in layers:
+    outer = outer_modules(model)
+    for layer in [*layers, *outer]:
         if compiled and getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile(dynamic=True, mode=mode)
             changed += 1
@@ -68,5 +83,5 @@ def set_compiled(model: Any, compiled: bool, *, mode: str | None = None) -> None
             layer._compiled_call_impl = None
             changed += 1
     if changed:
-        log.info("%s %d decoder layers of %s", "torch.compile:" if compiled else "eager (not compiled):",
-                 len(layers), type(model).__name__)
+        log.info("%s %d decoder layers of %s and %s", "torch.compile:" if compiled else "eager (not compiled):",
+                 len(layers), type(model).__name__, " and ".join(type(m).__name__ for m in outer) or "nothing else")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 _M32 = 0xFFFFFFFF
+_KERNELS: list = []  # the Triton argmax module once imported, or None where triton is missing
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -45,9 +46,24 @@ def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """int32 [B]: `x.argmax(dim=-1)` of a [B, V] tensor. On CUDA a chunked Triton kernel (see `argmax_kernels`:
+    torch's reduction leaves most of the GPU idle at decode batch sizes); the same indices either way."""
+    if x.is_cuda:
+        if not _KERNELS:
+            try:
+                from . import argmax_kernels
+            except ImportError:  # a CUDA build without triton: torch's reduction
+                argmax_kernels = None
+            _KERNELS.append(argmax_kernels)
+        if _KERNELS[0] is not None:
+            return _KERNELS[0].row_argmax(x)
+    return x.argmax(dim=-1).to(torch.int32)
+
+
 def sample(logits: torch.Tensor, mode: str, v) -> torch.Tensor:
-    """Pick one token per row of `logits` [B, V]. `v` holds the per-sequence parameter views of the slot."""
-    greedy = logits.argmax(dim=-1)
+    """int32 [B]: one token per row of `logits` [B, V]. `v` holds the per-sequence parameter views of the slot."""
+    greedy = argmax_rows(logits)
     if mode == "greedy":
         return greedy
     temperature = v.temperature.view(torch.float32)
@@ -57,5 +73,5 @@ def sample(logits: torch.Tensor, mode: str, v) -> torch.Tensor:
         x = _filter(x, v.top_k, v.top_p.view(torch.float32))
     u = uniform_noise(v.seed_lo, v.seed_hi, v.sample_index, x.shape[-1])
     gumbel = -torch.log(-torch.log(u))
-    sampled = (x + gumbel).argmax(dim=-1)
+    sampled = argmax_rows(x + gumbel)
     return torch.where(is_greedy, greedy, sampled)

@@ -30,13 +30,16 @@ def _pow2_at_least_16(_inst: Any, attribute: Any, value: int) -> None:
 class TritonPagedConfig:
     """`num_splits`: kv splits per sequence in decode steps (0 = from the batch size and the SM count).
     `block_n`: context positions per inner-loop chunk. `num_warps`, `num_stages`: Triton launch options of the
-    attention kernel. `waves`: decode programs aimed at per SM when choosing splits."""
+    attention kernel. `waves`: decode programs aimed at per SM when choosing splits. `fuse_combine`: the last
+    split of a sequence to finish combines the splits (true; up to 8 splits, more keep the second kernel), or a
+    second kernel always does (false)."""
 
     num_splits: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     block_n: int = attrs.field(default=64, validator=_pow2_at_least_16)
     num_warps: int = attrs.field(default=4, validator=_pos)
     num_stages: int = attrs.field(default=2, validator=_pos)
     waves: int = attrs.field(default=4, validator=_pos)
+    fuse_combine: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 MAX_SPLITS = 64
@@ -112,4 +115,5 @@ class TritonPaged(AttentionBackend):
         cfg = self.config
         return triton_kernels.attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
                                         splits=splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, invariant=self.invariant)
+                                        num_stages=cfg.num_stages, invariant=self.invariant,
+                                        fuse_combine=cfg.fuse_combine)
