@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -15,32 +14,26 @@ import attrs
 from . import assembly, model_state
 from .attention_api import AttentionContext, deactivate
 from .book import RequestBook
+from .cancels import Cancels
+from .collector import CollectorPause
 from .config import EngineConfig
 from .errors import ConfigError
 from .intake import Intake
-from .kv_sizing import allocate_kv, kv_cache_blocks, max_model_len
+from .kv_sizing import allocate_kv, kv_cache_blocks, max_model_len, memory_report
 from .layout import HostBatchWriter, SlotLayout
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
 from .plugin_host import PluginHost, get_plugin_host
-from .races import RaceReport, race_report, raise_if_racy
+from .races import race_report, raise_if_racy
 from .requests import Status
 from .runtime.base import Runtime
 from .startup import Warmup, request_modes, use_compile_cache
-from .stats import RunContext, RunSummary, StepStats, cpu_outside_thread, cpu_times
+from .stats import RunContext, RunResult, RunSummary, cpu_outside_thread, cpu_times
 from .step import StepBody
 from .streaming import stream_events
 from .types import Output, Request, SamplingParams, TokenEvent
 
 log = logging.getLogger("asyncbatch")
-
-
-@attrs.frozen
-class RunResult:
-    outputs: list[Output]
-    summary: RunSummary
-    steps: list[StepStats]
-    races: RaceReport | None = None  # None: the runtime does not check; empty (falsey): checked, none found
 
 
 class Engine:
@@ -107,8 +100,8 @@ class Engine:
         self._book: RequestBook | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside run(): a call back into the engine from it must fail
-        self._cancel_lock = threading.Lock()
-        self._pending_cancels: set[str] = set()  # cancels for requests whose run has not started yet
+        self._cancels = Cancels()
+        self._collector = CollectorPause(self.runtime.graph_support == "native")
         self.last_result: RunResult | None = None
         log.info("engine: runtime=%s scheduler=%s buffers=%s streams=%s graphs=%s attention=%s prefix_cache=%s; %d KV "
                  "blocks of %d tokens, max_len %d", self.runtime.name, config.scheduler.name, config.buffers.name,
@@ -197,11 +190,7 @@ class Engine:
                            on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
                            if notify_finish else None, on_end=on_token)
         book.blocks.share_safely = not self.pipeline.debug.unshared_release
-        with self._cancel_lock:  # cancels sent before the run started apply now
-            self._book = book
-            for rid in self._pending_cancels & book.ids:
-                book.cancel(rid)
-            self._pending_cancels -= book.ids
+        self._cancels.attach(book)  # cancels sent before the run started apply now
         rt = self.runtime
         try:
             self._bind_model()
@@ -221,10 +210,9 @@ class Engine:
             raise_if_racy(rt, exc)  # a recorded race explains the failure: RaceError, chained from it
             raise
         finally:
-            with self._cancel_lock:
-                self._book = None
+            self._cancels.detach()
             deactivate()
-            self._restore_gc()
+            self._collector.resume()
         wall = rt.now() - start
         try:
             book.check_released()
@@ -261,14 +249,7 @@ class Engine:
     def _bind_model(self) -> None:
         """Put the (possibly shared) model in this engine's state, and keep the collector out of the run."""
         model_state.bind(self.model, self.model_state, self.attention_context)
-        if self.runtime.graph_support == "native":
-            # No collection in the middle of a run on a real device: a full one stalls the host for tens of
-            # milliseconds, longer than the slack the slots give it. Long-lived objects are frozen out of the
-            # collector's way; the collector resumes when the run ends.
-            self._gc_was_enabled = gc.isenabled()
-            gc.collect()
-            gc.freeze()
-            gc.disable()
+        self._collector.pause()
 
     def new_prefix_cache(self) -> Any:
         """A fresh index of the configured prefix cache, for one run (its blocks are that run's)."""
@@ -277,18 +258,7 @@ class Engine:
     def memory_report(self) -> dict[str, int]:
         """Device bytes held by this engine, by purpose: KV cache, slot buffers (all slots, plus any staging set),
         and the shared graph pool (where the runtime can measure it)."""
-        kv = sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
-        bufs = [s.device for s in self.pipeline.slots] + [getattr(self.graphs, "stage", None)]
-        slots = sum(b.inputs.numel() * 4 + b.outputs.numel() * 4 for b in bufs if b is not None)
-        pool = getattr(self.runtime, "graph_pool_bytes", None)
-        return {"kv_cache": kv, "slots": slots, "graphs": pool() if pool else 0,
-                "num_slots": self.pipeline.num_slots, "num_graphs": self.graphs.num_graphs()}
-
-    def _restore_gc(self) -> None:
-        if self.runtime.graph_support == "native":
-            gc.unfreeze()
-            if getattr(self, "_gc_was_enabled", True):
-                gc.enable()
+        return memory_report(self.k_cache, self.v_cache, self.pipeline, self.graphs, self.runtime)
 
     def _texted(self, out: Output) -> Output:
         if self.tokenizer is None or out.text is not None:
@@ -310,10 +280,7 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Cancel a request (any thread): it ends with finish reason `cancelled` at the next step of its run. A
         cancel sent before its run starts applies when it starts."""
-        with self._cancel_lock:
-            book = self._book
-            if book is None or not book.cancel(request_id):
-                self._pending_cancels.add(request_id)
+        self._cancels.cancel(request_id)
 
     def release(self) -> None:
         """Give the model back as it was handed over: its own attention implementation, layers not compiled,
@@ -334,12 +301,7 @@ class Engine:
         with self._lock:
             self._bind_model()
             try:
-                shapes, complete = self.warm.plan(modes)
-                if sizes:
-                    wanted = {self.config.batch.pad_tokens(n) for n in sizes}
-                    shapes, complete = [s for s in shapes if s.is_decode and s.tokens in wanted], False
-                self.warm.run(shapes, modes, complete)
-                return len(shapes) * self.pipeline.num_slots
+                return self.warm.ahead(modes, {self.config.batch.pad_tokens(n) for n in sizes or ()})
             finally:
                 deactivate()
-                self._restore_gc()
+                self._collector.resume()

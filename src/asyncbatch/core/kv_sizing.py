@@ -1,5 +1,5 @@
 """How many KV-cache blocks an engine allocates (as configured, or as many as fit the device), the longest
-sequence they allow, and the cache tensors themselves."""
+sequence they allow, the cache tensors themselves, and what an engine holds on the device in all."""
 
 from __future__ import annotations
 
@@ -45,3 +45,14 @@ def allocate_kv(num_blocks: int, block_size: int, geo: dict[str, int], dtype: An
     shape = (num_blocks, block_size, geo["kv_heads"], geo["head_dim"])
     return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])],
             [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geo["layers"])])
+
+
+def memory_report(k_cache: Any, v_cache: Any, pipeline: Any, graphs: Any, runtime: Any) -> dict[str, int]:
+    """Device bytes an engine holds, by purpose: KV cache, slot buffers (all slots, plus any staging set), and the
+    shared graph pool (where the runtime can measure it)."""
+    kv = sum(t.numel() * t.element_size() for t in (*k_cache, *v_cache))
+    bufs = [s.device for s in pipeline.slots] + [getattr(graphs, "stage", None)]
+    slots = sum(b.inputs.numel() * 4 + b.outputs.numel() * 4 for b in bufs if b is not None)
+    pool = getattr(runtime, "graph_pool_bytes", None)
+    return {"kv_cache": kv, "slots": slots, "graphs": pool() if pool else 0, "num_slots": pipeline.num_slots,
+            "num_graphs": graphs.num_graphs()}

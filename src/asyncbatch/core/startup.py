@@ -102,6 +102,15 @@ class Warmup:
                  "bakes their lengths into its launch, so their shapes are not known ahead)")
         return seconds
 
+    def ahead(self, modes: Iterable[str], buckets: set[int] | None = None) -> int:
+        """`Engine.warmup`: every shape of `modes`, or with `buckets` (padded token counts) only the decode shapes
+        of those. Returns how many (shape, slot) pairs ran."""
+        shapes, complete = self.plan(modes)
+        if buckets:
+            shapes, complete = [s for s in shapes if s.is_decode and s.tokens in buckets], False
+        self.run(shapes, modes, complete)
+        return len(shapes) * self.pipeline.num_slots
+
     def modes(self, modes: Iterable[str]) -> float:
         """Warm up whatever `modes` still need; returns the seconds spent."""
         modes = set(modes)

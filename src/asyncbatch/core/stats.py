@@ -6,10 +6,14 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .types import Output
+
+if TYPE_CHECKING:
+    from .races import RaceReport
 
 
 @attrs.frozen
@@ -170,3 +174,13 @@ def cpu_outside_thread(since: tuple[float, float]) -> float:
 
 def _scale(x: float | None, k: float) -> float | None:
     return None if x is None else x * k
+
+
+@attrs.frozen
+class RunResult:
+    """What `Engine.run` returns: outputs in input order, the summary, every step's statistics."""
+
+    outputs: list[Output]
+    summary: RunSummary
+    steps: list[StepStats]
+    races: RaceReport | None = None  # None: the runtime does not check; empty (falsey): checked, none found
