@@ -149,8 +149,7 @@ def test_random_tables(seed):
 
 
 @pytest.mark.parametrize("pad_tokens,pad_seqs", [(4, 1), (0, 3), (2, 2)])
-def test_decode_splits_combined_by_their_last_program_match_the_combine_kernel(interpreted_kernels, monkeypatch,
-                                                                               pad_tokens, pad_seqs):
+def test_decode_splits_combined_by_their_last_program_match_the_combine_kernel(monkeypatch, pad_tokens, pad_seqs):
     """More padding tokens than sequences, or fewer: padding rows are zeros either way. Fresh buffers are filled
     with NaN, so a row nobody writes shows. Two calls in a row: the split counters are back at zero after each."""
     empty = torch.empty
@@ -169,14 +168,14 @@ def test_decode_splits_combined_by_their_last_program_match_the_combine_kernel(i
     pads = meta.token_seq < 0
     outs = {}
     monkeypatch.setattr(torch, "empty", poisoned)
-    for fuse in (True, False, True):
-        backend = TritonPaged(TritonPagedConfig(num_splits=3, block_n=16, fuse_combine=fuse))
+    fused = TritonPaged(TritonPagedConfig(num_splits=3, block_n=16))
+    for backend in (fused, TritonPaged(TritonPagedConfig(num_splits=3, block_n=16, fuse_combine=False)), fused):
         out = backend.forward(q, k, v, k_cache, v_cache, meta, scale=scale, sliding_window=None)
         assert torch.all(out[pads] == 0)
         assert (out - ref).abs().max().item() < 1e-4
-        outs.setdefault(fuse, out)
-        assert all(int(buf.abs().sum()) == 0 for buf in interpreted_kernels._COUNTERS.get(q.device, []))
-    assert interpreted_kernels._COUNTERS[q.device]  # the fused path ran
+        outs.setdefault(backend.config.fuse_combine, out)
+        assert all(int(buf.abs().sum()) == 0 for buf in backend.split_counters.get(q.device, []))
+    assert fused.split_counters[q.device]  # the fused path ran
     assert torch.allclose(outs[True], outs[False], atol=1e-6, rtol=0)
 
 

@@ -20,6 +20,7 @@ can be captured in a CUDA graph); work beyond a sequence's real length exits ins
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -223,33 +224,22 @@ def write_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -
         BS=k_cache.shape[1], num_warps=4 if kv_heads * head_dim >= 1024 else 1)
 
 
-_COUNTERS: dict[Any, list[Any]] = {}
 # Past this many splits the combining program's serial work outweighs a second kernel's launch (an H100 at batch 1,
 # 64 splits: +0.18 ms a step with the fused combine; at batch 32, 3 splits: -0.04 ms).
 FUSED_COMBINE_MAX_SPLITS = 8
 
 
-def _counters(device: Any, need: int) -> Any:
-    """A zeroed int32 buffer of at least `need` split counters. Every launch leaves its counters at zero, so one
-    buffer serves every launch on the device; buffers are never freed, as captured graphs keep their addresses."""
-    pool = _COUNTERS.setdefault(device, [])
-    for buf in pool:
-        if buf.numel() >= need:
-            return buf
-    pool.append(torch.zeros(max(need, 1 << 16), device=device, dtype=torch.int32))
-    return pool[-1]
-
-
 def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sliding_window: int | None,
               splits: int, block_n: int, num_warps: int, num_stages: int, invariant: bool = False,
-              fuse_combine: bool = True) -> Any:
+              counters: Callable[[int], Any] | None = None) -> Any:
     """Paged causal attention for every real token of the step (the cache already holds this step's K/V).
 
-    `splits` > 1 splits each sequence's context (decode steps only: one query token per sequence); with
-    `fuse_combine` and at most `FUSED_COMBINE_MAX_SPLITS` splits, the last split of each sequence and kv head to
-    finish combines the splits, else a second kernel does. `invariant`: every step, decode or mixed, runs the query-tiled kernel with one tile shape (16 rows) and
-    no split, so a token's output is computed by the same code, over the same KV chunks in the same order,
-    whatever its step."""
+    `splits` > 1 splits each sequence's context (decode steps only: one query token per sequence). With
+    `counters` and at most `FUSED_COMBINE_MAX_SPLITS` splits, the last split of each sequence and kv head to finish
+    combines the splits, else a second kernel does; `counters(n)` gives a zeroed int32 buffer of at least n
+    counters that no other launch uses at the same time (each launch leaves it zeroed). `invariant`: every step,
+    decode or mixed, runs the query-tiled kernel with one tile shape (16 rows) and no split, so a token's output
+    is computed by the same code, over the same KV chunks in the same order, whatever its step."""
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
@@ -270,7 +260,7 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
         programs = num_tokens // block_q + num_seqs
         splits = 1
     partial = splits > 1
-    fused = partial and fuse_combine and splits <= FUSED_COMBINE_MAX_SPLITS
+    fused = partial and counters is not None and splits <= FUSED_COMBINE_MAX_SPLITS
     if partial:
         out = torch.empty(num_tokens, q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
         lse = torch.empty(num_tokens, q_heads, splits, device=q.device, dtype=torch.float32)
@@ -281,7 +271,7 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
         out = torch.zeros(num_tokens, q_heads, head_dim, device=q.device, dtype=q.dtype)
         lse = final = out
         so, sl = (out.stride(0), out.stride(1), 0), (0, 0)
-    counters = _counters(q.device, num_seqs * kv_heads) if fused else meta.token_seq
+    cnt = counters(num_seqs * kv_heads) if fused else meta.token_seq
     if fused:  # programs past the last sequence only zero the rows of padding tokens
         programs = max(programs, num_tokens)
     bt = meta.block_table
@@ -295,7 +285,7 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
         q.stride(0), q.stride(1), *so, *sl,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), bt.stride(0), scale * 1.4426950408889634, sliding_window or 0, num_seqs,
-        final, counters, meta.token_seq, final.stride(0), final.stride(1), num_tokens,
+        final, cnt, meta.token_seq, final.stride(0), final.stride(1), num_tokens,
         G=group, G_P=g_p, BLOCK_Q=block_q, BLOCK_M=block_q * g_p, BLOCK_N=block_n, D=head_dim, D_P=d_p,
         EVEN_D=d_p == head_dim, BS=k_cache.shape[1], SPLITS=splits, USE_WINDOW=sliding_window is not None,
         PARTIAL=partial, VARLEN=not decode, FUSE_COMBINE=fused,

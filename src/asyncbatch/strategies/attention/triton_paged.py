@@ -58,6 +58,10 @@ class TritonPaged(AttentionBackend):
         self.config = config or TritonPagedConfig()
         self._sm_count: dict[Any, int] = {}
         self.invariant = False
+        # Split counters of the fused combine, per device. Each backend serves one engine, whose attention launches
+        # never overlap, so one buffer serves them all. Buffers are kept for good: captured graphs hold their
+        # addresses.
+        self.split_counters: dict[Any, list[Any]] = {}
 
     def make_batch_invariant(self) -> None:
         """One kernel path for every step: query tiles of 16 rows, the context in BLOCK_N chunks from position 0,
@@ -113,7 +117,18 @@ class TritonPaged(AttentionBackend):
         if meta.max_query == 1 and not self.invariant:
             splits = self.num_splits(q.device, num_seqs, k.shape[1], max_blocks, k_cache.shape[1])
         cfg = self.config
+        counters = (lambda n: self._counters(q.device, n)) if cfg.fuse_combine else None
         return triton_kernels.attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
                                         splits=splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, invariant=self.invariant,
-                                        fuse_combine=cfg.fuse_combine)
+                                        num_stages=cfg.num_stages, invariant=self.invariant, counters=counters)
+
+    def _counters(self, device: Any, need: int) -> Any:
+        """A zeroed int32 buffer of at least `need` split counters on `device` (see `split_counters`)."""
+        import torch
+
+        pool = self.split_counters.setdefault(device, [])
+        for buf in pool:
+            if buf.numel() >= need:
+                return buf
+        pool.append(torch.zeros(max(need, 1 << 12), device=device, dtype=torch.int32))
+        return pool[-1]
