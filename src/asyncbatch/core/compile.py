@@ -83,5 +83,5 @@ def set_compiled(model: Any, compiled: bool, *, mode: str | None = None) -> None
             layer._compiled_call_impl = None
             changed += 1
     if changed:
-        log.info("%s %d decoder layers of %s and %s", "torch.compile:" if compiled else "eager (not compiled):",
-                 len(layers), type(model).__name__, " and ".join(type(m).__name__ for m in outer) or "nothing else")
+        log.info("%s %d decoder layers of %s%s", "torch.compile:" if compiled else "eager (not compiled):",
+                 len(layers), type(model).__name__, "".join(f", its {type(m).__name__}" for m in outer))

@@ -7,10 +7,11 @@ share the batch, the slot, or the engine combination.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _M32 = 0xFFFFFFFF
-_KERNELS: list = []  # the Triton argmax module once imported, or None where triton is missing
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -46,18 +47,21 @@ def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
 
+@functools.cache
+def _argmax_kernels():  # noqa: ANN202
+    try:
+        from . import argmax_kernels
+    except ImportError:  # a CUDA build without triton: torch's reduction
+        return None
+    return argmax_kernels
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """int32 [B]: `x.argmax(dim=-1)` of a [B, V] tensor. On CUDA a chunked Triton kernel (see `argmax_kernels`:
     torch's reduction leaves most of the GPU idle at decode batch sizes); the same indices either way."""
-    if x.is_cuda:
-        if not _KERNELS:
-            try:
-                from . import argmax_kernels
-            except ImportError:  # a CUDA build without triton: torch's reduction
-                argmax_kernels = None
-            _KERNELS.append(argmax_kernels)
-        if _KERNELS[0] is not None:
-            return _KERNELS[0].row_argmax(x)
+    kernels = _argmax_kernels() if x.is_cuda else None
+    if kernels is not None:
+        return kernels.row_argmax(x)
     return x.argmax(dim=-1).to(torch.int32)
 
 
