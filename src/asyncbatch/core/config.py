@@ -103,6 +103,14 @@ class EngineConfig:
     over concatenated weights; `auto` does it where steps are captured on a GPU (the gain is fewer, fuller GEMMs
     there; elsewhere the model keeps its own layers, so CPU runs match transformers bit for bit).
 
+    `decode_gemm`: the matrix products of the decoder layers in steps of at most 64 rows: `triton` runs a
+    Triton kernel made for few rows (cuBLAS beyond 64 rows; not with `batch_invariant`), `torch` always
+    `torch.nn.functional.linear`. `auto` is `torch` for now: `triton` was faster on an H100, slower on an H200.
+
+    `pdl`: `always` launches the decode GEMMs and the Triton attention kernels of steps of at most 64 tokens as
+    programmatic dependent launches, so that each overlaps the end of the kernel before (compute capability
+    >= 9.0); `auto` is `never` for now, as above. Neither key changes a result.
+
     `batch_invariant`: compute every row of a step with kernels whose reduction order does not depend on the rest
     of the batch (GEMMs with one tile shape and no split-K, RMSNorm per row, one attention path for decode and
     mixed steps), so that a request's tokens are bitwise identical in bfloat16 whatever shares its batch and
@@ -137,6 +145,8 @@ class EngineConfig:
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
+    decode_gemm: Literal["auto", "triton", "torch"] = "auto"
+    pdl: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
     serve: ServeConfig = ServeConfig()
@@ -197,6 +207,8 @@ class _EngineScalars:
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
+    decode_gemm: Literal["auto", "triton", "torch"] = "auto"
+    pdl: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
     serve: ServeConfig = ServeConfig()

@@ -72,6 +72,7 @@ class Engine:
             invariant=self.batch_invariant)
         self.model_state = model_state.decide(config, self.runtime, parts.graph_name)
         self.compiled, self.fused = self.model_state.compiled, self.model_state.fused
+        self.backend.use_dependent_launch(self.model_state.pdl)
         if self.compiled:
             use_compile_cache(config.startup.compile_cache)
         model_state.settle(model, self.model_state)

@@ -199,6 +199,12 @@ class AttentionBackend(ABC):
         """Called once at engine build. Raise `UnsupportedError` with the reason if this backend cannot run
         here (no such device, dtype, head size or KV block size); the message is shown to the user."""
 
+    def use_dependent_launch(self, on: bool) -> None:
+        """Called once at engine build, after `check`, with `on` true where `engine.pdl` is on (a device of
+        compute capability >= 9.0). A backend may then launch its kernels as programmatic dependent launches;
+        each program of such a kernel must wait for its predecessor (`griddepcontrol.wait`) before it reads or
+        writes memory and before it exits. Ignoring the call is always correct."""
+
 
 class PrefixCache(ABC):
     """An index of full KV blocks by their token content, so that requests sharing a prefix share its blocks.

@@ -1,5 +1,5 @@
 """The state a run needs a (possibly shared) transformers model in, set at the start of every run and undone by
-`Engine.release()`: asyncbatch attention, fused projections, batch-invariant kernels, compiled layers.
+`Engine.release()`: asyncbatch attention, fused projections, batch-invariant kernels, decode GEMMs, compiled layers.
 
 Each switch is idempotent and in place, so engines that share one model take turns: each run puts the model the
 way its engine was configured, whatever the previous engine did.
@@ -14,11 +14,14 @@ import attrs
 
 @attrs.frozen
 class ModelState:
-    """What one engine wants of the model: `fused` projections, `invariant` kernels, `compiled` layers."""
+    """What one engine wants of the model: `fused` projections, `invariant` kernels, `compiled` layers, Triton
+    `decode_gemm`s, and `pdl` (programmatic dependent launch of the kernels that support it)."""
 
     fused: bool
     invariant: bool
     compiled: bool
+    decode_gemm: bool = False
+    pdl: bool = False
 
 
 def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
@@ -27,12 +30,15 @@ def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
     `compile: auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more
     host time per layer than fusion saves on the device. Batch-invariant engines always compile, so that every
     graph policy runs the same program (inductor's fused elementwise code rounds unlike eager's).
-    `fuse_projections: auto` fuses on a real device."""
+    `fuse_projections: auto` fuses on a real device. `decode_gemm` and `pdl`: see `decode_gemm.decide`."""
+    from . import decode_gemm
+
     native = runtime.graph_support == "native"
-    compiled = config.compile == "layers" or (config.compile == "auto" and (
-        config.batch_invariant or (native and graph_name != "eager")))
+    captured = native and graph_name != "eager"
+    compiled = config.compile == "layers" or (config.compile == "auto" and (config.batch_invariant or captured))
     fused = config.fuse_projections == "always" or (config.fuse_projections == "auto" and native)
-    return ModelState(fused, config.batch_invariant, compiled)
+    gemm, pdl = decode_gemm.decide(config, runtime.device)
+    return ModelState(fused, config.batch_invariant, compiled, gemm, pdl)
 
 
 def settle(model: Any, state: ModelState) -> None:
@@ -56,15 +62,19 @@ def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     """Put `model` in `state`, with `attention_context` active for compiled layers."""
     from .attention_api import ATTN_IMPLEMENTATION, activate
     from .compile import attention_modules, set_compiled
+    from .decode_gemm import set_decode_gemm
     from .fusion import set_fused
     from .invariant import set_batch_invariant
     from .models import prepare_model
 
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         prepare_model(model)  # released (or switched back by its owner) since the last run
-    set_batch_invariant(model, False)  # fusion sees plain Linear layers; the invariant twins are reused below
+    # Fusion and the invariant swap see plain Linear layers; the twins of both swaps are reused below.
+    set_decode_gemm(model, False)
+    set_batch_invariant(model, False)
     set_fused(model, state.fused)
     set_batch_invariant(model, state.invariant)
+    set_decode_gemm(model, state.decode_gemm, state.pdl)
     set_compiled(model, state.compiled)  # also undoes an earlier engine's compilation of a shared model
     if state.compiled:
         activate(attention_context, attention_modules(model))
@@ -74,10 +84,12 @@ def release(model: Any, caller_attention: str | None) -> None:
     """Give `model` back as it was handed over: its own attention, layers not compiled, plain `Linear` and norm
     modules (fused weights stay views of the concatenated ones: no copy)."""
     from .compile import set_compiled
+    from .decode_gemm import set_decode_gemm
     from .fusion import set_fused
     from .invariant import set_batch_invariant
 
     set_compiled(model, False)
+    set_decode_gemm(model, False)
     set_batch_invariant(model, False)
     set_fused(model, False)
     if caller_attention is not None:

@@ -26,12 +26,17 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                  sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
-                 HKV: tl.constexpr, HKV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BS: tl.constexpr):
+                 HKV: tl.constexpr, HKV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BS: tl.constexpr,
+                 PDL: tl.constexpr):
+    if PDL:  # before any access, and in every program: see `attention`'s `pdl`
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     blk = slot // BS
@@ -54,8 +59,10 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
                 G: tl.constexpr, G_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, EVEN_D: tl.constexpr, BS: tl.constexpr,
                 SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
-                VARLEN: tl.constexpr, FUSE_COMBINE: tl.constexpr):
+                VARLEN: tl.constexpr, FUSE_COMBINE: tl.constexpr, PDL: tl.constexpr):
     # BLOCK_M = BLOCK_Q * G_P rows: row r is query token r // G_P of the tile, head r % G_P of the group
+    if PDL:  # the dependents are let in after the main loop: early, their programs would take the SM slots that
+        gdc_wait()  # this grid's later waves need
     pid = tl.program_id(0)
     if FUSE_COMBINE:  # decode only (one token per sequence); the grid covers max(tokens, sequences)
         if tl.program_id(2) == 0 and pid < num_tokens:
@@ -143,6 +150,8 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
         acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
 
+    if PDL:
+        gdc_launch_dependents()
     empty = l_i == 0.0  # a split with no visible key (or a padded row)
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptrs = out_ptr + tok[:, None] * so_t + head[:, None] * so_h + d[None, :]
@@ -191,7 +200,11 @@ def _combine_rows(part_ptrs, sp_s, lse_ptrs, out_ptrs, mask, row_ok, active, BLO
 
 @triton.jit
 def _combine_splits(part_ptr, lse_ptr, out_ptr, seq_ptr, sp_t, sp_h, sp_s, sl_t, sl_h, so_t, so_h,
-                    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr):
+                    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                    PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0)
     hq = tl.program_id(1)
     d = tl.arange(0, D_P)
@@ -212,7 +225,11 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def write_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
+def _launch(pdl: bool) -> dict[str, Any]:
+    return {"launch_pdl": True} if pdl else {}
+
+
+def write_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any, *, pdl: bool = False) -> None:
     """k, v [T, Hkv, D] (any strides with a unit last one) -> caches [num_blocks, block_size, Hkv, D]."""
     num_tokens, kv_heads, head_dim = k.shape
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -221,7 +238,7 @@ def write_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), HKV=kv_heads, HKV_P=_pow2(kv_heads), D=head_dim, D_P=_pow2(head_dim),
-        BS=k_cache.shape[1], num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+        BS=k_cache.shape[1], PDL=pdl, num_warps=4 if kv_heads * head_dim >= 1024 else 1, **_launch(pdl))
 
 
 # Past this many splits the combining program's serial work outweighs a second kernel's launch (an H100 at batch 1,
@@ -231,7 +248,7 @@ FUSED_COMBINE_MAX_SPLITS = 8
 
 def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sliding_window: int | None,
               splits: int, block_n: int, num_warps: int, num_stages: int, invariant: bool = False,
-              counters: Callable[[int], Any] | None = None) -> Any:
+              counters: Callable[[int], Any] | None = None, pdl: bool = False) -> Any:
     """Paged causal attention for every real token of the step (the cache already holds this step's K/V).
 
     `splits` > 1 splits each sequence's context (decode steps only: one query token per sequence). With
@@ -239,7 +256,9 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
     combines the splits, else a second kernel does; `counters(n)` gives a zeroed int32 buffer of at least n
     counters that no other launch uses at the same time (each launch leaves it zeroed). `invariant`: every step,
     decode or mixed, runs the query-tiled kernel with one tile shape (16 rows) and no split, so a token's output
-    is computed by the same code, over the same KV chunks in the same order, whatever its step."""
+    is computed by the same code, over the same KV chunks in the same order, whatever its step. `pdl`: launch
+    the kernels as programmatic dependent launches (compute capability >= 9.0); every program of every kernel
+    waits for its predecessor first, so early returns and the zeroing of padding rows stay ordered."""
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
@@ -290,11 +309,11 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
         EVEN_D=d_p == head_dim, BS=k_cache.shape[1], SPLITS=splits, USE_WINDOW=sliding_window is not None,
         PARTIAL=partial, VARLEN=not decode, FUSE_COMBINE=fused,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # the default; it only affects fp32
-        num_warps=num_warps, num_stages=num_stages)
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_launch(pdl))
     if not partial or fused:
         return final
     _combine_splits[(num_tokens, q_heads)](
         out, lse, final, meta.token_seq, *so, *sl, final.stride(0), final.stride(1),
-        SPLITS=splits, SPLITS_P=_pow2(splits), D=head_dim, D_P=_pow2(head_dim),
-        num_warps=max(1, min(8, _pow2(splits) * _pow2(head_dim) // 1024)))
+        SPLITS=splits, SPLITS_P=_pow2(splits), D=head_dim, D_P=_pow2(head_dim), PDL=pdl,
+        num_warps=max(1, min(8, _pow2(splits) * _pow2(head_dim) // 1024)), **_launch(pdl))
     return final
