@@ -300,6 +300,16 @@ def tune_chain(ch, gm, pf, start):
     return best, dict(ch.cfg)
 
 
+def timed_result(ch, x0, gm, pf, reps):
+    """Median ms of a replay of the chain in mode `gm` (prefetch `pf`), and its result from the state `x0`."""
+    t, g = bench_graph(lambda: ch.step(gm, gm == "pdl", pf, True), reps)
+    ch.x.copy_(x0)
+    ch.dn.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    return t, ch.x.clone()
+
+
 def main():
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     rows = []
@@ -325,13 +335,7 @@ def main():
             pf = {"pdl-pf1": 1, "pdl-pf2": 2}.get(name, 0)
             if cfg:
                 ch.cfg = dict(cfg)
-            t, g = bench_graph(lambda ch=ch, gm=gm, pf=pf: ch.step(gm, gm == "pdl", pf, True), 40)
-            ch.x.copy_(x0)
-            ch.dn.zero_()
-            g.replay()
-            torch.cuda.synchronize()
-            outs[name] = ch.x.clone()
-            del g
+            t, outs[name] = timed_result(ch, x0, gm, pf, 40)
             err = (outs[name].float() - outs["cublas"].float()).abs().max().item()
             print(
                 f"  {name:10s} {t / 32 * 1e3:6.1f} us/layer (tuning {t0 / 32 * 1e3:6.1f})  vs cublas {100 * (t / res['cublas'][0] - 1):+5.1f}%  maxdiff {err:.3g}  {cfg}",
@@ -344,20 +348,8 @@ def main():
             )
         # bitwise: pdl with triton's configs == triton
         ch.cfg = dict(res["triton"][1])
-        _, g = bench_graph(lambda ch=ch: ch.step("pdl", True, 1, True), 3)
-        ch.x.copy_(x0)
-        ch.dn.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        a = ch.x.clone()
-        del g
-        _, g = bench_graph(lambda ch=ch: ch.step("plain", False, 0, True), 3)
-        ch.x.copy_(x0)
-        ch.dn.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        b = ch.x.clone()
-        del g
+        a = timed_result(ch, x0, "pdl", 1, 3)[1]
+        b = timed_result(ch, x0, "plain", 0, 3)[1]
         print("  pdl-pf1 bits == plain (same configs):", bool(torch.equal(a, b)), flush=True)
         del ch
         torch.cuda.empty_cache()
