@@ -30,7 +30,7 @@ MAX_ROWS = 64  # beyond this the product reuses each weight tile across row tile
 @triton.jit
 def _decode_matmul(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, sxk, swn, swk, som, son,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -50,7 +50,7 @@ def _decode_matmul(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, sxk, swn, swk, so
             k_ok = (k0 + rk) < K
             x = tl.load(x_ptrs + k0 * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0 * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
@@ -115,6 +115,7 @@ def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False, tile_: T
     _decode_matmul[(triton.cdiv(n, t.block_n),)](
         x2, weight, bias if has_bias else out, out, m, n, k, x2.stride(0), x2.stride(1), weight.stride(0),
         weight.stride(1), out.stride(0), out.stride(1), BLOCK_M=max(16, triton.next_power_of_2(m)),
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=k % t.block_k == 0, HAS_BIAS=has_bias, PDL=pdl, num_warps=t.num_warps,
-        num_stages=t.num_stages, **extra)
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=k % t.block_k == 0, HAS_BIAS=has_bias, PDL=pdl,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 as torch's default (no TF32)
+        num_warps=t.num_warps, num_stages=t.num_stages, **extra)
     return out.view(*lead, n)
