@@ -33,7 +33,7 @@ RULE = kernels.tile
 
 
 def table(by_n: dict[int, kernels.Tile]):
-    return lambda rows, n, element_size=2: by_n.get(n) or RULE(rows, n, element_size)
+    return lambda rows, n, element_size=2, k=None: by_n.get(n) or RULE(rows, n, element_size, k=k)
 
 
 SETS = {  # by output width N of the 8B shape: q/k/v 6144, o and down 4096, gate/up 28672

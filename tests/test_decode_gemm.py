@@ -75,9 +75,40 @@ def _config(**kw):
 CPU = torch.device("cpu")
 
 
-def test_auto_leaves_both_off():
+def test_auto_leaves_both_off_where_they_cannot_run():
     assert (False, False) == decode_gemm.decide(_config(), CPU)
     assert (False, False) == decode_gemm.decide(_config(decode_gemm="torch", pdl="never"), CPU)
+
+
+@pytest.fixture
+def card(monkeypatch):
+    """Pretend the device is a CUDA card of the given name that can run both switches."""
+    def use(name):
+        monkeypatch.setattr(decode_gemm, "unsupported_reason", lambda device, dependent_launch: None)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return use
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, (True, True)),
+    ({"pdl": "never"}, (True, False)),
+    ({"decode_gemm": "torch"}, (False, False)),  # PDL beside cuBLAS alone measured no gain
+    ({"decode_gemm": "torch", "pdl": "always"}, (False, True)),
+    ({"batch_invariant": True}, (False, False)),  # its GEMMs are its own
+])
+def test_auto_turns_both_on_on_a_card_where_they_measured_faster(card, kw, expected):
+    card("NVIDIA H100 80GB HBM3")
+    assert expected == decode_gemm.decide(_config(**kw), CPU)
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, (False, False)),
+    ({"decode_gemm": "triton"}, (True, True)),  # asked for: PDL follows where the card supports it
+    ({"decode_gemm": "triton", "pdl": "never"}, (True, False)),
+])
+def test_auto_keeps_cublas_on_other_cards(card, kw, expected):
+    card("NVIDIA H200")
+    assert expected == decode_gemm.decide(_config(**kw), CPU)
 
 
 @pytest.mark.parametrize("kw, fragment", [

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
+from asyncbatch.core import decode_gemm
 from asyncbatch.core.config import ModelConfig
 from asyncbatch.core.models import build_model
 from asyncbatch.core.plugin_host import get_plugin_host
@@ -114,9 +115,10 @@ def test_pdl_changes_no_token_in_bf16():
     assert plain == dependent
 
 
-def test_auto_keeps_cublas_and_ordinary_launches():
+def test_auto_runs_triton_with_pdl_only_on_the_cards_measured_faster():
     _, state = _generate(_model("bfloat16"))
-    assert (False, False) == (state.decode_gemm, state.pdl)
+    measured = torch.cuda.get_device_name() in decode_gemm.MEASURED_FASTER
+    assert (measured, measured) == (state.decode_gemm, state.pdl)
 
 
 @needs_pdl

@@ -105,11 +105,13 @@ class EngineConfig:
 
     `decode_gemm`: the matrix products of the decoder layers in steps of at most 64 rows: `triton` runs a
     Triton kernel made for few rows (cuBLAS beyond 64 rows; not with `batch_invariant`), `torch` always
-    `torch.nn.functional.linear`. `auto` is `torch` for now: `triton` was faster on an H100, slower on an H200.
+    `torch.nn.functional.linear`. `auto` is `triton` on the cards where it measured faster in the engine (an H100
+    SXM), else `torch` (on an H200 cuBLAS was faster).
 
     `pdl`: `always` launches the decode GEMMs and the Triton attention kernels of steps of at most 64 tokens as
     programmatic dependent launches, so that each overlaps the end of the kernel before (compute capability
-    >= 9.0); `auto` is `never` for now, as above. Neither key changes a result.
+    >= 9.0); `auto` is `always` where the Triton GEMM runs and the card supports it, else `never`. Neither key
+    changes a result.
 
     `batch_invariant`: compute every row of a step with kernels whose reduction order does not depend on the rest
     of the batch (GEMMs with one tile shape and no split-K, RMSNorm per row, one attention path for decode and

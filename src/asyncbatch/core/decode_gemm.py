@@ -13,10 +13,11 @@ a ramp-up and a tail in which the memory system is idle. Two switches aim at the
   in one H100 run it changed bf16 tokens next to cuBLAS products, which a change of launch order must never do.
 
 Neither changes a result: PDL only moves launches, and a GEMM's bits do not depend on its tile's width or on
-whether it was launched early (the K chunks are summed in the same order). Whether they pay depends on the card:
-on an H100 together they shortened a decode step by 3% at batch 1 and 1% at batch 32; on an H200, with the same
-tiles, tensor-parallel steps at batch 32 took 4-6% longer. So `auto` keeps cuBLAS and ordinary launches until a
-tile rule per card is measured (the benchmarks have the tables).
+whether it was launched early (the K chunks are summed in the same order). Whether they pay depends on the card,
+so `auto` turns them on only on cards where they were measured faster inside the engine (`MEASURED_FASTER`):
+on an H100 SXM, 0.2-3% shorter decode steps at 1-32 sequences, and 1% for one tensor-parallel rank's share of
+the 8B shape. On an H200 no tile of this kernel beat cuBLAS there (3-5% slower), so `auto` keeps cuBLAS and
+ordinary launches on it and on every card not measured.
 
 The swap is applied in place at the start of every run, like fusion, and undone by `release()`; the op that wraps
 the kernel (opaque to `torch.compile`, capturable in CUDA graphs) registers on first use.
@@ -51,23 +52,42 @@ def unsupported_reason(device: Any, *, dependent_launch: bool) -> str | None:
     return None
 
 
+# `torch.cuda.get_device_name` of the cards where `auto` turns both switches on: an H100 SXM's, where every
+# in-engine comparison favoured them (batch 1: -3.3%; batch 32: -0.2 to -2.4%; a TP 2 rank's shapes: -1.1%).
+MEASURED_FASTER = frozenset({"NVIDIA H100 80GB HBM3"})
+
+
+def auto_on(device: Any) -> bool:
+    """Whether `auto` runs the Triton decode GEMM with PDL on `device`: a card of `MEASURED_FASTER` that can."""
+    import torch
+
+    if unsupported_reason(device, dependent_launch=True) is not None:
+        return False
+    return torch.cuda.get_device_name(device) in MEASURED_FASTER
+
+
 def decide(config: Any, device: Any) -> tuple[bool, bool]:
     """(decode_gemm, pdl) for an engine with `config` on `device`.
 
-    `auto` leaves both off for now: on an H100 they made a batch-1 decode step 3% faster and a batch-32 one 1%,
-    but on an H200, with the same tiles, tensor-parallel decode steps 4-6% slower (see the benchmarks). A value
-    that cannot be honoured here raises `UnsupportedError` naming the key."""
-    gemm = config.decode_gemm == "triton"
-    if gemm:
-        if config.batch_invariant:
+    `auto` for `decode_gemm` is `triton` on the cards of `MEASURED_FASTER` (unless `batch_invariant`, whose GEMMs
+    are its own), else `torch`. `auto` for `pdl` follows the GEMM: on where the Triton GEMM runs and the card
+    supports it (beside cuBLAS products, PDL on attention alone measured no gain). A value that cannot be
+    honoured here raises `UnsupportedError` naming the key."""
+    if config.decode_gemm == "auto":
+        gemm = not config.batch_invariant and auto_on(device)
+    else:
+        gemm = config.decode_gemm == "triton"
+        if gemm and config.batch_invariant:
             raise UnsupportedError("engine.decode_gemm: 'triton' cannot be combined with engine.batch_invariant, "
                                    "whose GEMMs are its own (valid there: auto, torch)")
-        reason = unsupported_reason(device, dependent_launch=False)
+        reason = unsupported_reason(device, dependent_launch=False) if gemm else None
         if reason:
             raise UnsupportedError(f"engine.decode_gemm: 'triton' {reason}")
-    pdl = config.pdl == "always"
-    if pdl:
-        reason = unsupported_reason(device, dependent_launch=True)
+    if config.pdl == "auto":
+        pdl = gemm and unsupported_reason(device, dependent_launch=True) is None
+    else:
+        pdl = config.pdl == "always"
+        reason = unsupported_reason(device, dependent_launch=True) if pdl else None
         if reason:
             raise UnsupportedError(f"engine.pdl: 'always' {reason}")
     return gemm, pdl

@@ -70,7 +70,7 @@ class Tile:
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles per program: fits an A100's and a Hopper's SMs
 
 
-def tile(rows: int, n: int, element_size: int = 2) -> Tile:
+def tile(rows: int, n: int, element_size: int = 2, *, k: int | None = None) -> Tile:
     """The tile for `rows` x `n` outputs of `element_size`-byte elements.
 
     Chosen in the default engine (8B Llama, bf16, 32 sequences, CUDA graphs, an H100), where it beat the tiles that
@@ -84,16 +84,23 @@ def tile(rows: int, n: int, element_size: int = 2) -> Tile:
         block_n, block_k, stages = 16, 128, 4
     else:
         block_n, block_k, stages = 16, 256, 4
+    return fit(Tile(block_n, block_k, 4, stages), rows, element_size)
+
+
+def fit(t: Tile, rows: int, element_size: int = 2) -> Tile:
+    """`t` with fewer stages, then narrower K chunks, until its pipelined tiles for `rows` rows of
+    `element_size`-byte elements fit `SHARED_MEMORY_BUDGET`."""
     block_m = max(16, triton.next_power_of_2(rows))
+    stages, block_k = t.num_stages, t.block_k
 
     def smem() -> int:
-        return stages * (block_m + block_n) * block_k * element_size
+        return stages * (block_m + t.block_n) * block_k * element_size
 
     while smem() > SHARED_MEMORY_BUDGET and stages > 2:
         stages -= 1
     while smem() > SHARED_MEMORY_BUDGET and block_k > 32:
         block_k //= 2
-    return Tile(block_n, block_k, 4, stages)
+    return Tile(t.block_n, block_k, t.num_warps, stages)
 
 
 def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False, tile_: Tile | None = None) -> Any:
@@ -109,7 +116,7 @@ def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False, tile_: T
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out.view(*lead, n)
-    t = tile_ or tile(m, n, x.element_size())
+    t = tile_ or tile(m, n, x.element_size(), k=k)
     has_bias = bias is not None
     extra = {"launch_pdl": True} if pdl else {}
     _decode_matmul[(triton.cdiv(n, t.block_n),)](
