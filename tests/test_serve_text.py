@@ -49,5 +49,9 @@ def test_stop_strings_end_the_text_just_before_them(text, stop, shown):
 def test_the_pieces_are_the_text_up_to_the_first_stop_string(text, stops):
     pieces, asm = _feed(text, tuple(stops))
 
-    hits = [text.find(s) for s in stops if s in text]
-    assert (text[: min(hits)] if hits else text) == "".join(pieces)
+    # Generation ends at the first token that completes a stop string; what came after it never exists. So the
+    # text is cut at the leftmost stop string found in the shortest prefix that holds one.
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    seen = text[: min(ends)] if ends else text
+    hits = [seen.find(s) for s in stops if s in seen]
+    assert (seen[: min(hits)] if hits else text) == "".join(pieces)

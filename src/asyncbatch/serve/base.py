@@ -146,6 +146,19 @@ class LiveEngine(ABC):
         """Started, not shutting down, and the step loop alive."""
         return self._accepting and self._failure is None
 
+    async def drain(self, timeout: float | None = None) -> None:
+        """Shutdown's first half, on its own: refuse new requests, let those in flight finish for up to `timeout`
+        seconds (default `engine.serve.shutdown_timeout_s`), then cancel the rest, so that every stream ends with
+        its last event. The server calls it as soon as it is told to stop, before it waits for its connections to
+        close; `shutdown` does it too (then at once: nothing is left). Idempotent."""
+        self._accepting = False
+        if self._all_ended is not None:
+            await self._finish_or_cancel(self._shutdown_timeout() if timeout is None else timeout)
+
+    @abstractmethod
+    def _shutdown_timeout(self) -> float:
+        """`engine.serve.shutdown_timeout_s` of the engine behind this one."""
+
     async def _finish_or_cancel(self, timeout: float) -> None:
         """Shutdown's first half: wait up to `timeout` seconds for every open request to end, then cancel the rest."""
         assert self._all_ended is not None

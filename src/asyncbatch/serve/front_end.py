@@ -137,12 +137,10 @@ def run_front_end(spec: FrontEndSpec, conn: Connection, sock: socket.socket) -> 
         os.sched_setaffinity(0, spec.cpus)
     import sys
 
-    import uvicorn
-
     from ..core.intake import Intake
     from ..logs import setup_logging
     from .app import build_app
-    from .listen import uvicorn_config
+    from .listen import draining_server, uvicorn_config
     from .remote import RemoteEngine
 
     setup_logging(spec.log_level)
@@ -150,8 +148,7 @@ def run_front_end(spec: FrontEndSpec, conn: Connection, sock: socket.socket) -> 
                           max_waiting=spec.max_waiting, shutdown_timeout_s=spec.shutdown_timeout_s)
     app = build_app(remote)
     app.state.url = spec.url
-    server = uvicorn.Server(uvicorn_config(app, log_level=spec.log_level, timeout_s=spec.shutdown_timeout_s,
-                                           quiet=False))
+    server = draining_server(uvicorn_config(app, log_level=spec.log_level, quiet=False))
     remote.on_lost = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal that stopped it once it has shut down: a no-op handler makes that a clean exit.
     for s in (signal.SIGINT, signal.SIGTERM):

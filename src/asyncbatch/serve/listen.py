@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import socket
 from typing import Any
 
@@ -25,11 +24,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: Any, *, log_level: str, timeout_s: float, quiet: bool) -> Any:
+FLUSH_S = 5  # after the engine has drained, how long uvicorn gives handlers to write their last events
+
+
+def uvicorn_config(app: Any, *, log_level: str, quiet: bool) -> Any:
     """`quiet`: uvicorn's own loggers are left unconfigured and there is no access log (a server inside a test);
     otherwise uvicorn logs as it does on its own command line."""
     import uvicorn
 
     extra: dict[str, Any] = {"log_config": None, "access_log": False} if quiet else {}
-    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=math.ceil(timeout_s),
-                          **extra)
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=FLUSH_S, **extra)
+
+
+def draining_server(config: Any) -> Any:
+    """uvicorn's server for `config`, whose app serves `app.state.live` (a `LiveEngine`), stopping in the order the
+    serving docs promise: the listener closes, requests in flight get `engine.serve.shutdown_timeout_s` to finish
+    and the rest are cancelled, each stream ending with its last event, and only then does uvicorn wait for the
+    connections to close. uvicorn alone waits for its connections first, with its own budget, and then cancels
+    the handlers mid-stream (a client reads a truncated body); the app's lifespan, where the engine used to drain,
+    runs only after that."""
+    import uvicorn
+
+    live = config.app.state.live
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:
+                server.close()
+            if not self.force_exit:  # a second Ctrl-C skips the wait
+                await live.drain()
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)

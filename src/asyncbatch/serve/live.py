@@ -103,11 +103,13 @@ class AsyncEngine(LiveEngine):
         self._accepting = False
         if self._thread is None or self._book is None:
             return
-        timeout = self.engine.config.serve.shutdown_timeout_s if timeout is None else timeout
-        await self._finish_or_cancel(timeout)
+        await self.drain(timeout)
         self._book.close()
         await asyncio.to_thread(self._thread.join)
         self._drain()
+
+    def _shutdown_timeout(self) -> float:
+        return self.engine.config.serve.shutdown_timeout_s
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()

@@ -96,10 +96,12 @@ class RemoteEngine(LiveEngine):
         self._accepting = False
         if self._closed is None or self._closed.is_set():
             return
-        timeout = self.shutdown_timeout_s if timeout is None else timeout
-        await self._finish_or_cancel(timeout)
+        await self.drain(timeout)
         self._send(("close",))
         await self._closed.wait()  # the engine ends its run once the cancelled requests have ended
+
+    def _shutdown_timeout(self) -> float:
+        return self.shutdown_timeout_s
 
     # ------------------------------------------------------------------ requests
     def _submit(self, state: RequestState) -> None:

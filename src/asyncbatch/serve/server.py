@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..core.errors import AsyncBatchError, ConfigError
-from .listen import bind, uvicorn_config
+from .listen import bind, draining_server, uvicorn_config
 
 __all__ = ["BackgroundServer", "bind", "serve"]
 
@@ -28,7 +28,7 @@ def serve(config_path: str, *, host: str, port: int, overrides: Sequence[str] = 
     try:  # dependencies of the package; an environment that left them out is told what is missing
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as exc:
         raise AsyncBatchError(f"asyncbatch serve needs fastapi, uvicorn and prometheus_client: {exc} (pip install "
                               f"fastapi uvicorn prometheus_client, or reinstall asyncbatch)") from None
@@ -54,8 +54,7 @@ def serve(config_path: str, *, host: str, port: int, overrides: Sequence[str] = 
         app = build_app(AsyncEngine(engine))
         address = sock.getsockname()
         app.state.url = f"http://{address[0]}:{address[1]}"  # the ready line names it (a port of 0 was chosen now)
-        server = uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_s=config.serve.shutdown_timeout_s,
-                                                quiet=False))
+        server = draining_server(uvicorn_config(app, log_level=log_level, quiet=False))
         # uvicorn re-raises the signal that stopped it once it has shut down; a graceful SIGTERM exits 0.
         previous = signal.signal(signal.SIGTERM, lambda *_: None) if _main_thread() else None
         try:
@@ -94,11 +93,9 @@ class BackgroundServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> BackgroundServer:
-        import uvicorn
-
         sock = bind(self.host, self.port)
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(self.app, log_level=self.log_level, timeout_s=30.0, quiet=True))
+        self.server = draining_server(uvicorn_config(self.app, log_level=self.log_level, quiet=True))
 
         def run() -> None:
             try:
