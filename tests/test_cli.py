@@ -215,10 +215,42 @@ def test_bad_config_exits_2_before_building_a_model(case, tmp_path, capsys, no_m
     (["--set", "no_equals_sign"], "dotted.key=value"),
     (["--set", "engine.batch.max_seqs=0"], "max_seqs"),
     (["--set", "engine.graphs=cuda_magic"], "per_slot"),
+    (["--set", "engine.prefix_cache=no"], "engine.prefix_cache: expected a component name or a mapping with 'name', "
+                                          "got False (YAML reads on/off/yes/no as true/false) (valid: blocks, none, "
+                                          "radix)"),
+    (["--set", "workload.num_requests=99999999999999999999999"], "workload.num_requests: must be in [1, 16777216]"),
+    (["--set", "engine.runtime={name: sim, cost: {gpu_compute_ms: -5}}"],
+     "engine.runtime.cost.gpu_compute_ms: must be a finite number >= 0 (milliseconds), got -5"),
 ])
 def test_bad_overrides_exit_2(argv, needle, tmp_path, capsys, no_model_builds):
     code, _, err = _run(capsys, "run", str(DEFAULT), *argv, "--out", str(tmp_path / "o"))
-    assert code == 2 and needle in err
+    assert code == 2 and needle in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "engine.model.overrides={vocab_size: 0}"], "engine.model.overrides.vocab_size: expected an int >= 1, "
+                                                          "got 0"),
+    (["--set", "engine.cache.max_model_len=1"], "engine.cache.max_model_len: sequences of at most 1 tokens cannot hold "
+                                                "a prompt token and a generated one"),
+    (["--set", "engine.model.overrides={max_position_embeddings: 1}"], "engine.model: sequences of at most 1 tokens"),
+])
+def test_a_model_or_cache_that_cannot_serve_one_request_exits_2(argv, needle, tmp_path, capsys):
+    """Found once the model's shape is known, but before anything runs: every request would fail otherwise."""
+    code, _, err = _run(capsys, "run", str(DEFAULT), *argv, "--out", str(tmp_path / "o"))
+    assert code == 2 and needle in err, err
+
+
+def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path, capsys):
+    """YAML 1.1 reads `1e-3` as a string; asyncbatch reads it as YAML 1.2 and JSON do, in files and in --set."""
+    from asyncbatch.core.config import ExperimentConfig
+    from asyncbatch.core.dotted import parse_value
+
+    assert [0.001, -200000.0, 0.001, 123, ".5e"] == [parse_value(t) for t in ("1e-3", "-2E+5", "1.0e-3", "123",
+                                                                              ".5e")]
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\nsampling: {temperature: 5e-1}\n")
+    assert 0.5 == ExperimentConfig.from_yaml(path, overrides=[]).sampling.temperature
+    assert 0.25 == ExperimentConfig.from_yaml(path, overrides=["sampling.temperature=25e-2"]).sampling.temperature
 
 
 def test_missing_file_and_bad_yaml(tmp_path, capsys, no_model_builds):
@@ -232,7 +264,7 @@ def test_missing_file_and_bad_yaml(tmp_path, capsys, no_model_builds):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_unavailable_device_exits_1_and_leaves_no_directory(tmp_path, capsys):
     code, _, err = _run(capsys, "run", str(DEFAULT), "--set", "engine.model.device=cuda", "--out", str(tmp_path / "o"))
-    assert code == 1 and "no CUDA device" in err
+    assert code == 1 and "engine.model.device: 'cuda', but this machine has no CUDA device" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -27,6 +27,7 @@ def reference(tiny64):
     ([], SamplingParams(max_new_tokens=4), "empty prompt"),
     ([1, 512, 3], SamplingParams(max_new_tokens=4), "outside the vocabulary"),
     ([1, -1], SamplingParams(max_new_tokens=4), "outside the vocabulary"),
+    ([1, 2.0], SamplingParams(max_new_tokens=4), "prompt token 2.0 at position 1 is a float, not an int"),
     ([1, 2], SamplingParams(max_new_tokens=0), "max_new_tokens must be >= 1"),
     ([1, 2], SamplingParams(temperature=-0.5), "temperature must be >= 0"),
     ([1, 2], SamplingParams(top_p=0.0), "top_p must be in (0, 1]"),
@@ -60,6 +61,10 @@ def test_call_level_mistakes_raise_before_anything_runs(tiny64):
         engine.generate(GOOD[:2], request_ids=["a", "a"])
     with pytest.raises(TypeError, match="list of prompts"):
         engine.generate("not a list")
+    with pytest.raises(TypeError, match="params must be a SamplingParams or a list of them, got str"):
+        engine.generate(GOOD[:1], "greedy")
+    with pytest.raises(TypeError, match="params 1 must be a SamplingParams, got dict"):
+        engine.generate(GOOD[:2], [SamplingParams(), {"max_new_tokens": 3}])
 
 
 def test_stop_tokens_end_the_request_and_later_tokens_are_dropped(tiny64, reference):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .dotted import apply_override, check_path, parse_value, set_path, sweep_axes
+from .dotted import apply_override, check_path, parse_value, set_path, sweep_axes, yaml_loader
 from .engine_parts import (
     BatchConfig,
     CacheConfig,
@@ -47,6 +47,10 @@ class ComponentSpec:
         """YAML `name` or `{name: ..., **params}` -> spec, checked against the `family` registry."""
         if isinstance(value, ComponentSpec):
             return value
+        if host is None:
+            from .plugin_host import get_plugin_host  # noqa: PLC0415
+
+            host = get_plugin_host()
         if isinstance(value, str):
             name, params = value, {}
         elif isinstance(value, dict):
@@ -57,11 +61,9 @@ class ComponentSpec:
             if not isinstance(name, str):
                 raise ConfigError(f"{key}.name", f"expected a string, got {show(name)}")
         else:
-            raise ConfigError(key, f"expected a component name or a mapping with 'name', got {show(value)}")
-        if host is None:
-            from .plugin_host import get_plugin_host  # noqa: PLC0415
-
-            host = get_plugin_host()
+            hint = " (YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) else ""
+            raise ConfigError(key, f"expected a component name or a mapping with 'name', got {show(value)}{hint}",
+                              host.registry(family).names())
         component = host.registry(family).get(name, key if isinstance(value, str) else f"{key}.name")
         return cls(name, component.make_config(params, key))
 
@@ -356,7 +358,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("", f"config file not found: {path}")
     with path.open() as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=yaml_loader())  # noqa: S506  (a safe loader)
         except yaml.YAMLError as exc:
             raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
         except ValueError as exc:  # e.g. an int of more than 4300 digits, which Python refuses to read

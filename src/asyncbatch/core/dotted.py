@@ -11,13 +11,34 @@ from typing import Any
 from .errors import ConfigError
 from .types import show
 
+_LOADER: Any = None
+
+
+def yaml_loader() -> Any:
+    """PyYAML's safe loader, reading `1e-3` and `5E+2` as numbers, as YAML 1.2 and JSON do: YAML 1.1 wants a dot in
+    the mantissa (`1.0e-3`) and reads the rest as strings, which then fail as "expected a number, got str"."""
+    global _LOADER
+    if _LOADER is None:
+        import re
+
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))
+        _LOADER = Loader
+    return _LOADER
+
 
 def parse_value(text: str) -> Any:
-    """`--set` values are YAML scalars/lists: `3`, `0.5`, `true`, `[1, 2]`, `double`."""
+    """`--set` values are YAML scalars/lists: `3`, `0.5`, `1e-3`, `true`, `[1, 2]`, `double`."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=yaml_loader())  # noqa: S506  (a safe loader)
     except yaml.YAMLError:
         return text
 

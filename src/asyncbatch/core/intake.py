@@ -51,9 +51,17 @@ class Intake:
         n = len(prompts)
         if params is None:
             params = SamplingParams()
-        plist = [params] * n if isinstance(params, SamplingParams) else list(params)
+        if isinstance(params, SamplingParams):
+            plist = [params] * n
+        elif isinstance(params, Sequence) and not isinstance(params, (str, bytes)):
+            plist = list(params)
+        else:
+            raise TypeError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}")
         if len(plist) != n:
             raise ValueError(f"got {n} prompts but {len(plist)} SamplingParams")
+        for i, p in enumerate(plist):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params {i} must be a SamplingParams, got {type(p).__name__}")
         ids = list(request_ids) if request_ids is not None else [str(next(self._next_id)) for _ in range(n)]
         if len(ids) != n or len(set(ids)) != n:
             raise ValueError("request_ids must be unique, one per prompt")
@@ -101,7 +109,10 @@ class Intake:
         if len(ids) == 0:
             raise RequestError("empty prompt: a request needs at least one prompt token")
         for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise RequestError(f"prompt token {t!r} at position {i} is a {type(t).__name__}, not an int "
+                                   f"(token ids are Python ints)")
+            if not 0 <= t < vocab:
                 raise RequestError(f"prompt token {t!r} at position {i} is outside the vocabulary [0, {vocab})")
         request.params.validate()
         validate_arrival(request.arrival_time)

@@ -32,10 +32,17 @@ def kv_cache_blocks(cache: Any, device: Any, dtype: Any, geo: dict[str, int], fr
 def max_model_len(cache: Any, geo: dict[str, int], num_blocks: int) -> int:
     """The longest sequence a run can hold: the model's context, the cache (block 0 is padding), and
     `engine.cache.max_model_len` where set."""
-    limits = [geo["max_positions"], (num_blocks - 1) * cache.block_size]
+    limits = {"engine.model": (geo["max_positions"], "the model's context (max_position_embeddings)"),
+              "engine.cache": ((num_blocks - 1) * cache.block_size, f"a KV cache of {num_blocks} blocks of "
+                                                                    f"{cache.block_size}, one kept for padding")}
     if cache.max_model_len is not None:
-        limits.append(cache.max_model_len)
-    return min(limits)
+        limits["engine.cache.max_model_len"] = (cache.max_model_len, "engine.cache.max_model_len")
+    key = min(limits, key=lambda k: limits[k][0])
+    longest, why = limits[key]
+    if longest < 2:  # every request would fail: not one prompt token and one generated token fit
+        raise ConfigError(key, f"sequences of at most {longest} tokens cannot hold a prompt token and a generated "
+                               f"one (the limit comes from {why})")
+    return longest
 
 
 def allocate_kv(num_blocks: int, block_size: int, geo: dict[str, int], dtype: Any, device: Any) -> tuple[list, list]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import ConfigError, UnsupportedError
+from .types import show
 
 log = logging.getLogger("asyncbatch")
 
@@ -24,7 +25,7 @@ def resolve_device(name: str) -> Any:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedError("model.device is 'cuda' but this machine has no CUDA device (use 'auto' or 'cpu')")
+        raise UnsupportedError("engine.model.device: 'cuda', but this machine has no CUDA device (use auto or cpu)")
     return torch.device(name)
 
 
@@ -44,8 +45,14 @@ def preset_config(cfg: ModelConfig, host: Any) -> Any:
         if not hasattr(hf_config, key):
             raise ConfigError(f"engine.model.overrides.{key}", f"not a field of {type(hf_config).__name__}",
                               [k for k in hf_config.to_dict() if not k.startswith("_")])
+        if key in _SIZES and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"engine.model.overrides.{key}", f"expected an int >= 1, got {show(value)}")
         setattr(hf_config, key, value)
     return hf_config
+
+
+_SIZES = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"})  # counts a model needs >= 1 of
 
 
 def build_model(cfg: ModelConfig, host: Any, *, on_layer: Callable[[int, Any], None] | None = None

@@ -93,6 +93,9 @@ class Arrival:
         return out
 
 
+MAX_REQUESTS = 1 << 24
+
+
 @attrs.frozen
 class SyntheticConfig:
     """Random prompts of `prompt_len` tokens; each request generates up to `output_len` tokens."""
@@ -104,8 +107,9 @@ class SyntheticConfig:
     seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.num_requests < 1:
-            raise ConfigError("workload.num_requests", f"must be >= 1, got {show(self.num_requests)}")
+        if not 1 <= self.num_requests <= MAX_REQUESTS:
+            raise ConfigError("workload.num_requests", f"must be in [1, {MAX_REQUESTS}] (the requests are built "
+                                                       f"before the run), got {show(self.num_requests)}")
 
 
 class Synthetic:

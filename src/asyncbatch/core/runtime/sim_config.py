@@ -25,18 +25,27 @@ class RandomChooser:
         return self._rng.randrange(n)
 
 
+def _duration(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(attribute.name, f"must be a finite number >= 0 (milliseconds), got {value}")
+
+
+def _ms(default: float) -> Any:
+    return attrs.field(default=default, validator=_duration)
+
+
 @attrs.frozen
 class CostModel:
     """Per-op durations in milliseconds, for virtual time. `gpu_per_token_ms` adds to compute per batch token."""
 
-    cpu_prep_ms: float = 1.0
-    cpu_update_ms: float = 0.5
-    launch_eager_ms: float = 2.0
-    launch_graph_ms: float = 0.05
-    gpu_compute_ms: float = 10.0
-    gpu_per_token_ms: float = 0.0
-    h2d_ms: float = 0.05
-    d2h_ms: float = 0.02
+    cpu_prep_ms: float = _ms(1.0)
+    cpu_update_ms: float = _ms(0.5)
+    launch_eager_ms: float = _ms(2.0)
+    launch_graph_ms: float = _ms(0.05)
+    gpu_compute_ms: float = _ms(10.0)
+    gpu_per_token_ms: float = _ms(0.0)
+    h2d_ms: float = _ms(0.05)
+    d2h_ms: float = _ms(0.02)
 
     def op_ms(self, name: str, info: dict) -> float:
         if name == "comp":
