@@ -125,6 +125,31 @@ def test_replicas_of_tensor_parallel_groups_give_exactly_the_tokens_of_one_proce
     assert ranks[0]["num_requests"] == ranks[1]["num_requests"]
 
 
+def test_per_head_qk_norms_split_with_their_heads_and_norms_over_all_heads_are_refused(tmp_path):
+    """Cohere's q/k norms hold a row of weights per head: each rank keeps its heads' rows and gives the tokens of
+    one process. OLMo 2 normalises q and k over all heads at once, which no rank can: refused, naming why."""
+    import torch
+    import transformers as t
+    from transformers import AutoModelForCausalLM
+
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, initializer_range=0.2, eos_token_id=2)
+    for name, config in (("cohere", t.CohereConfig(**sizes, use_qk_norm=True)), ("olmo2", t.Olmo2Config(**sizes))):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / name)
+    cohere = [*SMALL, "--set", f"engine.model.path={tmp_path / 'cohere'}"]
+    assert 0 == _cli("--out", str(tmp_path / "one"), *cohere).returncode
+
+    split = _cli("--out", str(tmp_path / "tp"), "--set", "engine.parallel.tensor=2", *cohere)
+    olmo = _cli("--out", str(tmp_path / "o"), "--set", "engine.parallel.tensor=2", *SMALL,
+                "--set", f"engine.model.path={tmp_path / 'olmo2'}")
+
+    assert 0 == split.returncode, split.stderr
+    assert _tokens(tmp_path / "one") == _tokens(tmp_path / "tp")
+    assert 1 == olmo.returncode
+    assert "olmo2 normalises its q projection over all heads at once (q_norm weight (64,))" in olmo.stderr
+
+
 def test_tensor_parallelism_refuses_what_it_cannot_split(tmp_path):
     done = _cli("--out", str(tmp_path / "tp"), "--set", "engine.parallel.tensor=4", *SMALL)  # 2 KV heads
 

@@ -53,6 +53,8 @@ def asyncbatch_attention(module: Any, query: Any, key: Any, value: Any, attentio
         raise RuntimeError("the asyncbatch attention implementation runs only inside an asyncbatch engine step")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by asyncbatch backends")
+    if kwargs.get("s_aux") is not None:  # refused when the model is prepared; a layer added later still fails here
+        raise NotImplementedError("attention sinks are not supported by asyncbatch backends")
     import torch
 
     q = query[0].transpose(0, 1)
@@ -87,6 +89,12 @@ def activate(ctx: AttentionContext, attention_modules: list[Any]) -> None:
     for layer, module in enumerate(attention_modules):
         if "_asyncbatch_layer" not in module._buffers:
             module.register_buffer("_asyncbatch_layer", torch.tensor(layer), persistent=False)
+    _ACTIVE[:] = [ctx]
+
+
+def use_context(ctx: AttentionContext) -> None:
+    """Make `ctx` the fallback context of eager layers too: some decoder layers (StableLM's, for one) call their
+    attention without passing on the forward kwargs that carry it. Called by every engine at the start of a run."""
     _ACTIVE[:] = [ctx]
 
 

@@ -21,12 +21,22 @@ from .errors import UnsupportedError
 log = logging.getLogger("asyncbatch")
 
 
-def decoder_layers(model: Any) -> Any:
+def _text_model(model: Any) -> Any:
+    """The module holding the decoder layers: `model.<base>`, or its `language_model` in a multimodal checkpoint
+    (Gemma 3, for one: `model.model.language_model.layers`)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    layers = getattr(base, "layers", None)
+    if getattr(base, "layers", None) is None and getattr(getattr(base, "language_model", None), "layers", None) \
+            is not None:
+        return base.language_model
+    return base
+
+
+def decoder_layers(model: Any) -> Any:
+    layers = getattr(_text_model(model), "layers", None)
     if layers is None:
+        prefix = getattr(model, "base_model_prefix", "model")
         raise UnsupportedError(f"cannot find the decoder layers of {type(model).__name__} (expected "
-                               f"model.{getattr(model, 'base_model_prefix', 'model')}.layers) to compile them")
+                               f"model.{prefix}.layers or model.{prefix}.language_model.layers)")
     return layers
 
 
@@ -37,7 +47,7 @@ def attention_modules(model: Any) -> list[Any]:
         attn = getattr(layer, "self_attn", None)
         if attn is None or getattr(attn, "layer_idx", i) != i:
             raise UnsupportedError(f"decoder layer {i} of {type(model).__name__} has no `self_attn` with "
-                                   "layer_idx {i}; compile it with `compile: none`")
+                                   f"layer_idx {i}; run it with `engine.compile: none`")
         mods.append(attn)
     return mods
 
@@ -46,7 +56,7 @@ def outer_modules(model: Any) -> list[Any]:
     """The once-a-step modules around the decoder layers that are compiled with them, where the model has them."""
     import torch
 
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    base = _text_model(model)
     found = [getattr(base, name, None) for name in ("norm", "rotary_emb")]
     return [m for m in found if isinstance(m, torch.nn.Module)]
 

@@ -60,7 +60,7 @@ def settle(model: Any, state: ModelState) -> None:
 
 def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     """Put `model` in `state`, with `attention_context` active for compiled layers."""
-    from .attention_api import ATTN_IMPLEMENTATION, activate
+    from .attention_api import ATTN_IMPLEMENTATION, activate, use_context
     from .compile import attention_modules, set_compiled
     from .decode_gemm import set_decode_gemm
     from .fusion import set_fused
@@ -78,6 +78,8 @@ def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     set_compiled(model, state.compiled)  # also undoes an earlier engine's compilation of a shared model
     if state.compiled:
         activate(attention_context, attention_modules(model))
+    else:
+        use_context(attention_context)
 
 
 def release(model: Any, caller_attention: str | None) -> None:

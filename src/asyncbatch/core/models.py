@@ -81,8 +81,13 @@ def build_model(cfg: ModelConfig, host: Any, *, on_layer: Callable[[int, Any], N
         log.info("built %s with random weights (seed %d), %s parameters, %s on %s", preset, cfg.seed,
                  count_text(sum(p.numel() for p in model.parameters())), dtype, device)
     else:
+        from .model_support import config_unsupported
+
         path = Path(cfg.path).expanduser()
         hf_config = checkpoint_config(path)
+        reason = config_unsupported(hf_config)
+        if reason:  # before any weight is read
+            raise UnsupportedError(f"{path}: {reason}")
         model = _load_weights(AutoModelForCausalLM, path, hf_config, dtype)
         if on_layer is not None:
             from .compile import decoder_layers
@@ -205,7 +210,11 @@ def load_tokenizer(path: str) -> Any:
 def prepare_model(model: Any) -> Any:
     """Switch an already-loaded causal LM to the asyncbatch attention function (raises if it cannot)."""
     from .attention_api import ATTN_IMPLEMENTATION, register_with_transformers
+    from .model_support import config_unsupported, module_unsupported
 
+    reason = config_unsupported(model.config) or module_unsupported(model)
+    if reason:
+        raise UnsupportedError(reason)
     register_with_transformers()
     can = getattr(model, "_can_set_attn_implementation", None)
     if can is not None and not can():
@@ -220,6 +229,8 @@ def prepare_model(model: Any) -> Any:
 def model_geometry(model: Any) -> dict[str, int]:
     """Layers, KV heads (this rank's, in a tensor-parallel model), head size, vocabulary and context length of a
     transformers causal LM."""
+    from .model_support import max_positions
+
     c = model.config
     c = getattr(c, "text_config", None) or c
     heads = c.num_attention_heads
@@ -230,7 +241,7 @@ def model_geometry(model: Any) -> dict[str, int]:
         "kv_heads": (getattr(c, "num_key_value_heads", None) or heads) // shards,
         "head_dim": head_dim,
         "vocab": _vocab(model.get_output_embeddings()),
-        "max_positions": getattr(c, "max_position_embeddings", 1 << 20),
+        "max_positions": max_positions(model.config),
     }
 
 

@@ -62,6 +62,16 @@ def _keep_rows(linear: Any, parts: int, rank: int) -> None:
     linear.out_features = rows
 
 
+def _keep_head_rows(norm: Any, parts: int, rank: int) -> None:
+    import torch
+
+    rows = norm.weight.shape[0] // parts
+    sl = slice(rank * rows, (rank + 1) * rows)
+    norm.weight = torch.nn.Parameter(norm.weight.data[sl].clone(), requires_grad=False)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias = torch.nn.Parameter(norm.bias.data[sl].clone(), requires_grad=False)
+
+
 def _keep_columns(linear: Any, parts: int, rank: int) -> None:
     import torch
 
@@ -96,16 +106,39 @@ def shard_layer(layer: Any, i: int, group: Any, rank: int, size: int, model_name
         if parent is None or not all(type(m) is torch.nn.Linear for m in mods):
             raise UnsupportedError(f"decoder layer {i} of {model_name} lacks the transformers layout tensor "
                                    f"parallelism shards ({', '.join((*columns, row))} as Linear)")
+        norms = []
         if parent is attn and getattr(attn, "head_dim", None):
             _check("attention heads", mods[0].out_features // attn.head_dim, size)
             _check("KV heads", mods[1].out_features // attn.head_dim, size)
+            norms = _head_norms(attn, i, model_name)
         if parent is mlp:
             _check("MLP intermediate size", mods[0].out_features, size)
         for m in mods[:-1]:
             _keep_rows(m, size, rank)
+        for norm in norms:  # one row of weights per head: this rank keeps its heads' rows
+            _keep_head_rows(norm, size, rank)
         _keep_columns(mods[-1], size, rank)
         reduce = _reducer(Reducer, group, all_reduce, mods[-1].weight.dtype, mods[-1].weight.device)
         setattr(parent, row, row_parallel(mods[-1], reduce))
+
+
+def _head_norms(attn: Any, i: int, model_name: str) -> list[Any]:
+    """The q/k norms of a layer that need sharding with its heads: those with one row of weights per head (Cohere).
+    A norm over one head's features (Qwen3) is shared by every head and stays whole. A norm over all heads'
+    features at once (OLMo 2) needs every head's values, which no rank holds: refused."""
+    out = []
+    for name, proj in (("q_norm", attn.q_proj), ("k_norm", attn.k_proj)):
+        weight = getattr(getattr(attn, name, None), "weight", None)
+        if weight is None or weight.numel() == attn.head_dim:
+            continue
+        heads = proj.out_features // attn.head_dim
+        if weight.dim() == 2 and weight.shape[0] == heads:
+            out.append(getattr(attn, name))
+        else:
+            raise UnsupportedError(f"decoder layer {i} of {model_name} normalises its {name[0]} projection over all "
+                                   f"heads at once ({name} weight {tuple(weight.shape)}): a tensor-parallel rank "
+                                   "holds only some heads and cannot compute it")
+    return out
 
 
 _reducers: dict[tuple, tuple[Any, Any]] = {}  # (group id, kind, dtype, device) -> (group, its reducer)
@@ -120,12 +153,13 @@ def _reducer(make: Any, group: Any, kind: str, dtype: Any, device: Any) -> Any:
     return held[1]
 
 
-def layer_sharder(world: Any) -> Any:
+def layer_sharder(world: Any, model_name: str = "the model") -> Any:
     """`on_layer` for `build_model`: shards each layer of this rank as it is built (None without tensor
-    parallelism). The caller finishes the built model with `mark_sharded`."""
+    parallelism); `model_name` is what its refusals call the model. The caller finishes the built model with
+    `mark_sharded`."""
     if world.tensor == 1:
         return None
-    return lambda i, layer: shard_layer(layer, i, world.tp_group, world.tp_rank, world.tensor,
+    return lambda i, layer: shard_layer(layer, i, world.tp_group, world.tp_rank, world.tensor, model_name,
                                         all_reduce=world.all_reduce)
 
 

@@ -144,7 +144,7 @@ class ModelCache:
         if self.value is None or self.key != cfg:
             self.value = None
             _free_memory()
-            on_layer = tensor_parallel.layer_sharder(self.world)
+            on_layer = tensor_parallel.layer_sharder(self.world, cfg.path or cfg.source_preset or "the model")
             self.value = models.build_model(cfg, self.host, **({"on_layer": on_layer} if on_layer else {}))
             if on_layer is not None:
                 w = self.world

@@ -1,0 +1,78 @@
+"""Which transformers models the engine computes exactly, refused before anything runs where it would not.
+
+The engine runs a model's own forward with one attention function (`attention_api`) over a paged KV cache, and
+keeps no other state between steps. A model whose layers need more than that would produce wrong tokens without
+an error, so it is refused with the reason, from its config where possible (before any weight is read):
+
+* layers that are not attention: recurrent, convolutional or linear-attention layers (`layer_types` such as
+  `linear_attention`, `conv`, `mamba`), whose state would be lost between steps; a model with no attention heads;
+* attention the backends do not compute: logit soft-capping (Gemma 2), chunked local attention (Llama 4),
+  multi-head latent attention (DeepSeek V2/V3: keys and values of other widths than `head_dim`), and attention
+  sinks (GPT-OSS, found on the loaded modules).
+
+`max_positions` gives the longest sequence a model computes the same way whatever shares its batch: LongRoPE
+(Phi-3 and Phi-4 long-context checkpoints) picks its rotary frequencies from the longest position in the packed
+step, so past `original_max_position_embeddings` a request's tokens would depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("asyncbatch")
+
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
+_STATEFUL_MODULES = ("Mamba", "Mixer", "GatedDeltaNet", "ShortConv", "LinearAttention", "RWKV")  # class-name fragments
+
+
+def text_config(config: Any) -> Any:
+    return getattr(config, "text_config", None) or config
+
+
+def config_unsupported(config: Any) -> str | None:
+    """Why the engine cannot run a model of this transformers config exactly; None when it can."""
+    c = text_config(config)
+    name = type(config).__name__.removesuffix("Config") or "this model"
+    if not getattr(c, "num_attention_heads", None):
+        return f"{name} has no attention heads (num_attention_heads): not an attention model"
+    kinds = set(getattr(c, "layer_types", None) or ()) | set(getattr(c, "layers_block_type", None) or ())
+    if "chunked_attention" in kinds:
+        return f"{name} has chunked local attention layers, which the backends do not compute"
+    other = sorted(k for k in kinds if isinstance(k, str) and k not in ATTENTION_LAYER_TYPES)
+    if other:
+        return (f"{name} has {', '.join(other)} layers besides attention; the engine keeps only a KV cache "
+                "between steps, so their state would be lost")
+    if getattr(c, "attn_logit_softcapping", None) is not None:
+        return f"{name} soft-caps its attention logits (attn_logit_softcapping), which the backends do not compute"
+    if getattr(c, "kv_lora_rank", None):
+        return f"{name} uses multi-head latent attention (kv_lora_rank), which the paged KV cache does not hold"
+    return None
+
+
+def module_unsupported(model: Any) -> str | None:
+    """What only the built modules show: attention sinks, and stateful layers the config does not name."""
+    name = type(model).__name__
+    for path, _ in model.named_parameters():
+        if path.rsplit(".", 1)[-1] == "sinks":
+            return f"{name} has attention sinks ({path}), which the backends do not compute"
+    for path, module in model.named_modules():
+        if any(fragment in type(module).__name__ for fragment in _STATEFUL_MODULES):
+            return (f"{name} has a {type(module).__name__} layer ({path}); the engine keeps only a KV cache "
+                    "between steps, so its state would be lost")
+    return None
+
+
+def max_positions(config: Any) -> int:
+    """The longest sequence the engine runs this model for (see the module's note on LongRoPE)."""
+    c = text_config(config)
+    limit = getattr(c, "max_position_embeddings", None) or 1 << 20
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope":
+        original = rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings",
+                                                                           None)
+        if original and original < limit:
+            log.info("LongRoPE: sequences are limited to %d tokens (original_max_position_embeddings; beyond it "
+                     "the model's rotary frequencies would depend on what shares the batch)", original)
+            limit = original
+    return limit
