@@ -38,6 +38,7 @@ def build_pipeline_parts(host: Any, config: Any, runtime: Any) -> PipelineParts:
     `runtime`. Says so in the log where the runtime changes what they can do."""
     buffers = build(host, "buffer_policy", config.buffers)
     topology = build(host, "stream_topology", config.streams)
+    check_topology(topology, config.streams.name)
     graph_spec = config.graphs
     if runtime.graph_support == "none" and graph_spec.name != "eager":
         log.info("runtime %r has no graphs: graph policy %r falls back to 'eager'", runtime.name, graph_spec.name)
@@ -47,6 +48,20 @@ def build_pipeline_parts(host: Any, config: Any, runtime: Any) -> PipelineParts:
                  "tokens but no overlap here", runtime.name, config.buffers.name, config.streams.name)
     return PipelineParts(build(host, "scheduler", config.scheduler), buffers, topology,
                          build(host, "graph_policy", graph_spec), graph_spec.name)
+
+
+def check_topology(topology: Any, name: str) -> None:
+    """Every role runs on a stream the topology creates (a runtime would fail on the first op otherwise, and the
+    CPU and `sim` runtimes would not notice at all)."""
+    from .errors import ConfigError
+    from .interfaces import ROLES
+
+    streams = tuple(topology.streams)
+    for role in ROLES:
+        stream = topology.stream_for(role)
+        if stream not in streams:
+            raise ConfigError("engine.streams", f"stream topology {name!r} runs {role} on stream {stream!r}, which "
+                                                f"it does not create (its streams: {', '.join(map(repr, streams))})")
 
 
 def build_runtime(host: Any, spec: Any, device: Any) -> Any:

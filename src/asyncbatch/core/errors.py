@@ -40,7 +40,8 @@ class UnsupportedError(AsyncBatchError, RuntimeError):
 class PluginError(AsyncBatchError, RuntimeError):
     """A plugin's hook raised; the message names the plugin."""
 
-    def __init__(self, plugin: str, hook: str, cause: BaseException) -> None:
+    def __init__(self, plugin: str, hook: str, cause: BaseException, *, doing: str = "in hook") -> None:
         self.plugin = plugin
         self.hook = hook
-        super().__init__(f"plugin {plugin!r} failed in hook {hook}: {type(cause).__name__}: {cause}")
+        text = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())  # one line
+        super().__init__(f"plugin {plugin!r} failed {doing} {hook}: {type(cause).__name__}: {text}")

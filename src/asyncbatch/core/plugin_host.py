@@ -77,6 +77,7 @@ class PluginHost:
         for i, plugin in enumerate(extra_plugins):
             name = getattr(plugin, "__name__", None) or type(plugin).__name__
             pm.register(plugin, name=name if pm.get_plugin(name) is None else f"{name}#{i}")
+        _check_hook_names(pm)
         return cls(pm)
 
     def _fill(self, family: str) -> None:
@@ -122,14 +123,36 @@ class PluginHost:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    declared: dict[str, str] = {}  # entry-point name -> the distribution that declares it
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if getattr(ep, "dist", None) is not None else "an unknown distribution"
+        if ep.name in declared:  # the second would be skipped in silence, and its components missing
+            raise PluginError(ep.name, f"entry point {ep.value}", ValueError(
+                f"both {declared[ep.name]} and {dist} declare the entry point {ep.name!r}; uninstall one or rename "
+                "its entry point"), doing="to load from")
+        declared[ep.name] = dist
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
         try:
             plugin: ModuleType | object = ep.load()
         except Exception as exc:
-            raise PluginError(ep.name, f"entry point {ep.value}", exc) from exc
-        pm.register(plugin, name=ep.name)
+            raise PluginError(ep.name, f"entry point {ep.value}", exc, doing="to load from") from exc
+        try:  # a hook implementation whose arguments are not its spec's, or a module under two names
+            pm.register(plugin, name=ep.name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(ep.name, f"entry point {ep.value}", exc, doing="to register from") from exc
+
+
+def _check_hook_names(pm: pluggy.PluginManager) -> None:
+    """A hook implementation whose name is no asyncbatch hook (a typo: `asyncbatch_register_scheduler`) would never
+    be called, and its components would be missing without a word."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        hooks = sorted(h for h in dir(pm.hook) if h.startswith("asyncbatch_") and getattr(pm.hook, h).has_spec())
+        raise PluginError(name, "check", ValueError(f"{exc} (asyncbatch hooks: {', '.join(hooks)})"),
+                          doing="the hook") from exc
 
 
 _default_host: PluginHost | None = None

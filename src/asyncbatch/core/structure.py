@@ -106,7 +106,7 @@ def structure(cls: type, data: Any, key: str) -> Any:
         if name not in fields:
             raise ConfigError(f"{key}.{name}" if key else name, "unknown key", list(fields))
         sub = f"{key}.{name}" if key else name
-        tp = hints[name]
+        tp = hints.get(name, Any)  # `x = attrs.field(default=1)` has no annotation: any value, as attrs takes it
         if value is None and isinstance(tp, type) and attrs.has(tp) and fields[name].default is not attrs.NOTHING:
             continue  # `section:` with nothing under it: the field's own default, not the class's
         if hook is not None:
@@ -122,8 +122,9 @@ def structure(cls: type, data: Any, key: str) -> Any:
         if key and not exc.key.startswith(key):
             raise ConfigError(f"{key}.{exc.key.split('.')[-1]}" if exc.key else key, exc.message, exc.valid) from None
         raise
-    except (TypeError, ValueError, ArithmeticError) as exc:
-        raise ConfigError(key or cls.__name__, str(exc)) from exc
+    except (TypeError, ValueError, ArithmeticError, AssertionError) as exc:  # a plugin config's own checks
+        raise ConfigError(key or cls.__name__, str(exc) or f"{cls.__name__} refused these values "
+                                                           f"({type(exc).__name__})") from exc
 
 
 def unstructure(value: Any) -> Any:

@@ -39,6 +39,7 @@ from .report import (
     write_json,
     write_yaml,
 )
+from .workloads import checked_requests
 
 # Older code imports these from here.
 __all__ = ["CellResult", "ExperimentResult", "ModelCache", "cell_label", "fmt", "format_table", "make_out_dir",
@@ -192,7 +193,7 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
     engine.startup_s += model_s
     factory = cache.host.registry("workload").get(cfg.workload.name, "workload").factory
     workload = factory(cfg.workload.config, vocab_size=engine.geometry["vocab"], seed=cfg.seed)
-    requests = workload.requests(cfg.sampling, tokenizer=engine.tokenizer)
+    requests = checked_requests(workload.requests(cfg.sampling, tokenizer=engine.tokenizer), cfg.workload.name)
     if world.tensor > 1:
         tensor_parallel.check_requests(requests)
     engine.runtime.record_spans = trace_path is not None

@@ -190,3 +190,18 @@ class JsonlPrompts:
                 params = attrs.evolve(sampling, max_new_tokens=row["max_new_tokens"])
             out.append(Request(str(row.get("id", f"req-{i}")), prompt, params, times[i]))
         return out
+
+
+def checked_requests(requests: Any, workload: str) -> list[Request]:
+    """What a workload returned, as the engine needs it: a list of `Request`s with distinct ids (results are keyed
+    by id). A plugin workload is named when it breaks that; bad values inside a request fail that request alone."""
+    if not isinstance(requests, (list, tuple)) or not all(isinstance(r, Request) for r in requests):
+        got = type(requests).__name__ if not isinstance(requests, (list, tuple)) else \
+            next(type(r).__name__ for r in requests if not isinstance(r, Request))
+        raise ConfigError("workload", f"workload {workload!r} must return a list of asyncbatch Requests, got {got}")
+    seen: set[str] = set()
+    for r in requests:
+        if r.request_id in seen:
+            raise ConfigError("workload", f"workload {workload!r} returned request id {r.request_id!r} more than once")
+        seen.add(r.request_id)
+    return list(requests)
