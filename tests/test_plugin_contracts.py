@@ -134,3 +134,36 @@ def test_a_workload_must_return_distinct_requests() -> None:
         checked_requests([req, {"prompt": [1]}], "mine")
     with pytest.raises(ConfigError, match=r"workload 'mine' returned request id 'a' more than once"):
         checked_requests([req, Request("a", (3,), SamplingParams())], "mine")
+
+
+def _boom_class() -> type:
+    from asyncbatch.strategies.schedulers import Fifo
+
+    class Boom(Fifo):
+        """Fails on its third batch, like a plugin with a bug."""
+
+        calls = 0
+
+        def schedule(self, *args: Any, **kwargs: Any) -> Any:
+            type(self).calls += 1
+            if type(self).calls == 3:
+                raise RuntimeError("scheduler bug on call 3")
+            return super().schedule(*args, **kwargs)
+
+    return Boom
+
+
+class BoomPlugin:
+    @asyncbatch.hookimpl
+    def asyncbatch_register_schedulers(self, register: Any) -> None:
+        register("boom", _boom_class())
+
+
+def test_a_plugin_strategy_that_raises_during_a_run_is_named_with_its_plugin(tiny32: Any) -> None:
+    host = PluginHost.create(extra_plugins=[BoomPlugin()], load_entry_points=False)
+    engine = Engine.from_model(tiny32, EngineConfig.from_dict({"runtime": "cpu", "scheduler": "boom"}, host=host),
+                               host=host)
+
+    with pytest.raises(asyncbatch.core.errors.ComponentError,
+                       match=r"scheduler 'boom' of plugin 'BoomPlugin' raised RuntimeError: scheduler bug on call 3"):
+        engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=8))

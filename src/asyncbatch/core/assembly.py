@@ -32,6 +32,12 @@ class PipelineParts:
     graphs: Any
     graph_name: str
 
+    def strategies(self, config: Any) -> list[tuple[str, str, Any]]:
+        """(registry family, name, object) of each strategy, for `blame`."""
+        return [("scheduler", config.scheduler.name, self.scheduler),
+                ("buffer_policy", config.buffers.name, self.buffers),
+                ("stream_topology", config.streams.name, self.topology), ("graph_policy", self.graph_name, self.graphs)]
+
 
 def build_pipeline_parts(host: Any, config: Any, runtime: Any) -> PipelineParts:
     """The scheduler, buffer policy, stream topology and graph policy `config` (an `EngineConfig`) names, for

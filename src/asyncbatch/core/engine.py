@@ -13,6 +13,7 @@ import attrs
 
 from . import assembly, model_state
 from .attention_api import AttentionContext, deactivate
+from .blame import blame
 from .book import RequestBook
 from .cancels import Cancels
 from .collector import CollectorPause
@@ -23,7 +24,7 @@ from .kv_sizing import allocate_kv, kv_cache_blocks, max_model_len, memory_repor
 from .layout import HostBatchWriter, SlotLayout
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
-from .plugin_host import PluginHost, get_plugin_host
+from .plugin_host import DEFAULT_PLUGINS, PluginHost, get_plugin_host
 from .races import race_report, raise_if_racy
 from .requests import Status
 from .runtime.base import Runtime
@@ -62,6 +63,7 @@ class Engine:
                                                 f"the model is on {device}")
         parts = assembly.build_pipeline_parts(self.host, config, self.runtime)
         self.scheduler, buffers, topology, graphs = parts.scheduler, parts.buffers, parts.topology, parts.graphs
+        self._strategies = parts.strategies(config)
         self.batch_invariant = config.batch_invariant
         if self.batch_invariant:
             from .invariant import check_supported
@@ -209,6 +211,9 @@ class Engine:
             other_cpu = cpu_outside_thread(cpu)
         except Exception as exc:
             raise_if_racy(rt, exc)  # a recorded race explains the failure: RaceError, chained from it
+            blamed = blame(exc, self._strategies, host, DEFAULT_PLUGINS)
+            if blamed is not None:
+                raise blamed from exc
             raise
         finally:
             self._cancels.detach()

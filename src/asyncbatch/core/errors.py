@@ -45,3 +45,12 @@ class PluginError(AsyncBatchError, RuntimeError):
         self.hook = hook
         text = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())  # one line
         super().__init__(f"plugin {plugin!r} failed {doing} {hook}: {type(cause).__name__}: {text}")
+
+
+class ComponentError(AsyncBatchError, RuntimeError):
+    """A plugin's strategy (scheduler, buffer policy, ...) raised during a run; the message names it and its
+    plugin, where the bare exception would read as asyncbatch's own failure."""
+
+    def __init__(self, family: str, name: str, plugin: str, cause: BaseException) -> None:
+        self.family, self.name, self.plugin = family, name, plugin
+        super().__init__(f"{family} {name!r} of plugin {plugin!r} raised {type(cause).__name__}: {cause}")
