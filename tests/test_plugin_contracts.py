@@ -167,3 +167,25 @@ def test_a_plugin_strategy_that_raises_during_a_run_is_named_with_its_plugin(tin
     with pytest.raises(asyncbatch.core.errors.ComponentError,
                        match=r"scheduler 'boom' of plugin 'BoomPlugin' raised RuntimeError: scheduler bug on call 3"):
         engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=8))
+
+
+class NoVictimPlugin:
+    @asyncbatch.hookimpl
+    def asyncbatch_register_schedulers(self, register: Any) -> None:
+        from asyncbatch.strategies.schedulers import Fifo
+
+        class NoVictim(Fifo):
+            def preemption_victim(self, candidates: Any) -> Any:
+                return None
+
+        register("no_victim", NoVictim)
+
+
+def test_a_preemption_victim_that_is_not_a_candidate_is_named(tiny32: Any) -> None:
+    host = PluginHost.create(extra_plugins=[NoVictimPlugin()], load_entry_points=False)
+    cfg = {"runtime": "cpu", "scheduler": "no_victim", "cache": {"num_blocks": 6, "block_size": 4}}
+    engine = Engine.from_model(tiny32, EngineConfig.from_dict(cfg, host=host), host=host)
+
+    with pytest.raises(asyncbatch.core.errors.StrategyError,
+                       match=r"scheduler NoVictim: preemption_victim returned None, not one of the \d+ running"):
+        engine.generate([[1, 2, 3, 4, 5]] * 4, SamplingParams(max_new_tokens=12, ignore_eos=True))

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .errors import StrategyError
 from .kv_blocks import KVBlocks
 from .pools import DeferredPool
 from .requests import RequestState, Status
@@ -100,7 +101,7 @@ class RequestBook:
             return sum(1 for r in running if r.is_decode and -(-(r.num_computed + 1) // block_size) > len(r.blocks))
 
         while running and self.blocks.num_free < need():
-            victim = scheduler.preemption_victim(running)
+            victim = _victim(scheduler, running)
             self.preempt(victim)
             running.remove(victim)
 
@@ -109,7 +110,7 @@ class RequestBook:
         running = [r for r in self.running if r.status is Status.RUNNING]
         if not running:
             return False
-        self.preempt(scheduler.preemption_victim(running))
+        self.preempt(_victim(scheduler, running))
         return True
 
     def on_scheduled(self, entries: Sequence[BatchEntry], batch: int) -> list[RequestState]:
@@ -242,3 +243,13 @@ class RequestBook:
         """At the end of a run every block and row must be back (a leak check, cheap)."""
         if self.blocks.num_owned or self.rows.num_owned:
             raise AssertionError(f"leak: blocks owned {self.blocks.owners()}, rows owned {self.rows.owners()}")
+
+
+def _victim(scheduler: Any, running: list[RequestState]) -> RequestState:
+    """The scheduler's choice, checked: a plugin's `preemption_victim` must return one of the requests it was given
+    (anything else would corrupt the book several calls later, far from the cause)."""
+    victim = scheduler.preemption_victim(running)
+    if not any(victim is r for r in running):
+        raise StrategyError(f"scheduler {type(scheduler).__name__}: preemption_victim returned {victim!r}, not one "
+                            f"of the {len(running)} running requests it was given")
+    return victim

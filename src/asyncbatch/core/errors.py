@@ -54,3 +54,7 @@ class ComponentError(AsyncBatchError, RuntimeError):
     def __init__(self, family: str, name: str, plugin: str, cause: BaseException) -> None:
         self.family, self.name, self.plugin = family, name, plugin
         super().__init__(f"{family} {name!r} of plugin {plugin!r} raised {type(cause).__name__}: {cause}")
+
+
+class StrategyError(AsyncBatchError, ValueError):
+    """A strategy broke its interface's contract (returned what its docstring rules out); the message names it."""
