@@ -27,6 +27,7 @@ def results(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compare")
     made = {}
     for name, extra in {"run_a": {}, "run_b": {"engine": {**BASE["engine"], "buffers": "single"}},
+                        "run_sim": {"engine": {**BASE["engine"], "runtime": "sim"}},
                         "sweep_a": {"sweep": {"engine.buffers": ["single", "double"]}},
                         "sweep_b": {"sweep": {"engine.buffers": ["double", {"name": "n_slot", "num_slots": 3}]}},
                         "reps": {"repeat": 2, "sweep": {"engine.buffers": ["single", "double"]}}}.items():
@@ -77,6 +78,15 @@ def test_two_runs(results, tmp_path, capsys, monkeypatch):
     with (made / "compare.csv").open() as fh:
         assert len(METRIC_COLUMNS) == len(list(csv.DictReader(fh)))
     assert f"written: {Path('.') / made.name / 'compare.json'}" in out
+
+
+def test_runs_on_different_runtimes_are_compared_with_a_note_on_their_clocks(results, tmp_path, capsys):
+    _, same, _ = _compare(capsys, results["run_a"], results["run_b"], "--out", tmp_path / "same")
+    _, mixed, _ = _compare(capsys, results["run_a"], results["run_sim"], "--out", tmp_path / "mixed")
+
+    assert "note:" not in same
+    assert ("note: A ran on the 'cpu' runtime and B on 'sim': their times come from different clocks (the sim "
+            "runtime's times are virtual)") in mixed
 
 
 def test_sweeps_match_cells_by_assignment(results, tmp_path, capsys):

@@ -31,6 +31,7 @@ class ResultSet:
     kind: str  # "run", "sweep", or "aggregate" (a sweep with replicates)
     keys: tuple[str, ...]
     entries: tuple[dict, ...]
+    runtime: str | None = None  # the runtime the run (or the sweep's first cell) used, where recorded
 
 
 def _read(path: Path) -> Any:
@@ -53,20 +54,20 @@ def load_results(path: str | Path) -> ResultSet:
         entries = [{"assignment": {k: r[k] for k in keys}, "n": r["n"],
                     "values": {c: r.get(f"{c}_mean") for c in METRIC_COLUMNS},
                     "ci95": {c: r.get(f"{c}_ci95") for c in METRIC_COLUMNS}} for r in data["rows"]]
-        return ResultSet(d, "aggregate", keys, tuple(entries))
+        return ResultSet(d, "aggregate", keys, tuple(entries), _read(d / "sweep.json").get("runtime"))
     if (d / "sweep.json").is_file():
         data = _read(d / "sweep.json")
         keys = tuple(data["keys"])
         entries = [{"assignment": {k: r[k] for k in keys}, "n": 1, "values": {c: r.get(c) for c in METRIC_COLUMNS},
                     "ci95": {}} for r in data["rows"]]
-        return ResultSet(d, "sweep", keys, tuple(entries))
+        return ResultSet(d, "sweep", keys, tuple(entries), data.get("runtime"))
     if (d / "results.json").is_file():
         data = _read(d / "results.json")
         if "summary" not in data:
             raise ConfigError(str(d / "results.json"), "has no 'summary': not an asyncbatch results.json")
         assignment = data.get("assignment") or {}
         entry = {"assignment": assignment, "n": 1, "values": summary_metrics(data["summary"]), "ci95": {}}
-        return ResultSet(d, "run", tuple(assignment), (entry,))
+        return ResultSet(d, "run", tuple(assignment), (entry,), data.get("runtime"))
     raise ConfigError(str(given), "not a results directory: it has neither results.json (one run) nor sweep.json "
                                   "(a sweep)")
 
@@ -99,8 +100,8 @@ def compare(a: ResultSet, b: ResultSet) -> dict[str, Any]:
             rows.append({**ea["assignment"], "cell": label, "metric": col, "a": va, "b": vb, "diff": diff,
                          "ratio": ratio, "a_ci95": ea["ci95"].get(col), "b_ci95": eb["ci95"].get(col),
                          "a_n": ea["n"], "b_n": eb["n"]})
-    return {"a": {"path": str(a.path), "kind": a.kind, "keys": list(a.keys)},
-            "b": {"path": str(b.path), "kind": b.kind, "keys": list(b.keys)},
+    return {"a": {"path": str(a.path), "kind": a.kind, "keys": list(a.keys), "runtime": a.runtime},
+            "b": {"path": str(b.path), "kind": b.kind, "keys": list(b.keys), "runtime": b.runtime},
             "rows": rows,
             "only_a": [e["assignment"] for e in a.entries if _key(e) not in paired_a],
             "only_b": [e["assignment"] for e in b.entries if _key(e) not in paired_b]}
@@ -117,6 +118,11 @@ def compare_table(result: dict[str, Any], metrics: Sequence[str] = TABLE_METRICS
     body = [([r["cell"]] if cells > 1 else []) + [r["metric"], r["a"], r["b"], r["diff"],
                                                   None if r["ratio"] is None else fmt(r["ratio"], 3)] for r in rows]
     lines = [side("a"), side("b")]
+    ra, rb = result["a"].get("runtime"), result["b"].get("runtime")
+    if ra and rb and ra != rb:
+        clock = " (the sim runtime's times are virtual)" if "sim" in (ra, rb) else ""
+        lines.append(f"note: A ran on the {ra!r} runtime and B on {rb!r}: their times come from different "
+                     f"clocks{clock}")
     if cells == 1:
         lines.append(f"cell: {rows[0]['cell']}")
     lines.append(format_table(headers, body) if rows else "no matched cells")
