@@ -177,6 +177,17 @@ def test_a_killed_rank_fails_the_run_and_is_named(tmp_path, split):
     assert "rank 1 of 2 was killed by SIGKILL" in err
 
 
+def test_the_launcher_names_the_killed_rank_before_the_ones_that_lost_it():
+    """A rank killed from outside is the cause; a peer that then aborts (gloo gives up with SIGABRT) or exits with
+    an error only followed it, whatever their ranks."""
+    from asyncbatch.parallel.launch import blame_order
+
+    ended = [(0, -signal.SIGABRT), (2, 1), (1, -signal.SIGKILL), (3, -signal.SIGABRT)]
+
+    assert [(1, -signal.SIGKILL), (0, -signal.SIGABRT), (3, -signal.SIGABRT), (2, 1)] == sorted(ended,
+                                                                                              key=blame_order)
+
+
 def test_a_stopped_rank_times_out_instead_of_hanging(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "asyncbatch", "run", str(ROOT / "configs/default.yaml"),

@@ -41,6 +41,14 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def blame_order(rank_code: tuple[int, int]) -> tuple[bool, bool, int]:
+    """Sort key of failed ranks, the likeliest cause first: a rank killed from outside (SIGKILL, SIGTERM, ...),
+    then one that aborted (SIGABRT: also how a rank whose peer died ends, when its collective library gives up),
+    then ranks that exited with an error code, which mostly report a lost peer; by rank within each."""
+    rank, code = rank_code
+    return code >= 0, code == -signal.SIGABRT, rank
+
+
 class Terminated(SystemExit):
     """The launcher got SIGTERM (exit status 143, as a shell reports it)."""
 
@@ -84,8 +92,7 @@ def launch(command: Sequence[str], nproc: int, *, log_dir: Path | None = None) -
     if failed is None:
         return 0
     ended, running = failed
-    # A killed rank first, then ranks that failed on their own, then those that only lost a peer.
-    ended.sort(key=lambda rc: (rc[1] >= 0, rc[0]))
+    ended.sort(key=blame_order)
     rank, code = ended[0]
     others = [f"rank {r} {describe_exit(c)}" for r, c in ended[1:]]
     others += [f"rank {r} was still running (stopped or hung?)" for r in running]
