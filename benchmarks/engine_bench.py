@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument("--fuse", default="auto", choices=["auto", "always", "never"],
                     help="engine.fuse_projections (auto: fused on a GPU)")
     ap.add_argument("--batch-invariant", action="store_true", help="engine.batch_invariant: true for every engine")
-    ap.add_argument("--decode-gemm", default=None, choices=["auto", "triton", "torch"],
+    ap.add_argument("--decode-gemm", default=None, choices=["auto", "triton", "tma", "torch"],
                     help="engine.decode_gemm (unset: the engine's default)")
     ap.add_argument("--pdl", default=None, choices=["auto", "always", "never"], help="engine.pdl (unset: default)")
     ap.add_argument("--block-size", type=int, default=16)

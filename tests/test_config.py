@@ -16,7 +16,7 @@ from asyncbatch import ConfigError, EngineConfig, ExperimentConfig, UnknownCompo
 @pytest.mark.parametrize("data,key,fragment", [
     ({"bogus": 1}, "bogus", "valid: attention, batch, batch_invariant, buffers, cache, compile, decode_gemm, fuse_projections, graphs, model, parallel, pdl, prefix_cache, runtime"),
     ({"fuse_projections": "yes"}, "fuse_projections", "valid: always, auto, never"),
-    ({"decode_gemm": "cublas"}, "decode_gemm", "valid: auto, torch, triton"),
+    ({"decode_gemm": "cublas"}, "decode_gemm", "valid: auto, tma, torch, triton"),
     ({"pdl": True}, "pdl", "valid: always, auto, never"),
     ({"scheduler": "fastest"}, "scheduler", "valid: fair_prefix, fifo, longest_prefix_first, prefill_first, priority, shortest_first"),
     ({"buffers": {"name": "n_slot", "num_slots": 1}}, "buffers.num_slots", "at least 2 slots"),

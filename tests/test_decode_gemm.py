@@ -76,45 +76,68 @@ CPU = torch.device("cpu")
 
 
 def test_auto_leaves_both_off_where_they_cannot_run():
-    assert (False, False) == decode_gemm.decide(_config(), CPU)
-    assert (False, False) == decode_gemm.decide(_config(decode_gemm="torch", pdl="never"), CPU)
+    assert ("torch", False) == decode_gemm.decide(_config(), CPU)
+    assert ("torch", False) == decode_gemm.decide(_config(decode_gemm="torch", pdl="never"), CPU)
 
 
 @pytest.fixture
 def card(monkeypatch):
-    """Pretend the device is a CUDA card of the given name that can run both switches."""
+    """Pretend the device is a Hopper CUDA card of the given name, where every kernel and PDL can run."""
     def use(name):
-        monkeypatch.setattr(decode_gemm, "unsupported_reason", lambda device, dependent_launch: None)
+        monkeypatch.setattr(decode_gemm, "unsupported_reason", lambda device, **kw: None)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     return use
 
 
 @pytest.mark.parametrize("kw, expected", [
-    ({}, (True, True)),
-    ({"pdl": "never"}, (True, False)),
-    ({"decode_gemm": "torch"}, (False, False)),  # PDL beside cuBLAS alone measured no gain
-    ({"decode_gemm": "torch", "pdl": "always"}, (False, True)),
-    ({"batch_invariant": True}, (False, False)),  # its GEMMs are its own
+    ({}, ("triton", True)),
+    ({"pdl": "never"}, ("triton", False)),
+    ({"decode_gemm": "torch"}, ("torch", False)),  # PDL beside cuBLAS alone measured no gain
+    ({"decode_gemm": "torch", "pdl": "always"}, ("torch", True)),
+    ({"decode_gemm": "tma"}, ("tma", False)),  # not measured with PDL on this card
+    ({"batch_invariant": True}, ("torch", False)),  # its GEMMs are its own
 ])
-def test_auto_turns_both_on_on_a_card_where_they_measured_faster(card, kw, expected):
+def test_auto_on_an_h100_runs_the_row_kernel_with_pdl(card, kw, expected):
     card("NVIDIA H100 80GB HBM3")
     assert expected == decode_gemm.decide(_config(**kw), CPU)
 
 
 @pytest.mark.parametrize("kw, expected", [
-    ({}, (False, False)),
-    ({"decode_gemm": "triton"}, (True, True)),  # asked for: PDL follows where the card supports it
-    ({"decode_gemm": "triton", "pdl": "never"}, (True, False)),
+    ({}, ("tma", False)),
+    ({"pdl": "always"}, ("tma", True)),
+    ({"decode_gemm": "triton"}, ("triton", True)),  # asked for: PDL follows where the card supports it
+    ({"decode_gemm": "triton", "pdl": "never"}, ("triton", False)),
+    ({"batch_invariant": True}, ("torch", False)),
 ])
-def test_auto_keeps_cublas_on_other_cards(card, kw, expected):
+def test_auto_on_an_h200_runs_the_tma_kernel_without_pdl(card, kw, expected):
     card("NVIDIA H200")
     assert expected == decode_gemm.decide(_config(**kw), CPU)
+
+
+@pytest.mark.parametrize("kw, expected", [({}, ("torch", False)), ({"decode_gemm": "triton"}, ("triton", True))])
+def test_auto_keeps_cublas_on_cards_not_measured(card, kw, expected):
+    card("NVIDIA H100 PCIe")
+    assert expected == decode_gemm.decide(_config(**kw), CPU)
+
+
+def test_the_tma_kernel_on_a_card_older_than_hopper_says_why(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    cuda = torch.device("cuda", 0)
+    assert ("torch", False) == decode_gemm.decide(_config(), cuda)
+    assert ("triton", False) == decode_gemm.decide(_config(decode_gemm="triton"), cuda)
+    with pytest.raises(UnsupportedError, match=r"engine.decode_gemm: 'tma' needs compute capability >= 9.0 "
+                                               r"\(Hopper\) for the tensor memory accelerator; NVIDIA A100-SXM4-80GB has 8.0"):
+        decode_gemm.decide(_config(decode_gemm="tma"), cuda)
 
 
 @pytest.mark.parametrize("kw, fragment", [
     ({"decode_gemm": "triton"}, "engine.decode_gemm: 'triton' needs a CUDA device, the model is on cpu"),
     ({"pdl": "always"}, "engine.pdl: 'always' needs a CUDA device, the model is on cpu"),
+    ({"decode_gemm": "tma"}, "engine.decode_gemm: 'tma' needs a CUDA device, the model is on cpu"),
     ({"decode_gemm": "triton", "batch_invariant": True}, "cannot be combined with engine.batch_invariant"),
+    ({"decode_gemm": "tma", "batch_invariant": True}, "'tma' cannot be combined with engine.batch_invariant"),
 ])
 def test_a_value_that_cannot_run_here_says_why(kw, fragment):
     with pytest.raises(UnsupportedError, match=fragment):
@@ -137,14 +160,16 @@ def test_the_swap_covers_every_layer_linear_but_the_output_embedding_and_is_undo
     with torch.no_grad():
         expected = model(ids).logits
 
-        assert len(before) - 1 == decode_gemm.set_decode_gemm(model, True, pdl=True)
+        assert len(before) - 1 == decode_gemm.set_decode_gemm(model, "triton", pdl=True)
         assert [model.get_output_embeddings()] == _linears(model)
-        assert 0 == decode_gemm.set_decode_gemm(model, True, pdl=True)  # idempotent
+        assert 0 == decode_gemm.set_decode_gemm(model, "triton", pdl=True)  # idempotent
         twins = [m for m in model.modules() if type(m).__name__ == "DecodeLinear"]
         assert len(before) - 1 == len(twins) and all(t.pdl for t in twins)
+        assert len(twins) == decode_gemm.set_decode_gemm(model, "tma")  # another kernel: every twin changes
+        assert {("tma", False)} == {(t.kernel, t.pdl) for t in model.modules() if type(t).__name__ == "DecodeLinear"}
         swapped = model(ids).logits  # on a CPU the op computes F.linear
 
-        assert len(before) - 1 == decode_gemm.set_decode_gemm(model, False)
+        assert len(before) - 1 == decode_gemm.set_decode_gemm(model, "torch")
         assert before == _linears(model)  # the very same modules
     assert torch.equal(expected, swapped)
 
@@ -155,17 +180,19 @@ def test_fused_groups_take_the_op_and_give_back_only_what_was_theirs():
     firsts = [m for m in model.modules() if type(m).__name__ == "FusedProjection" and m.index == 0]
     assert groups == len(firsts)
 
-    decode_gemm.set_decode_gemm(model, True, pdl=False)
-    assert all(f.group.linear is decode_gemm.ops()["linear"][False] for f in firsts)
-    decode_gemm.set_decode_gemm(model, True, pdl=True)
-    assert all(f.group.linear is decode_gemm.ops()["linear"][True] for f in firsts)
-    decode_gemm.set_decode_gemm(model, False)
+    decode_gemm.set_decode_gemm(model, "triton", pdl=False)
+    assert all(f.group.linear is decode_gemm.ops()["linear"]["triton", False] for f in firsts)
+    decode_gemm.set_decode_gemm(model, "triton", pdl=True)
+    assert all(f.group.linear is decode_gemm.ops()["linear"]["triton", True] for f in firsts)
+    decode_gemm.set_decode_gemm(model, "tma", pdl=False)
+    assert all(f.group.linear is decode_gemm.ops()["linear"]["tma", False] for f in firsts)
+    decode_gemm.set_decode_gemm(model, "torch")
     assert all(f.group.linear is None for f in firsts)
 
     other = object()  # another mode's GEMM (batch-invariant) is neither replaced nor undone
     firsts[0].group.linear = other
-    decode_gemm.set_decode_gemm(model, True)
-    decode_gemm.set_decode_gemm(model, False)
+    decode_gemm.set_decode_gemm(model, "triton")
+    decode_gemm.set_decode_gemm(model, "torch")
     assert other is firsts[0].group.linear
 
 
@@ -173,4 +200,4 @@ def test_a_cpu_engine_keeps_torchs_gemms():
     from asyncbatch import Engine
 
     engine = Engine.from_model(_tiny(), attrs.evolve(_config(), model=ModelConfig(preset="tiny")))
-    assert (False, False) == (engine.model_state.decode_gemm, engine.model_state.pdl)
+    assert ("torch", False) == (engine.model_state.decode_gemm, engine.model_state.pdl)

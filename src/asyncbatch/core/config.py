@@ -105,15 +105,17 @@ class EngineConfig:
     over concatenated weights; `auto` does it where steps are captured on a GPU (the gain is fewer, fuller GEMMs
     there; elsewhere the model keeps its own layers, so CPU runs match transformers bit for bit).
 
-    `decode_gemm`: the matrix products of the decoder layers in steps of at most 64 rows: `triton` runs a
-    Triton kernel made for few rows (cuBLAS beyond 64 rows; not with `batch_invariant`), `torch` always
-    `torch.nn.functional.linear`. `auto` is `triton` on the cards where it measured faster in the engine (an H100
-    SXM), else `torch` (on an H200 cuBLAS was faster).
+    `decode_gemm`: the matrix products of the decoder layers in steps of few rows (not with `batch_invariant`):
+    `triton` runs a Triton kernel with the batch on the MMA's rows (at most 64 rows), `tma` one that streams
+    weight tiles with Hopper's tensor memory accelerator (at most 32 rows, bf16/fp16, compute capability >= 9.0);
+    cuBLAS beyond. `torch` always `torch.nn.functional.linear`. `auto` is the kernel measured fastest in the
+    engine on this card (`triton` on an H100 SXM, `tma` on an H200), else `torch`.
 
     `pdl`: `always` launches the decode GEMMs and the Triton attention kernels of steps of at most 64 tokens as
     programmatic dependent launches, so that each overlaps the end of the kernel before (compute capability
-    >= 9.0); `auto` is `always` where the Triton GEMM runs and the card supports it, else `never`. Neither key
-    changes a result.
+    >= 9.0); `auto` is what was measured with the card's kernel (on with `triton` on an H100 SXM, off with `tma`
+    on an H200; on with an explicit `triton` where the card supports it), else `never`. Neither key changes a
+    result beyond the chosen kernel's rounding.
 
     `batch_invariant`: compute every row of a step with kernels whose reduction order does not depend on the rest
     of the batch (GEMMs with one tile shape and no split-K, RMSNorm per row, one attention path for decode and
@@ -149,7 +151,7 @@ class EngineConfig:
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
-    decode_gemm: Literal["auto", "triton", "torch"] = "auto"
+    decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
@@ -211,7 +213,7 @@ class _EngineScalars:
     seed: int = 0
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
-    decode_gemm: Literal["auto", "triton", "torch"] = "auto"
+    decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()

@@ -14,13 +14,13 @@ import attrs
 
 @attrs.frozen
 class ModelState:
-    """What one engine wants of the model: `fused` projections, `invariant` kernels, `compiled` layers, Triton
-    `decode_gemm`s, and `pdl` (programmatic dependent launch of the kernels that support it)."""
+    """What one engine wants of the model: `fused` projections, `invariant` kernels, `compiled` layers, the
+    `decode_gemm` kernel ("torch" for cuBLAS, else one of `decode_gemm.KERNELS`), and `pdl` (programmatic dependent launch of the kernels that support it)."""
 
     fused: bool
     invariant: bool
     compiled: bool
-    decode_gemm: bool = False
+    decode_gemm: str = "torch"
     pdl: bool = False
 
 
@@ -70,7 +70,7 @@ def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         prepare_model(model)  # released (or switched back by its owner) since the last run
     # Fusion and the invariant swap see plain Linear layers; the twins of both swaps are reused below.
-    set_decode_gemm(model, False)
+    set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, state.fused)
     set_batch_invariant(model, state.invariant)
@@ -91,7 +91,7 @@ def release(model: Any, caller_attention: str | None) -> None:
     from .invariant import set_batch_invariant
 
     set_compiled(model, False)
-    set_decode_gemm(model, False)
+    set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, False)
     if caller_attention is not None:

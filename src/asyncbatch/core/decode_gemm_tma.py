@@ -1,0 +1,155 @@
+"""The decode GEMM that streams weight tiles through Hopper's tensor memory accelerator (`engine.decode_gemm: tma`).
+
+Imports triton at import time: import this module lazily (`asyncbatch.core.decode_gemm` does).
+
+A decode step's product has few rows (the batch) and reads every weight byte once, so its time is the weight's
+bytes over the bandwidth the kernel keeps busy, plus a ramp-up and a tail. `decode_gemm_kernels` puts the batch on
+the MMA's M side and walks K with ordinary loads; on an H200 (4.3 TB/s copy) that keeps too few bytes in flight and
+loses to cuBLAS. This kernel swaps the operands: a program owns BLOCK_N weight rows (the MMA's M side, where Hopper's
+tensor cores want 64) and the whole batch (N side, 16-32 wide), and each pipeline stage is one bulk tensor copy of a
+[BLOCK_N, BLOCK_K] weight tile. Six stages of 24 KiB keep ~150 KiB in flight per SM, so even 64 programs on 132
+SMs saturate memory, which is why the rule below prefers few, deep programs over many shallow ones.
+
+Long K (the 8B MLP's down projection, K = 14,336) is split over programs by a rule on K alone. Each split writes
+float32 partials; the last split of a column strip to finish (a per-strip counter) sums all of them in split order
+and writes the output, then resets its counter for the next launch. So the sum's order never depends on timing or
+on the batch: a row's bits are the same whatever else shares its step (up to `MAX_ROWS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+MAX_ROWS = 32  # at 64 rows cuBLAS measured faster on the MLP's gate/up product (H200)
+BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 4
+K_PER_SPLIT = 8192  # longer K ranges are split over programs: one program per SM at the 8B down projection
+DEEP, SHALLOW = 6, 4  # stages with at most one program per SM, and with two (2 x 4 x 24 KiB fit one SM)
+
+
+@triton.jit
+def _weight_rows_matmul(x_desc, w_desc, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, som,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    strip = tl.program_id(0)
+    split = tl.program_id(1)
+    rn = strip * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    k_lo = split * K_SPLIT
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):  # past K and M the copies read zeros
+        acc = tl.dot(w_desc.load([strip * BLOCK_N, k0]), tl.trans(x_desc.load([0, k0])), acc)
+    out_ptrs = out_ptr + rm[None, :] * som + rn[:, None]
+    out_mask = n_ok[:, None] & (rm < M)[None, :]
+    if SPLITS == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        parts = part_ptr + rn[:, None] * BLOCK_M + rm[None, :]
+        tl.store(parts + split * N * BLOCK_M, acc, mask=n_ok[:, None])
+        # Every thread's partial stores are ordered before the one release of the counter; the last split's
+        # acquire, and loads that bypass L1, then see all of them.
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr + strip, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            tl.store(cnt_ptr + strip, 0)  # ready for the next launch (kernel boundaries order it)
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for s in tl.static_range(SPLITS):
+                total += tl.load(parts + s * N * BLOCK_M, mask=n_ok[:, None], other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@attrs.frozen
+class Plan:
+    """Programs of one product: K `splits`, and pipeline `stages` of [BLOCK_N, BLOCK_K] weight tiles."""
+
+    splits: int
+    stages: int
+
+
+def plan(n: int, k: int, sms: int) -> Plan:
+    """The launch for an [.., k] x [n, k]^T product on a card with `sms` multiprocessors.
+
+    Chosen on an H200 at the 8B shape's projections, in CUDA graphs with no weight served from L2: K is split only
+    when longer than `K_PER_SPLIT` (splitting 4,096 cost 3% on the o projection: the partials' round trip outweighs
+    the extra programs); with at most one program per SM each gets `DEEP` stages, else `SHALLOW` so that two fit."""
+    splits = triton.cdiv(k, K_PER_SPLIT)
+    programs = triton.cdiv(n, BLOCK_N) * splits
+    return Plan(splits, DEEP if programs <= sms else SHALLOW)
+
+
+def unsupported(x: Any, weight: Any) -> str | None:
+    """Why this kernel cannot compute `x @ weight.T`; None when it can (then `matmul` may be called)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > MAX_ROWS:
+        return f"more than {MAX_ROWS} rows"
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        return f"{x.dtype} x {weight.dtype}: bf16 or fp16 only"
+    for t in (x.reshape(-1, x.shape[-1]), weight):  # the copy engine's rules for a tensor map
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return "a tensor the copy engine cannot address (unit last stride, 16-byte aligned rows)"
+    return None
+
+
+_COUNTERS: dict[tuple, Any] = {}
+_SMS: dict[int, int] = {}
+
+
+def _counters(weight: Any, strips: int) -> Any:
+    """Zeroed int32 counters of `weight`'s column strips, one set per weight: products of one weight never run
+    concurrently (an engine computes on one stream, and engines sharing a model take turns)."""
+    key = (weight.device, weight.data_ptr(), tuple(weight.shape), strips)
+    found = _COUNTERS.get(key)
+    if found is None:
+        found = _COUNTERS[key] = torch.zeros(strips, device=weight.device, dtype=torch.int32)
+    return found
+
+
+def _sm_count(device: Any) -> int:
+    if device.type != "cuda":
+        return 132  # Triton's interpreter on a CPU (tests): an H100's or H200's count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False) -> Any:
+    """`x @ weight.T + bias` for `x` [..., K] that `unsupported` accepts and a `torch.nn.Linear` weight [N, K]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out.view(*lead, n)
+    p = plan(n, k, _sm_count(x.device))
+    block_m = max(16, triton.next_power_of_2(m))
+    k_split = triton.cdiv(triton.cdiv(k, p.splits), BLOCK_K) * BLOCK_K
+    splits = triton.cdiv(k, k_split)
+    strips = triton.cdiv(n, BLOCK_N)
+    if splits > 1:
+        parts = torch.empty(splits, n, block_m, device=x.device, dtype=torch.float32)
+        counters = _counters(weight, strips)
+    else:
+        parts = counters = out
+    extra = {"launch_pdl": True} if pdl else {}
+    _weight_rows_matmul[(strips, splits)](
+        TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [block_m, BLOCK_K]),
+        TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [BLOCK_N, BLOCK_K]),
+        bias if bias is not None else out, out, parts, counters, m, n, k, k_split, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLITS=splits, HAS_BIAS=bias is not None, PDL=pdl,
+        num_warps=NUM_WARPS, num_stages=p.stages, **extra)
+    return out.view(*lead, n)
