@@ -158,18 +158,21 @@ class Pipeline:
     # ------------------------------------------------------------------ prep
     def _prepare(self, k: int, book: RequestBook, in_flight: int, fresh: bool) -> InFlight | None:
         s = self.buffers.slot_for(k)
+        # Host phases are timed on the host clock: the device's work a runtime does on this thread (the sim runs
+        # ops on entering a phase) counts as waiting, so host times do not depend on where the ops ran.
+        clock = self.rt.host_clock
         t0 = time.perf_counter()
         prev = self._events.get(k - self.num_slots)
         if prev is not None and "h2d->prep" not in self.debug.disabled_edges:
             self.rt.host_wait(prev.h2d, reason="h2d[k-S] -> prep[k]")
-        t1 = time.perf_counter()
+        t1 = clock()
         tracks = self.rt.tracks_accesses
         with self.rt.host_phase("prep", batch=k, accesses=[(("host_in", s), "w", None)] if tracks else ()):
             entries = book.plan(self.scheduler, k, max_tokens=self.batch_cfg.max_tokens, max_seqs=self.layout.max_seqs,
                                 block_size=self.block_size, in_flight=in_flight).entries
             if not entries:
                 return None
-            t2 = time.perf_counter()
+            t2 = clock()
             writer = self.writer
             for e in entries:
                 req = e.req
@@ -183,9 +186,9 @@ class Pipeline:
             accesses = self._comp_accesses(s, entries, uses_graph) if tracks else []
             writer.write(self.slots[s].host_in, entries, shape)
             book.on_scheduled(entries, k)
-        t3 = time.perf_counter()
+        t3 = clock()
         return InFlight(k, s, entries, shape, accesses, uses_graph, schedule_s=t2 - t1, prepare_s=t3 - t2,
-                        wait_s=t1 - t0, fresh=fresh)
+                        wait_s=time.perf_counter() - t0 - (t3 - t1), fresh=fresh)
 
     def step_shapes(self, modes: Sequence[str]) -> tuple[list[StepShape], bool]:
         """Every shape a step with sampling path in `modes` can take, and whether that list is complete
@@ -216,7 +219,11 @@ class Pipeline:
         slot = self.slots[s]
         prev = self._events.get(k - self.num_slots)
         tracks = rt.tracks_accesses
-        t0 = time.perf_counter()
+        t0, h0 = time.perf_counter(), rt.host_clock()
+
+        def launched() -> None:  # host work only (`_prepare`); the rest of the real time was the device's
+            rec.launch_s = rt.host_clock() - h0
+            rec.wait_s += time.perf_counter() - t0 - rec.launch_s
 
         def h2d() -> None:
             slot.device.inputs.copy_(slot.host_in, non_blocking=True)
@@ -263,17 +270,17 @@ class Pipeline:
         if self.debug.split_launch:
             if "upd->d2h" in off:
                 launch_d2h()
-                rec.launch_s = time.perf_counter() - t0
+                launched()
                 while len(inflight) > keep + 1:
                     update_oldest()
             else:
-                rec.launch_s = time.perf_counter() - t0
+                launched()
                 while len(inflight) > keep:
                     update_oldest()
                 launch_d2h()
             return
         launch_d2h()
-        rec.launch_s = time.perf_counter() - t0
+        launched()
         while len(inflight) > keep:
             update_oldest()
 
@@ -290,7 +297,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if "d2h->upd" not in self.debug.disabled_edges:
             rt.host_wait(rec.d2h, reason="d2h[k] -> upd[k]")
-        t1 = time.perf_counter()
+        t1 = rt.host_clock()  # host work on the host clock (`_prepare`)
         s = rec.slot
         with rt.host_phase("upd", batch=rec.batch,
                            accesses=[(("host_out", s), "r", None)] if rt.tracks_accesses else ()):
@@ -301,12 +308,13 @@ class Pipeline:
                     event = book.apply_token(e, tok, now)
                     if event is not None and on_token is not None:
                         on_token(event)
-        t2 = time.perf_counter()
+        t2 = rt.host_clock()
+        waited = time.perf_counter() - t0 - (t2 - t1)
         stats = StepStats(
             batch=rec.batch, slot=s, num_seqs=len(rec.entries), num_tokens=sum(e.num_tokens for e in rec.entries),
             num_decode=sum(1 for e in rec.entries if e.num_tokens == 1 and e.start > 0),
             padded_tokens=rec.shape.tokens, graph_replay=rec.replayed, schedule_s=rec.schedule_s,
-            prepare_s=rec.prepare_s, launch_s=rec.launch_s, wait_s=rec.wait_s + (t1 - t0), update_s=t2 - t1,
+            prepare_s=rec.prepare_s, launch_s=rec.launch_s, wait_s=rec.wait_s + waited, update_s=t2 - t1,
             compute_s=rt.op_seconds(rec.comp), num_context=sum(e.start + e.num_tokens for e in rec.entries),
             time_s=rt.now() - self._start, fresh_tokens=rec.fresh)
         if on_step is not None:

@@ -39,10 +39,9 @@ class StepStats:
 
     @property
     def host_s(self) -> float:
-        """Host work per step that overlap can hide: scheduling, input preparation, launch and update. (A
-        synchronous runtime computes inside the launch; that compute time is not host work.)"""
-        launch = self.launch_s - (self.compute_s or 0.0) if self.launch_s > (self.compute_s or 0.0) else self.launch_s
-        return self.schedule_s + self.prepare_s + launch + self.update_s
+        """Host work per step that overlap can hide: scheduling, input preparation, launch and update. Each is
+        host work only: device work a runtime does on the host thread (`cpu`, `sim`) is in `wait_s`."""
+        return self.schedule_s + self.prepare_s + self.launch_s + self.update_s
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -61,6 +61,9 @@ class Runtime(ABC):
     - An op starts only after every event in `waits` completed and the host issued it. Whether two ops on one
       stream are ordered without an event is the runtime's business: the engine must never rely on it.
     - `host_wait` returns only when the event's op (and so everything it depends on) has completed.
+    - A runtime that does the device's work on the host thread (runs ops, checks them) adds that real time to
+      `emulation_s`, so that the step loop's host timings (`host_clock`) count host work only, wherever the
+      runtime happens to run an op: in a launch, a wait or a host phase (which depends on the buffer policy).
     """
 
     name: str = "runtime"
@@ -70,12 +73,15 @@ class Runtime(ABC):
     graph_support: str = "none"
     #: Whether ops should declare their buffer accesses (costly to build; only the checker needs them).
     tracks_accesses: bool = False
+    #: Real seconds the host thread has spent doing the device's work (see the contract above).
+    emulation_s: float = 0.0
 
     def __init__(self) -> None:
         self._next_id = 0
         self.spans: list[Span] = []
         self.record_spans = False
         self._t0 = time.perf_counter()
+        self.emulation_s = 0.0  # only ever grows: the step loop reads differences (`host_clock`)
 
     # ---- setup
     @property
@@ -177,6 +183,11 @@ class Runtime(ABC):
 
     def now(self) -> float:
         return time.perf_counter() - self._t0
+
+    def host_clock(self) -> float:
+        """Real seconds, less those the host thread spent doing the device's work (`emulation_s`): a difference
+        of two readings is host work only. On `cuda` it is the real clock."""
+        return time.perf_counter() - self.emulation_s
 
 
 class ImmediateGraph(GraphHandle):

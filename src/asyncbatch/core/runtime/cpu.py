@@ -37,6 +37,7 @@ class CpuRuntime(Runtime):
         start = self.now()
         fn()
         end = self.now()
+        self.emulation_s += end - start  # the device's work, done here: not host time of the launch
         if self.record_spans:
             self.spans.append(Span(stream, name, start, end, batch))
         event = self._new_event(name, stream)

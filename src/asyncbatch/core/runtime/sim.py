@@ -6,6 +6,8 @@ virtual time, so a pipeline's GPU busy fraction can be studied without a GPU.
 
 Host time comes from the cost model (`host: model`) or is measured (`host: measured`): the real time the
 host spends outside this runtime, times `host_scale`; never the time spent in here (running ops, checking).
+That time counts in `emulation_s`, so the step loop's real host timings leave it out too, wherever the buffer
+policy makes the ops run (in a wait, a launch or on entering a host phase).
 """
 
 from __future__ import annotations
@@ -81,12 +83,20 @@ class SimRuntime(Runtime):
         self.executed: list[tuple[str, int]] = []
         self._mark = time.perf_counter()
 
-    def _charge_host(self) -> None:
-        """Measured mode: the real time since the host last left this runtime was host work; charge it."""
+    def _charge_host(self) -> float:
+        """Measured mode: the real time since the host last left this runtime was host work; charge it. Returns
+        when the host entered (for `_leave`)."""
+        t = time.perf_counter()
         if self.config.host == "measured":
-            t = time.perf_counter()
             self._host_time += (t - self._mark) * 1e3 * self.config.host_scale  # virtual ms
             self._mark = t
+        return t
+
+    def _leave(self, entered: float) -> None:
+        """The host leaves this runtime: the time spent in here (running ops, checking) was the device's work,
+        whichever host call it happened in, so it counts in `emulation_s`, never as host work."""
+        self._mark = time.perf_counter()
+        self.emulation_s += self._mark - entered
 
     @property
     def device(self) -> Any:
@@ -100,7 +110,7 @@ class SimRuntime(Runtime):
     def launch(self, name: str, stream: str, fn: Callable[[], None], *, waits: Sequence[Event | None] = (),
                accesses: Sequence[Access] = (), batch: int = -1, info: dict | None = None) -> Event:
         info = info or {}
-        self._charge_host()
+        entered = self._charge_host()
         # Measured or not: this stands for the driver's kernel launches, which the sim never makes.
         self._host_time += self.config.cost.host_ms("launch", info) if name == "comp" else 0.0
         preds = [self._host_cursor, *(e.op_id for e in waits if e is not None)]
@@ -114,52 +124,52 @@ class SimRuntime(Runtime):
         self._pending.append(op)
         self._last_on_stream[stream] = node
         self._progress()
-        self._mark = time.perf_counter()
+        self._leave(entered)
         return Event(node, name, stream, op)
 
     def host_wait(self, event: Event | None, *, reason: str = "") -> None:
         if event is None:
             return
-        self._charge_host()
+        entered = self._charge_host()
         target = self._ops.get(event.op_id)
         while target is not None and not target.done:
             self._execute_one()
         self._host_cursor = self.hb.add_node("wait", "host", -1, [self._host_cursor, event.op_id])
         if target is not None:
             self._host_time = max(self._host_time, target.end)
-        self._mark = time.perf_counter()
+        self._leave(entered)
 
     @contextmanager
     def host_phase(self, name: str, *, batch: int = -1, accesses: Sequence[Access] = (),
                    info: dict | None = None) -> Iterator[None]:
-        self._charge_host()
+        entered = self._charge_host()
         self._catch_up()
         node = self.hb.add_node(name, "host", batch, [self._host_cursor])
         self._host_cursor = node
         if self.config.check and accesses:
             self.hb.access(node, list(accesses))
         start = self._host_time
-        self._mark = time.perf_counter()
+        self._leave(entered)
         yield
-        self._charge_host()
+        entered = self._charge_host()
         if self.config.host == "model":
             self._host_time += self.config.cost.host_ms(name, info or {})
         self.spans.append(Span("host", name, start / 1e3, self._host_time / 1e3, batch))
         self._progress()
-        self._mark = time.perf_counter()
+        self._leave(entered)
 
     def capture(self, fn: Callable[[], None], stream: str) -> ImmediateGraph:
         return ImmediateGraph(fn)
 
     def synchronize(self) -> None:
-        self._charge_host()
+        entered = self._charge_host()
         while self._pending:
             self._execute_one()
         self._host_cursor = self.hb.add_node("sync", "host", -1,
                                              [self._host_cursor, *self._last_on_stream.values()])
         ends = [op.end for op in self._ops.values()]
         self._host_time = max([self._host_time, *ends])
-        self._mark = time.perf_counter()
+        self._leave(entered)
 
     # ---- execution
     def _ready(self) -> list[_Op]:
