@@ -150,13 +150,6 @@ def test_per_head_qk_norms_split_with_their_heads_and_norms_over_all_heads_are_r
     assert "olmo2 normalises its q projection over all heads at once (q_norm weight (64,))" in olmo.stderr
 
 
-def test_tensor_parallelism_refuses_what_it_cannot_split(tmp_path):
-    done = _cli("--out", str(tmp_path / "tp"), "--set", "engine.parallel.tensor=4", *SMALL)  # 2 KV heads
-
-    assert 1 == done.returncode
-    assert "engine.parallel.tensor=4 does not divide the model's KV heads (2)" in done.stderr
-
-
 @pytest.mark.parametrize("split", [["--nproc", "2"], ["--set", "engine.parallel.tensor=2"]], ids=["data", "tensor"])
 def test_a_killed_rank_fails_the_run_and_is_named(tmp_path, split):
     out = tmp_path / "run"

@@ -60,11 +60,19 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _launch_ranks(cfg: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Start one process per data-parallel replica, all writing to the one output directory chosen here."""
+    from .core.plugin_host import get_plugin_host
     from .parallel.launch import launch
+    from .parallel.tensor import check_model
     from .plugins.experiment import resolve_out_dir
 
-    out = resolve_out_dir(cfg, args.out, force=args.force)
     p = cfg.engine.parallel
+    host = get_plugin_host()
+    models: list = []  # each sweep cell's model (the ranks make the same check before they build one)
+    for _, cell in cfg.sweep_cells(host=host):
+        if cell.engine.model not in models:
+            models.append(cell.engine.model)
+            check_model(cell.engine.model, p.tensor, host)  # from its config: before a process is spawned
+    out = resolve_out_dir(cfg, args.out, force=args.force)
     n = p.data * p.tensor
     print(f"{PROG}: starting {n} ranks (engine.parallel: data {p.data}, tensor {p.tensor}); logs of ranks "
           f"1-{n - 1} in {out}/ranks", file=sys.stderr)

@@ -16,6 +16,7 @@ The sharding is done in place on a model with the transformers layout (`model.<b
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from ..core.errors import UnsupportedError
@@ -46,9 +47,75 @@ def _row_parallel_class() -> type:
     return RowParallelLinear
 
 
+KEY = "engine.parallel.tensor"
+# Config keys naming a mixture-of-experts MLP (transformers maps most models' own names onto one of these). Its
+# experts are no dense gate/up/down projections, which is what a rank splits.
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _indivisible(counts: dict[str, int], size: int) -> list[str]:
+    """The rule, for a config's counts and a built layer's alike: every rank holds whole heads and an equal share of
+    the MLP features, so `size` must divide each count. Returns the counts it does not divide, as `name=count`."""
+    return [f"{name}={total}" for name, total in counts.items() if total % size]
+
+
 def _check(name: str, total: int, size: int) -> None:
-    if total % size:
-        raise UnsupportedError(f"engine.parallel.tensor={size} does not divide the model's {name} ({total})")
+    """A built layer's own count (`shard_layer`): a layer can differ from what its config says of all of them."""
+    if _indivisible({name: total}, size):
+        raise UnsupportedError(f"{KEY}={size} does not divide a decoder layer's {name} ({total})")
+
+
+def config_counts(config: Any) -> dict[str, int]:
+    """What tensor parallelism splits, by config key: heads, KV heads, MLP features."""
+    from ..core.model_support import text_config
+
+    c = text_config(config)
+    heads = getattr(c, "num_attention_heads", None) or 1  # no heads at all: `config_unsupported` says so
+    counts = {"num_attention_heads": heads, "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads}
+    mlp = getattr(c, "intermediate_size", None)
+    if isinstance(mlp, (list, tuple)):  # one per layer (Gemma 3n)
+        counts.update({f"intermediate_size[{i}]": v for i, v in enumerate(mlp) if isinstance(v, int)})
+    elif isinstance(mlp, int):
+        counts["intermediate_size"] = mlp
+    return counts
+
+
+def check_config(config: Any, size: int) -> None:
+    """Refuse (`ConfigError` on `engine.parallel.tensor`) a tensor-parallel degree the model of this transformers
+    config cannot be split over, from the config alone: no weight is read. `asyncbatch run` calls it before it starts
+    any rank (`check_model`), and every rank again before it shards (`shard`, `ModelCache`): one rule for both."""
+    from ..core.errors import ConfigError
+    from ..core.model_support import text_config
+
+    if size == 1:
+        return
+    c = text_config(config)
+    name = type(config).__name__.removesuffix("Config") or "the model"
+    experts = next((f"{k}={getattr(c, k)}" for k in _EXPERT_KEYS if getattr(c, k, None)), None)
+    if experts:
+        raise ConfigError(KEY, f"{size}: {name} has a mixture-of-experts MLP ({experts}); tensor parallelism splits "
+                               "dense gate/up/down projections only (valid: 1)")
+    counts = config_counts(config)
+    bad = _indivisible(counts, size)
+    if bad:
+        common = math.gcd(*counts.values())
+        valid = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+        raise ConfigError(KEY, f"{size} does not divide {name}'s {', '.join(bad)}: each rank must hold whole "
+                               f"attention and KV heads and an equal share of the MLP features (valid for this "
+                               f"model: {valid})")
+
+
+def check_model(model: Any, size: int, host: Any) -> None:
+    """`check_config` for an `engine.model` section (`ModelConfig`): a preset's config, or a checkpoint's
+    config.json (its weights are not read)."""
+    if size == 1:
+        return
+    from pathlib import Path
+
+    from ..core.models import checkpoint_config, preset_config
+
+    preset = model.source_preset
+    check_config(preset_config(model, host) if preset else checkpoint_config(Path(model.path).expanduser()), size)
 
 
 def _keep_rows(linear: Any, parts: int, rank: int) -> None:
@@ -81,13 +148,6 @@ def _keep_columns(linear: Any, parts: int, rank: int) -> None:
     if linear.bias is not None and rank != 0:  # the sum over the group adds the bias once
         linear.bias = torch.nn.Parameter(torch.zeros_like(linear.bias), requires_grad=False)
     linear.in_features = cols
-
-
-def _check_heads(config: Any, size: int) -> None:
-    c = getattr(config, "text_config", None) or config
-    heads = c.num_attention_heads
-    _check("attention heads", heads, size)
-    _check("KV heads", getattr(c, "num_key_value_heads", None) or heads, size)
 
 
 def shard_layer(layer: Any, i: int, group: Any, rank: int, size: int, model_name: str = "the model",
@@ -180,7 +240,7 @@ def shard(model: Any, group: Any, rank: int, size: int, all_reduce: str = "nccl"
         return False
     if getattr(model, MARK, 1) != 1:
         raise UnsupportedError(f"this model is already sharded {getattr(model, MARK)} ways")
-    _check_heads(model.config, size)
+    check_config(model.config, size)
     for i, layer in enumerate(decoder_layers(model)):
         shard_layer(layer, i, group, rank, size, type(model).__name__, all_reduce)
     mark_sharded(model, size, group=group, rank=rank, shard_head=shard_head)

@@ -145,6 +145,7 @@ class ModelCache:
         if self.value is None or self.key != cfg:
             self.value = None
             _free_memory()
+            tensor_parallel.check_model(cfg, self.world.tensor, self.host)  # what `asyncbatch run` checked first
             on_layer = tensor_parallel.layer_sharder(self.world, cfg.path or cfg.source_preset or "the model")
             self.value = models.build_model(cfg, self.host, **({"on_layer": on_layer} if on_layer else {}))
             if on_layer is not None:
