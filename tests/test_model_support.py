@@ -113,6 +113,45 @@ def test_longrope_runs_within_its_original_context_whatever_shares_the_batch():
     assert "error" == beside[1].finish_reason and "model context 32" in beside[1].error
 
 
+def _dynamic_llama():
+    return _model(t.LlamaConfig(**{**SIZES, "max_position_embeddings": 32},
+                                rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}))
+
+
+def test_dynamic_ntk_rope_runs_up_to_max_position_embeddings_and_says_why(caplog):
+    """Up to `max_position_embeddings` dynamic NTK RoPE is the plain RoPE: transformers' tokens, whatever shares the
+    batch. Sequences stop there, the run says why, and a prompt that does not fit fails that request alone."""
+    model = _dynamic_llama()
+    short, long = [5, 6, 7, 8, 9], list(range(100, 140))
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    with caplog.at_level("INFO", logger="asyncbatch"):
+        engine = _cpu_engine(model)
+
+    alone = engine.generate([short], params)[0]
+    beside = engine.generate([short, long, list(range(200, 220))], [params, params, SamplingParams(
+        max_new_tokens=30, ignore_eos=True)])
+
+    why = ("max_position_embeddings: dynamic NTK RoPE (factor 4.0) is not extended past it, where its frequencies "
+           "would depend on what shares the batch")
+    assert 32 == engine.max_len
+    assert f"sequences are limited to 32 tokens ({why})" in caplog.messages
+    assert _hf_greedy(model, short, 8) == alone.token_ids == beside[0].token_ids
+    assert ("error", f"prompt of 40 tokens leaves no room to generate: at most 31 prompt tokens fit (model context "
+                     f"32 from {why}; KV cache 504 tokens)") == (beside[1].finish_reason, beside[1].error)
+    assert ("length", 12) == (beside[2].finish_reason, len(beside[2].token_ids))
+
+
+def test_past_max_position_embeddings_transformers_gives_dynamic_ntk_no_per_sequence_result():
+    """Why the cap: past it, transformers' own logits for a position depend on later tokens of the same forward
+    call. Should this ever fail, dynamic NTK may have become computable per sequence: revisit `context_limit`."""
+    model, seq = _dynamic_llama(), torch.tensor([list(range(10, 60))])
+    with torch.no_grad():
+        prefix_alone = model(seq[:, :40]).logits[0, 39]
+        inside_longer = model(seq).logits[0, 39]
+
+    assert not torch.equal(prefix_alone, inside_longer)
+
+
 def test_a_multimodal_checkpoints_language_model_is_compiled():
     config = t.Gemma3Config(text_config=dict(**SIZES, head_dim=16, sliding_window=8),
                             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .intake import Intake
 from .kv_sizing import allocate_kv, kv_cache_blocks, max_model_len, memory_report
 from .layout import HostBatchWriter, SlotLayout
+from .model_support import context_limit
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
 from .plugin_host import DEFAULT_PLUGINS, PluginHost, get_plugin_host
@@ -86,7 +87,8 @@ class Engine:
         self.max_len = max_model_len(config.cache, geo, num_blocks)
         self.num_blocks = num_blocks
         self.intake = Intake(tokenizer=tokenizer, vocab=geo["vocab"], max_len=self.max_len, seed=config.seed,
-                             eos_ids=self.eos_ids, limits=f"model context {geo['max_positions']}, KV cache "
+                             eos_ids=self.eos_ids, limits=f"model context {geo['max_positions']} from "
+                                                          f"{context_limit(model.config)[1]}; KV cache "
                                                           f"{(num_blocks - 1) * bs} tokens")
         max_blocks = -(-self.max_len // bs)
         self.k_cache, self.v_cache = allocate_kv(num_blocks, bs, geo, dtype, device)

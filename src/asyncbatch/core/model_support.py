@@ -12,7 +12,11 @@ an error, so it is refused with the reason, from its config where possible (befo
 
 `max_positions` gives the longest sequence a model computes the same way whatever shares its batch: LongRoPE
 (Phi-3 and Phi-4 long-context checkpoints) picks its rotary frequencies from the longest position in the packed
-step, so past `original_max_position_embeddings` a request's tokens would depend on its neighbours.
+step, so past `original_max_position_embeddings` a request's tokens would depend on its neighbours. Dynamic NTK
+RoPE (`rope_type: dynamic`) is the plain RoPE up to `max_position_embeddings`; past it transformers rescales the
+frequencies to the longest position of the forward call and keeps them for later calls, so a token depends on
+what shares its step, on later tokens of its own chunk and on earlier steps: no per-sequence result exists to
+match, and sequences stop at `max_position_embeddings` (its `factor` is not applied).
 """
 
 from __future__ import annotations
@@ -63,16 +67,38 @@ def module_unsupported(model: Any) -> str | None:
     return None
 
 
-def max_positions(config: Any) -> int:
-    """The longest sequence the engine runs this model for (see the module's note on LongRoPE)."""
+def _rope_parameters(c: Any) -> list[dict]:
+    """The RoPE parameter sets of a config: one, or one per layer type (Gemma 3's `{"full_attention": {...}}`)."""
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return []
+    if "rope_type" in rope or "type" in rope:
+        return [rope]
+    return [v for v in rope.values() if isinstance(v, dict)]
+
+
+def context_limit(config: Any) -> tuple[int, str]:
+    """The longest sequence the engine runs this model for, and what sets it (see the module's note)."""
     c = text_config(config)
     limit = getattr(c, "max_position_embeddings", None) or 1 << 20
-    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope":
-        original = rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings",
-                                                                           None)
-        if original and original < limit:
-            log.info("LongRoPE: sequences are limited to %d tokens (original_max_position_embeddings; beyond it "
-                     "the model's rotary frequencies would depend on what shares the batch)", original)
-            limit = original
+    why = "max_position_embeddings"
+    for rope in _rope_parameters(c):
+        kind = str(rope.get("rope_type", rope.get("type")))
+        if kind == "longrope":
+            original = rope.get("original_max_position_embeddings") or getattr(
+                c, "original_max_position_embeddings", None)
+            if original and original < limit:
+                limit, why = original, ("LongRoPE's original_max_position_embeddings: past it the rotary "
+                                        "frequencies would depend on what shares the batch")
+        elif "dynamic" in kind:  # transformers' own test: `"dynamic" in rope_type`
+            why = (f"max_position_embeddings: dynamic NTK RoPE (factor {rope.get('factor')}) is not extended past "
+                   "it, where its frequencies would depend on what shares the batch")
+    return limit, why
+
+
+def max_positions(config: Any) -> int:
+    """The longest sequence the engine runs this model for; says so where a RoPE variant sets or caps it."""
+    limit, why = context_limit(config)
+    if why != "max_position_embeddings":
+        log.info("sequences are limited to %d tokens (%s)", limit, why)
     return limit
