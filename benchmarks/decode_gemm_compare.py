@@ -6,6 +6,7 @@ inherits another's compiled code. The variants run in the order given, then agai
 the card over the call shows as a difference between the two passes rather than between variants.
 
     python benchmarks/decode_gemm_compare.py --out c.json --batches 1,32 --variants torch/never,tma/never,tma/always
+    python benchmarks/decode_gemm_compare.py --out w.json --variants tma/never/w4,tma/never/w2   # attention splits
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="torch/never,tma/never,tma/always,triton/always",
-                    help="decode_gemm/pdl pairs, comma-separated")
+                    help="decode_gemm/pdl pairs, comma-separated; a third field wN runs the triton attention "
+                         "backend with `waves: N`")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--width", choices=("full", "half"), default="full",
@@ -54,7 +56,8 @@ def main() -> None:
         prompts = eb.make_prompts(batch, 128, model.config.vocab_size)
         for rep, order in enumerate((variants, variants[::-1])):
             for variant in order:
-                bench.decode_gemm, bench.pdl = variant.split("/")
+                bench.decode_gemm, bench.pdl, *attention = variant.split("/")
+                bench.attention = {"name": "triton", "waves": int(attention[0][1:])} if attention else "auto"
                 torch._dynamo.reset()
                 t0 = time.time()
                 r = eb.run_engine(model, ("double", "three", "mixed"), prompts, args.new, bench)

@@ -203,3 +203,17 @@ def test_batch_invariant_mode_is_correct_in_decode_and_mixed_steps(seqs, heads, 
 def test_only_the_triton_backend_has_an_invariant_mode():
     with pytest.raises(UnsupportedError, match="Sdpa has no batch-invariant mode"):
         Sdpa().make_batch_invariant()
+
+
+@pytest.mark.parametrize("card, waves, expected", [
+    ("NVIDIA H100 80GB HBM3", 0, 3),  # 4 waves of 132 SMs over 32 sequences x 8 kv heads
+    ("NVIDIA H200", 0, 2),  # measured best there: 2 waves
+    ("NVIDIA H200", 4, 3),  # an explicit value wins
+    ("NVIDIA A100-SXM4-80GB", 0, 3),  # not measured: the default
+])
+def test_decode_splits_follow_the_waves_measured_on_the_card(monkeypatch, card, waves, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
+    backend = TritonPaged(TritonPagedConfig(waves=waves))
+    cuda = torch.device("cuda", 0)
+    backend._sm_count[cuda] = 132
+    assert expected == backend.num_splits(cuda, num_seqs=32, kv_heads=8, max_blocks=64, block_size=16)
