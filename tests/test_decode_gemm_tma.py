@@ -86,3 +86,11 @@ def test_the_plan_at_the_8b_shapes_is_the_one_measured_fastest_on_an_h200(tma):
 ])
 def test_what_the_kernel_cannot_compute_is_named(tma, x, w, fragment):
     assert fragment in tma.unsupported(x, w)
+
+
+@pytest.mark.parametrize("plan", [(1, 2, 32, 64, 4), (3, 3, 128, 32, 8), (2, 4, 16, 128, 1)])
+def test_another_launch_computes_the_same_product(tma, plan):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 320, generator=gen).half()
+    w = (torch.randn(90, 320, generator=gen) / 320 ** 0.5).half()
+    assert _relative_error(tma.matmul(x, w, plan_=tma.Plan(*plan)), x, w, None) < 2e-3

@@ -73,10 +73,13 @@ def _weight_rows_matmul(x_desc, w_desc, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N,
 
 @attrs.frozen
 class Plan:
-    """Programs of one product: K `splits`, and pipeline `stages` of [BLOCK_N, BLOCK_K] weight tiles."""
+    """Programs of one product: K `splits`, pipeline `stages` of [`block_n`, `block_k`] weight tiles, `num_warps`."""
 
     splits: int
     stages: int
+    block_n: int = BLOCK_N
+    block_k: int = BLOCK_K
+    num_warps: int = NUM_WARPS
 
 
 def plan(n: int, k: int, sms: int) -> Plan:
@@ -126,8 +129,9 @@ def _sm_count(device: Any) -> int:
     return _SMS[index]
 
 
-def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False) -> Any:
-    """`x @ weight.T + bias` for `x` [..., K] that `unsupported` accepts and a `torch.nn.Linear` weight [N, K]."""
+def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False, plan_: Plan | None = None) -> Any:
+    """`x @ weight.T + bias` for `x` [..., K] that `unsupported` accepts and a `torch.nn.Linear` weight [N, K].
+    `plan_`: another launch than `plan`'s (benchmarks)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
@@ -135,11 +139,11 @@ def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False) -> Any:
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out.view(*lead, n)
-    p = plan(n, k, _sm_count(x.device))
+    p = plan_ or plan(n, k, _sm_count(x.device))
     block_m = max(16, triton.next_power_of_2(m))
-    k_split = triton.cdiv(triton.cdiv(k, p.splits), BLOCK_K) * BLOCK_K
+    k_split = triton.cdiv(triton.cdiv(k, p.splits), p.block_k) * p.block_k
     splits = triton.cdiv(k, k_split)
-    strips = triton.cdiv(n, BLOCK_N)
+    strips = triton.cdiv(n, p.block_n)
     if splits > 1:
         parts = torch.empty(splits, n, block_m, device=x.device, dtype=torch.float32)
         counters = _counters(weight, strips)
@@ -147,9 +151,9 @@ def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False) -> Any:
         parts = counters = out
     extra = {"launch_pdl": True} if pdl else {}
     _weight_rows_matmul[(strips, splits)](
-        TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [block_m, BLOCK_K]),
-        TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [BLOCK_N, BLOCK_K]),
+        TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [block_m, p.block_k]),
+        TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [p.block_n, p.block_k]),
         bias if bias is not None else out, out, parts, counters, m, n, k, k_split, out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLITS=splits, HAS_BIAS=bias is not None, PDL=pdl,
-        num_warps=NUM_WARPS, num_stages=p.stages, **extra)
+        BLOCK_M=block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLITS=splits, HAS_BIAS=bias is not None, PDL=pdl,
+        num_warps=p.num_warps, num_stages=p.stages, **extra)
     return out.view(*lead, n)
