@@ -19,7 +19,7 @@ import platform
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
+from gemm_small_m import copy_gbps, graph_time_us  # benchmarks/ is on the path
 
 from asyncbatch.core import decode_gemm_kernels as rows_kernel
 from asyncbatch.core import decode_gemm_tma as tma
@@ -27,27 +27,6 @@ from asyncbatch.core import decode_gemm_tma as tma
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TILES = [(64, 128, 4, 4), (64, 256, 3, 4), (64, 128, 6, 4), (128, 128, 4, 4), (128, 128, 4, 8), (128, 64, 6, 4),
          (32, 256, 4, 4)]  # (weight rows per program, K chunk, stages, warps)
-
-
-def copy_gbps(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
-
-
-def graph_us(fn, calls: int) -> float:
-    """Median microseconds per call of `fn(i)`, i < calls, replayed as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=60, return_mode="median") * 1e3 / calls
 
 
 def plans(n: int, sms: int) -> list[tma.Plan]:
@@ -99,7 +78,7 @@ def main() -> None:
                     fn(0)
                     same = torch.equal(first, outs[0])
                     err = ((first.double() - exact).norm() / exact.norm()).item()
-                    us = graph_us(fn, args.copies)
+                    us = graph_time_us(fn, args.copies)
                 except Exception as exc:  # a launch this card cannot fit
                     print(f"{name:8} m{m:<3} {kind} {label(p):18} failed: {type(exc).__name__}: {str(exc)[:100]}")
                     continue
@@ -132,7 +111,7 @@ def main() -> None:
                     g = mm(mm(q[:, :4096], "o"), "gate_up")
                     h = mm(g[:, :14336], "down")
                 return h
-            us = graph_us(layer_chain, 1) / layers
+            us = graph_time_us(layer_chain, 1) / layers
             chain[f"{variant} m{m}"] = us
             print(f"  rows {m:3d}  {variant:13s} {us:8.2f}")
     with open(args.out, "w") as f:
