@@ -114,6 +114,13 @@ def test_auto_on_an_h200_runs_the_tma_kernel_without_pdl(card, kw, expected):
     assert expected == decode_gemm.decide(_config(**kw), CPU)
 
 
+@pytest.mark.parametrize("card_name", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+def test_auto_keeps_cublas_where_steps_are_launched_from_python(card, card_name):
+    card(card_name)
+    assert ("torch", False) == decode_gemm.decide(_config(), CPU, captured=False)
+    assert ("tma", False) == decode_gemm.decide(_config(decode_gemm="tma"), CPU, captured=False)  # asked for
+
+
 @pytest.mark.parametrize("kw, expected", [({}, ("torch", False)), ({"decode_gemm": "triton"}, ("triton", True))])
 def test_auto_keeps_cublas_on_cards_not_measured(card, kw, expected):
     card("NVIDIA H100 PCIe")

@@ -109,7 +109,8 @@ class EngineConfig:
     `triton` runs a Triton kernel with the batch on the MMA's rows (at most 64 rows), `tma` one that streams
     weight tiles with Hopper's tensor memory accelerator (at most 32 rows, bf16/fp16, compute capability >= 9.0);
     cuBLAS beyond. `torch` always `torch.nn.functional.linear`. `auto` is the kernel measured fastest in the
-    engine on this card (`triton` on an H100 SXM, `tma` on an H200), else `torch`.
+    engine on this card (`triton` on an H100 SXM, `tma` on an H200) where steps are captured in CUDA graphs, else
+    `torch`.
 
     `pdl`: `always` launches the decode GEMMs and the Triton attention kernels of steps of at most 64 tokens as
     programmatic dependent launches, so that each overlaps the end of the kernel before (compute capability

@@ -77,14 +77,17 @@ def auto_choice(device: Any) -> tuple[str, bool]:
     return kernel, pdl
 
 
-def decide(config: Any, device: Any) -> tuple[str, bool]:
+def decide(config: Any, device: Any, captured: bool = True) -> tuple[str, bool]:
     """(decode GEMM kernel, pdl) for an engine with `config` on `device`; the kernel is "torch" for cuBLAS.
 
-    `auto` for `decode_gemm` is the card's `MEASURED_FASTER` kernel (unless `batch_invariant`, whose GEMMs are its
-    own), else `torch`. `auto` for `pdl` is what was measured with that kernel on that card; with an explicit
+    `auto` for `decode_gemm` is the card's `MEASURED_FASTER` kernel where the engine's decode steps are `captured`
+    in CUDA graphs (unless `batch_invariant`, whose GEMMs are its own), else `torch`: every measurement was of
+    replayed steps, and launched from Python a Triton kernel costs more host time than cuBLAS, in steps whose
+    time is the host's. `auto` for `pdl` is what was measured with that kernel on that card; with an explicit
     `triton` it is on where the card supports it (beside cuBLAS products, PDL on attention alone measured no gain).
     A value that cannot be honoured here raises `UnsupportedError` naming the key."""
-    auto_kernel, auto_pdl = auto_choice(device) if "auto" in (config.decode_gemm, config.pdl) else ("torch", False)
+    wants_auto = "auto" in (config.decode_gemm, config.pdl)
+    auto_kernel, auto_pdl = auto_choice(device) if wants_auto and captured else ("torch", False)
     if config.decode_gemm == "auto":
         kernel = "torch" if config.batch_invariant else auto_kernel
     else:

@@ -37,7 +37,7 @@ def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
     captured = native and graph_name != "eager"
     compiled = config.compile == "layers" or (config.compile == "auto" and (config.batch_invariant or captured))
     fused = config.fuse_projections == "always" or (config.fuse_projections == "auto" and native)
-    gemm, pdl = decode_gemm.decide(config, runtime.device)
+    gemm, pdl = decode_gemm.decide(config, runtime.device, captured)
     return ModelState(fused, config.batch_invariant, compiled, gemm, pdl)
 
 
