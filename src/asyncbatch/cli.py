@@ -2,8 +2,8 @@
 simulation study.
 
 Exit codes: 0 success; 2 a configuration or usage error (reported before any model is built); 1 any other
-asyncbatch error (e.g. a feature this machine cannot provide), or an internal error (a bug: reported in one line,
-with the traceback at `--log-level debug`); 130 interrupted.
+asyncbatch error (e.g. a feature this machine cannot provide, or a run in which every request failed), or an
+internal error (a bug: reported in one line, with the traceback at `--log-level debug`); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .core.config import ExperimentConfig
     from .core.errors import ConfigError
     from .plugins.experiment import run_experiment
+    from .plugins.report import every_request_failed
     from .plugins.sweeps import report_text
 
     path = Path(args.config) if args.config else default_config_path()
@@ -55,6 +56,10 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     result = run_experiment(cfg, args.out, force=args.force, argv=[PROG, *argv], trace=args.trace, progress=progress)
     print(report_text(result))
+    failed = every_request_failed(result)  # written and reported, but nothing ran: not a success
+    if failed:
+        print(f"{PROG}: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

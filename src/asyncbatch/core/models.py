@@ -38,16 +38,18 @@ def resolve_dtype(name: str, device: Any) -> Any:
 
 
 def preset_config(cfg: ModelConfig, host: Any) -> Any:
-    """The transformers config of a preset, with `overrides` applied (each key must exist)."""
+    """The transformers config of a preset, with `overrides` applied (each key must be a field of it) and checked
+    for values transformers accepts but cannot compute (`model_config`); `ConfigError` naming the key."""
+    from .model_config import OVERRIDES_KEY, refuse_invalid, with_overrides
+
     component = host.registry("model_preset").get(cfg.source_preset, "engine.model.preset")
     hf_config = component.factory(component.make_config({}, "engine.model.preset"))
     for key, value in cfg.overrides.items():
-        if not hasattr(hf_config, key):
-            raise ConfigError(f"engine.model.overrides.{key}", f"not a field of {type(hf_config).__name__}",
-                              [k for k in hf_config.to_dict() if not k.startswith("_")])
         if key in _SIZES and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"engine.model.overrides.{key}", f"expected an int >= 1, got {show(value)}")
-        setattr(hf_config, key, value)
+            raise ConfigError(f"{OVERRIDES_KEY}.{key}", f"expected an int >= 1, got {show(value)}")
+    if cfg.overrides:
+        hf_config = with_overrides(hf_config, cfg.overrides)
+    refuse_invalid(hf_config, cfg.overrides)
     return hf_config
 
 
@@ -123,6 +125,8 @@ def checkpoint_config(path: Path) -> Any:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from .model_config import config_invalid, error_text
+
     if not path.exists():
         raise ConfigError(_PATH_KEY, f"no such checkpoint directory: {path}")
     if not path.is_dir():
@@ -150,9 +154,13 @@ def checkpoint_config(path: Path) -> Any:
         raise ConfigError(_PATH_KEY, f"{path} has no weights: no *.safetensors or pytorch_model*.bin file (nor "
                                      "their index files)")
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(_PATH_KEY, f"{config_file} is unreadable: {_first_line(exc)}") from exc
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001  (transformers' validation: its detail is on the error's last line)
+        raise ConfigError(_PATH_KEY, f"{config_file} is unreadable: {error_text(exc)}") from exc
+    bad = config_invalid(hf_config)  # values transformers only warns about, then fails on or computes NaN from
+    if bad:
+        raise ConfigError(_PATH_KEY, f"{config_file}: {bad[0]}: {bad[1]}")
+    return hf_config
 
 
 def _load_weights(auto_cls: Any, path: Path, hf_config: Any, dtype: Any) -> Any:

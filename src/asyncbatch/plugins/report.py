@@ -134,6 +134,24 @@ def summary_table(summary: RunSummary, runtime: str, *, prefix_cache: bool = Fal
     return format_table(("metric", "value"), rows)
 
 
+def every_request_failed(result: Any) -> str | None:
+    """Why an experiment in which every request of every run failed (finish reason `error`) did nothing, with
+    one request's reason from its results.json; None when any request ran. A run that only fails requests is
+    not a success (`asyncbatch run` exits 1), though each request's failure is its own (the others run on)."""
+    cells = list(result)
+    if not cells or any(set(c.summary.finish_reasons) != {"error"} for c in cells):
+        return None
+    total = sum(c.summary.num_requests for c in cells)
+    runs = f" in {len(cells)} runs" if len(cells) > 1 else ""
+    path = cells[0].out_dir / "results.json"
+    try:
+        first = next(o for o in json.loads(path.read_text())["outputs"] if o.get("error"))
+        example = f", e.g. {first['request_id']}: {first['error']}"
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):  # a rank that keeps no files: no example
+        example = ""
+    return f"every request failed ({total} of {total}{runs}){example} (results: {path})"
+
+
 # ---------------------------------------------------------------- files
 
 
