@@ -9,8 +9,8 @@ import json
 import shutil
 
 import pytest
-import torch
 import transformers as t
+from hf_reference import hf_greedy
 
 from asyncbatch import ConfigError, Engine, EngineConfig, SamplingParams
 from asyncbatch.cli import main
@@ -26,19 +26,6 @@ def _config(preset: str = "tiny", **overrides):
     return preset_config(ModelConfig(preset=preset, overrides=overrides), get_plugin_host())
 
 
-def _hf_greedy(model, prompt, n):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    seq = list(prompt)
-    try:
-        with torch.no_grad():
-            for _ in range(n):
-                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    finally:
-        model.set_attn_implementation(previous)
-    return tuple(seq[len(prompt):])
-
-
 def test_rope_scaling_without_rope_theta_runs_as_transformers_does():
     """The known defect: set on the built config, the scaling lost rope_theta (TypeError in the rotary init)."""
     engine = Engine.from_config(EngineConfig.from_dict({
@@ -48,7 +35,7 @@ def test_rope_scaling_without_rope_theta_runs_as_transformers_does():
     outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, ignore_eos=True))
 
     assert {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0} == engine.model.config.rope_parameters
-    assert [_hf_greedy(engine.model, p, 6) for p in PROMPTS] == [o.token_ids for o in outputs]
+    assert [hf_greedy(engine.model, p, 6) for p in PROMPTS] == [o.token_ids for o in outputs]
 
 
 @pytest.mark.parametrize("overrides, expected", [

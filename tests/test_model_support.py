@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as t
+from hf_reference import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
@@ -27,20 +28,6 @@ def _model(config):
 def _cpu_engine(model, **extra):
     return Engine.from_model(model, EngineConfig.from_dict({"runtime": "cpu", "cache": {"num_blocks": 64,
                                                                                         "block_size": 8}, **extra}))
-
-
-def _hf_greedy(model, prompt, n):
-    """transformers' own greedy tokens: one full forward (sdpa) over the sequence so far per token."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    seq = list(prompt)
-    try:
-        with torch.no_grad():
-            for _ in range(n):
-                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    finally:
-        model.set_attn_implementation(previous)
-    return tuple(seq[len(prompt):])
 
 
 @pytest.mark.parametrize("config, reason", [
@@ -86,7 +73,7 @@ def test_a_layer_that_drops_the_forward_kwargs_still_finds_the_step():
     """StableLM's decoder layer calls its attention without the kwargs that carry the step's context."""
     model = _model(t.StableLmConfig(**SIZES, partial_rotary_factor=0.25))
     prompts = [[5, 6, 7, 8, 9], list(range(40, 75))]
-    expected = [_hf_greedy(model, p, 8) for p in prompts]
+    expected = [hf_greedy(model, p, 8) for p in prompts]
 
     outputs = _cpu_engine(model).generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
 
@@ -109,7 +96,7 @@ def test_longrope_runs_within_its_original_context_whatever_shares_the_batch():
     beside = engine.generate([short, long], params)
 
     assert 32 == engine.max_len
-    assert _hf_greedy(model, short, 8) == alone.token_ids == beside[0].token_ids
+    assert hf_greedy(model, short, 8) == alone.token_ids == beside[0].token_ids
     assert "error" == beside[1].finish_reason and "model context 32" in beside[1].error
 
 
@@ -135,7 +122,7 @@ def test_dynamic_ntk_rope_runs_up_to_max_position_embeddings_and_says_why(caplog
            "would depend on what shares the batch")
     assert 32 == engine.max_len
     assert f"sequences are limited to 32 tokens ({why})" in caplog.messages
-    assert _hf_greedy(model, short, 8) == alone.token_ids == beside[0].token_ids
+    assert hf_greedy(model, short, 8) == alone.token_ids == beside[0].token_ids
     assert ("error", f"prompt of 40 tokens leaves no room to generate: at most 31 prompt tokens fit (model context "
                      f"32 from {why}; KV cache 504 tokens)") == (beside[1].finish_reason, beside[1].error)
     assert ("length", 12) == (beside[2].finish_reason, len(beside[2].token_ids))
@@ -166,4 +153,4 @@ def test_a_multimodal_checkpoints_language_model_is_compiled():
     tokens = [o.token_ids for o in compiled.generate(prompts, params)]
 
     assert compiled.model_state.compiled
-    assert eager == tokens == [_hf_greedy(model, p, 6) for p in prompts]
+    assert eager == tokens == [hf_greedy(model, p, 6) for p in prompts]
