@@ -7,6 +7,7 @@ the card over the call shows as a difference between the two passes rather than 
 
     python benchmarks/decode_gemm_compare.py --out c.json --batches 1,32 --variants torch/never,tma/never,tma/always
     python benchmarks/decode_gemm_compare.py --out w.json --variants tma/never/w4,tma/never/w2   # attention splits
+    python benchmarks/decode_gemm_compare.py --out f.json --variants "tma/never/fuse_cache_write=false,tma/never"
 """
 
 from __future__ import annotations
@@ -29,12 +30,24 @@ from asyncbatch.core.models import build_model  # noqa: E402
 from asyncbatch.core.plugin_host import get_plugin_host  # noqa: E402
 
 
+def attention_settings(field: str) -> dict:
+    """`w2` -> {"waves": 2}; `waves=2;fuse_cache_write=false` -> {"waves": 2, "fuse_cache_write": False}."""
+    if field[:1] == "w" and field[1:].isdigit():
+        return {"waves": int(field[1:])}
+    settings = {}
+    for pair in field.split(";"):
+        key, _, value = pair.partition("=")
+        settings[key] = {"true": True, "false": False}.get(value.lower()) if value.lower() in ("true", "false") \
+            else int(value)
+    return settings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="torch/never,tma/never,tma/always,triton/always",
-                    help="decode_gemm/pdl pairs, comma-separated; a third field wN runs the triton attention "
-                         "backend with `waves: N`")
+                    help="decode_gemm/pdl pairs, comma-separated; a third field runs the triton attention backend "
+                         "with settings: wN for `waves: N`, or key=value;key=value (integers, true/false)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--width", choices=("full", "half"), default="full",
@@ -57,7 +70,7 @@ def main() -> None:
         for rep, order in enumerate((variants, variants[::-1])):
             for variant in order:
                 bench.decode_gemm, bench.pdl, *attention = variant.split("/")
-                bench.attention = {"name": "triton", "waves": int(attention[0][1:])} if attention else "auto"
+                bench.attention = {"name": "triton", **attention_settings(attention[0])} if attention else "auto"
                 torch._dynamo.reset()
                 t0 = time.time()
                 r = eb.run_engine(model, ("double", "three", "mixed"), prompts, args.new, bench)

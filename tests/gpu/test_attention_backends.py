@@ -191,3 +191,31 @@ def test_splits_combined_by_their_last_program_agree_with_the_combine_kernel_ove
         assert torch.equal(outs[True], out)
     assert all(int(buf.abs().sum()) == 0 for buf in backend.split_counters.get(torch.device("cuda", 0), []))
     assert (out[meta.token_seq < 0] == 0).all()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 16])
+@pytest.mark.parametrize("window", [None, 300])
+def test_decode_kernel_writing_its_own_kv_matches_the_write_kernel(splits, window):
+    """In decode steps the attention kernel stores the step's K/V itself and takes them from registers: the caches
+    get the write kernel's bits (outside the trash block, which padding tokens no longer touch) and the output stays
+    within bf16 rounding of the two-kernel path, replayed from a graph or not."""
+    from asyncbatch.strategies.attention.triton_paged import TritonPagedConfig
+
+    make_backend("triton", torch.bfloat16)
+    gen = torch.Generator().manual_seed(100 + splits)
+    inputs, meta = make_step(gen, decode_seqs(gen, 48) + [(15, 1), (16, 1)], dtype=torch.bfloat16)
+    outs = {}
+    for fused in (False, True):
+        backend = TritonPaged(TritonPagedConfig(num_splits=splits, fuse_cache_write=fused))
+        outs[fused] = run(backend, inputs, meta, window)
+    assert torch.equal(outs[False][1][1:], outs[True][1][1:]) and torch.equal(outs[False][2][1:], outs[True][2][1:])
+    assert (outs[False][0] - outs[True][0]).abs().max().item() < 2e-2
+    assert rel_err(outs[True][0], reference(inputs, meta, window), meta) < TOLERANCE[torch.bfloat16]
+    backend = TritonPaged(TritonPagedConfig(num_splits=splits, fuse_cache_write=True))
+    q, k, v, kc, vc = (x.clone() for x in inputs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(q, k, v, kc, vc, meta, scale=HEAD_DIM**-0.5, sliding_window=window)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(outs[True][0], out)

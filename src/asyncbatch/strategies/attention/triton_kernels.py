@@ -51,15 +51,16 @@ def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
 
 
 @triton.jit
-def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr,
+def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr, len_ptr,
                 sq_t, sq_h, so_t, so_h, so_s, sl_t, sl_h,
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
                 scale_log2, window, num_seqs,
                 fin_ptr, cnt_ptr, seq_ptr, sf_t, sf_h, num_tokens,
+                kn_ptr, vn_ptr, slot_ptr, skn_t, skn_h, svn_t, svn_h,
                 G: tl.constexpr, G_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, EVEN_D: tl.constexpr, BS: tl.constexpr,
                 SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
-                VARLEN: tl.constexpr, FUSE_COMBINE: tl.constexpr, PDL: tl.constexpr):
+                VARLEN: tl.constexpr, FUSE_COMBINE: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr):
     # BLOCK_M = BLOCK_Q * G_P rows: row r is query token r // G_P of the tile, head r % G_P of the group
     if PDL:  # the dependents are let in after the main loop: early, their programs would take the SM slots that
         gdc_wait()  # this grid's later waves need
@@ -74,6 +75,10 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
                          mask=(zr < G)[:, None] & (zd < D)[None, :])
         if pid >= num_seqs:
             return
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tl.arange(0, BLOCK_M)
+    g = r % G_P
     if VARLEN:
         # The last sequence whose first tile index (query_start // BLOCK_Q + s) is <= pid owns this program.
         lo = 0
@@ -86,25 +91,28 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
                 hi = mid
         s = lo
         qt = pid - (tl.load(qs_ptr + s) // BLOCK_Q + s)
-    else:  # decode: one program per sequence
+        q_begin = tl.load(qs_ptr + s)
+        q_len = tl.load(qs_ptr + s + 1) - q_begin
+        if qt * BLOCK_Q >= q_len:  # padded sequence, or a tile past this sequence's query tokens
+            return
+        i = qt * BLOCK_Q + r // G_P
+        row_ok = (i < q_len) & (g < G)
+        tok = q_begin + i
+        qpos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
+        hi = tl.max(tl.where(row_ok, qpos, -1)) + 1
+    else:
+        # Decode: one program per sequence, whose one token sits at position seq_len - 1. The context length and
+        # the token's index load side by side, so the block table's first load waits for one load, not two.
         s = pid
-        qt = pid * 0
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    q_begin = tl.load(qs_ptr + s)
-    q_len = tl.load(qs_ptr + s + 1) - q_begin
-    if qt * BLOCK_Q >= q_len:  # padded sequence, or a tile past this sequence's query tokens
-        return
-
-    r = tl.arange(0, BLOCK_M)
-    i = qt * BLOCK_Q + r // G_P
-    g = r % G_P
-    row_ok = (i < q_len) & (g < G)
-    tok = q_begin + i
+        hi = tl.load(len_ptr + s)
+        q_begin = tl.load(qs_ptr + s)
+        if hi == 0:  # padded sequence
+            return
+        row_ok = g < G
+        tok = q_begin + r * 0
+        qpos = hi - 1 + r * 0
     head = h * G + g
-    qpos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
-    # Key range this tile can see; splits share it out in whole chunks.
-    hi = tl.max(tl.where(row_ok, qpos, -1)) + 1
+    # Key range this tile can see ([lo, hi)); splits share it out in whole chunks.
     if USE_WINDOW:  # chunks start on multiples of BLOCK_N whatever the tile holds (masked extras change nothing)
         lo = tl.maximum(tl.min(tl.where(row_ok, qpos, hi)) - window + 1, 0) // BLOCK_N * BLOCK_N
     else:
@@ -112,6 +120,8 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
     per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), SPLITS) * BLOCK_N
     start = lo + split * per_split
     end = tl.minimum(start + per_split, hi)
+    # WRITE_KV (decode): the token's own K/V are not in the cache yet; they come from the step's tensors below
+    read_end = tl.minimum(end, hi - 1) if WRITE_KV else end
 
     d = tl.arange(0, D_P)
     dmask = d[None, :] < D
@@ -123,9 +133,9 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_P], tl.float32)
     bt_row = bt_ptr + s * sbt
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, read_end, BLOCK_N):
         p = n0 + tl.arange(0, BLOCK_N)
-        kv_ok = p < end
+        kv_ok = p < read_end
         blk = tl.load(bt_row + p // BS, mask=kv_ok, other=0).to(tl.int64)
         off = (p % BS)[:, None]
         k_ptrs = kc_ptr + blk[:, None] * skc_b + off * skc_s + h * skc_h + d[None, :]
@@ -150,6 +160,11 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
         acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
 
+    if WRITE_KV:
+        if (hi - 1 >= start) & (hi - 1 < end):  # this split owns the new position: one more softmax update
+            m_i, l_i, acc = _own_token(q, kn_ptr + q_begin * skn_t + h * skn_h, vn_ptr + q_begin * svn_t + h * svn_h,
+                                       kc_ptr + h * skc_h, vc_ptr + h * svc_h, slot_ptr + q_begin, skc_b, skc_s,
+                                       svc_b, svc_s, row_ok, m_i, l_i, acc, scale_log2, D, D_P, BS)
     if PDL:
         gdc_launch_dependents()
     empty = l_i == 0.0  # a split with no visible key (or a padded row)
@@ -174,6 +189,32 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
                               row_ok[:, None] & dmask, row_ok, active, BLOCK_M, D_P, SPLITS)
     else:
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask)
+
+
+@triton.jit
+def _own_token(q, kn_ptr, vn_ptr, kc_ptr, vc_ptr, slot_ptr, skc_b, skc_s, svc_b, svc_s, row_ok, m_i, l_i, acc,
+               scale_log2, D: tl.constexpr, D_P: tl.constexpr, BS: tl.constexpr):
+    """A decode token's own K/V row of one kv head: stored into its cache slot, and folded into the rows' online
+    softmax straight from registers, rounded to the cache's dtype as a read of the cache would give it. Returns the
+    updated (m_i, l_i, acc)."""
+    d = tl.arange(0, D_P)
+    dm = d < D
+    slot = tl.load(slot_ptr).to(tl.int64)
+    k_at = kc_ptr + (slot // BS) * skc_b + (slot % BS) * skc_s + d
+    v_at = vc_ptr + (slot // BS) * svc_b + (slot % BS) * svc_s + d
+    k = tl.load(kn_ptr + d, mask=dm, other=0.0).to(kc_ptr.dtype.element_ty)
+    v = tl.load(vn_ptr + d, mask=dm, other=0.0).to(vc_ptr.dtype.element_ty)
+    tl.store(k_at, k, mask=dm)
+    tl.store(v_at, v, mask=dm)
+    score = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale_log2
+    score = tl.where(row_ok, score, float("-inf"))
+    m_new = tl.maximum(m_i, score)
+    alpha = tl.math.exp2(m_i - m_new)
+    prob = tl.math.exp2(score - m_new)
+    l_i = l_i * alpha + prob
+    # rounded as the chunks' probabilities and values enter their dot
+    acc = acc * alpha[:, None] + prob.to(q.dtype).to(tl.float32)[:, None] * v.to(q.dtype).to(tl.float32)[None, :]
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -248,8 +289,10 @@ FUSED_COMBINE_MAX_SPLITS = 8
 
 def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sliding_window: int | None,
               splits: int, block_n: int, num_warps: int, num_stages: int, invariant: bool = False,
-              counters: Callable[[int], Any] | None = None, pdl: bool = False) -> Any:
-    """Paged causal attention for every real token of the step (the cache already holds this step's K/V).
+              counters: Callable[[int], Any] | None = None, pdl: bool = False,
+              new_kv: tuple[Any, Any] | None = None) -> Any:
+    """Paged causal attention for every real token of the step (the cache already holds this step's K/V, unless
+    `new_kv` is given).
 
     `splits` > 1 splits each sequence's context (decode steps only: one query token per sequence). With
     `counters` and at most `FUSED_COMBINE_MAX_SPLITS` splits, the last split of each sequence and kv head to finish
@@ -258,7 +301,10 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
     decode or mixed, runs the query-tiled kernel with one tile shape (16 rows) and no split, so a token's output
     is computed by the same code, over the same KV chunks in the same order, whatever its step. `pdl`: launch
     the kernels as programmatic dependent launches (compute capability >= 9.0); every program of every kernel
-    waits for its predecessor first, so early returns and the zeroing of padding rows stay ordered."""
+    waits for its predecessor first, so early returns and the zeroing of padding rows stay ordered. `new_kv`: the
+    step's (k, v) [T, Hkv, D], in decode steps only (one token per sequence): the kernel writes them to their
+    `meta.slot_mapping` slots itself (padding tokens write nothing) and reads them from registers, which saves
+    the cache-write launch."""
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
@@ -293,6 +339,9 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
     cnt = counters(num_seqs * kv_heads) if fused else meta.token_seq
     if fused:  # programs past the last sequence only zero the rows of padding tokens
         programs = max(programs, num_tokens)
+    if new_kv is not None and not decode:
+        raise ValueError("new_kv is for decode steps (one query token per sequence, not batch-invariant)")
+    kn, vn = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv) if new_kv is not None else (q, q)
     bt = meta.block_table
     d_p = max(16, _pow2(head_dim))
     # block_n is tuned for 2-byte elements and head_dim <= 128: shrink the chunk for wider rows so that the K and
@@ -300,14 +349,15 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
     row_bytes = d_p * k_cache.element_size()
     block_n = max(16, min(block_n, block_n * 256 // row_bytes))
     _paged_attn[(programs, kv_heads, splits)](
-        q, k_cache, v_cache, out, lse, bt, meta.query_start, meta.positions,
+        q, k_cache, v_cache, out, lse, bt, meta.query_start, meta.positions, meta.seq_len,
         q.stride(0), q.stride(1), *so, *sl,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), bt.stride(0), scale * 1.4426950408889634, sliding_window or 0, num_seqs,
         final, cnt, meta.token_seq, final.stride(0), final.stride(1), num_tokens,
+        kn, vn, meta.slot_mapping, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         G=group, G_P=g_p, BLOCK_Q=block_q, BLOCK_M=block_q * g_p, BLOCK_N=block_n, D=head_dim, D_P=d_p,
         EVEN_D=d_p == head_dim, BS=k_cache.shape[1], SPLITS=splits, USE_WINDOW=sliding_window is not None,
-        PARTIAL=partial, VARLEN=not decode, FUSE_COMBINE=fused,
+        PARTIAL=partial, VARLEN=not decode, FUSE_COMBINE=fused, WRITE_KV=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # the default; it only affects fp32
         PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_launch(pdl))
     if not partial or fused:

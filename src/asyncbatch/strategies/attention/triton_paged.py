@@ -33,7 +33,8 @@ class TritonPagedConfig:
     attention kernel. `waves`: decode programs aimed at per SM when choosing splits (0: the value measured best on
     this card, `MEASURED_WAVES`, else `DEFAULT_WAVES`). `fuse_combine`: the last
     split of a sequence to finish combines the splits (true; up to 8 splits, more keep the second kernel), or a
-    second kernel always does (false)."""
+    second kernel always does (false). `fuse_cache_write`: in decode steps the attention kernel writes the step's
+    K/V into the cache itself (true), or a separate kernel writes them first (false)."""
 
     num_splits: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     block_n: int = attrs.field(default=64, validator=_pow2_at_least_16)
@@ -41,6 +42,7 @@ class TritonPagedConfig:
     num_stages: int = attrs.field(default=2, validator=_pos)
     waves: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     fuse_combine: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    fuse_cache_write: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 MAX_SPLITS = 64
@@ -132,17 +134,20 @@ class TritonPaged(AttentionBackend):
         from . import triton_kernels
 
         pdl = self.pdl and q.is_cuda and q.shape[0] <= PDL_MAX_TOKENS
-        triton_kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping, pdl=pdl)
+        cfg = self.config
+        decode = meta.max_query == 1 and not self.invariant
+        fuse_write = decode and cfg.fuse_cache_write
+        if not fuse_write:
+            triton_kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping, pdl=pdl)
         num_seqs, max_blocks = meta.block_table.shape
         splits = 1
-        if meta.max_query == 1 and not self.invariant:
+        if decode:
             splits = self.num_splits(q.device, num_seqs, k.shape[1], max_blocks, k_cache.shape[1])
-        cfg = self.config
         counters = (lambda n: self._counters(q.device, n)) if cfg.fuse_combine else None
         return triton_kernels.attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
                                         splits=splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages, invariant=self.invariant, counters=counters,
-                                        pdl=pdl)
+                                        pdl=pdl, new_kv=(k, v) if fuse_write else None)
 
     def _counters(self, device: Any, need: int) -> Any:
         """A zeroed int32 buffer of at least `need` split counters on `device` (see `split_counters`)."""
