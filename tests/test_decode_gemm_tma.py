@@ -94,3 +94,47 @@ def test_another_launch_computes_the_same_product(tma, plan):
     x = torch.randn(7, 320, generator=gen).half()
     w = (torch.randn(90, 320, generator=gen) / 320 ** 0.5).half()
     assert _relative_error(tma.matmul(x, w, plan_=tma.Plan(*plan)), x, w, None) < 2e-3
+
+
+def _gated_reference(x, w, b):
+    """silu(gate) * up with the gate and up products rounded to the input's dtype first, in float64 after that."""
+    y = (x.double() @ w.double().T + (b.double() if b is not None else 0)).to(x.dtype).double()
+    gate, up = y.chunk(2, -1)
+    return gate * torch.sigmoid(gate) * up
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 32), n=st.sampled_from([64, 192]), k=st.sampled_from([8, 128, 200]),
+       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_the_gated_product_is_silu_of_the_gate_times_the_up_rows(tma, m, n, k, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).half()
+    w = (torch.randn(2 * n, k, generator=gen) / k ** 0.5).half()  # [gate; up]
+    b = torch.randn(2 * n, generator=gen).half() if bias else None
+    assert tma.unsupported(x, w, gated=True) is None
+
+    actual = tma.matmul(x, w, b, gated=True)
+
+    expected = _gated_reference(x, w, b)
+    assert (m, n) == tuple(actual.shape)
+    assert ((actual.double() - expected).norm() / expected.norm()).item() < 2e-3
+
+
+def test_gated_pairs_leave_their_counters_at_zero_and_give_the_same_bits_twice(tma, monkeypatch):
+    monkeypatch.setattr(tma, "_COUNTERS", {})
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 256, generator=gen).half()
+    w = (torch.randn(256, 256, generator=gen) / 16).half()  # two pairs of 64-row strips
+    first = tma.matmul(x, w, gated=True)
+    assert torch.equal(first, tma.matmul(x, w, gated=True))
+    assert [[0, 0]] == [c.tolist() for c in tma._COUNTERS.values()]
+
+
+def test_a_gated_product_is_planned_as_its_ungated_one_and_refuses_what_it_cannot_pair(tma):
+    assert tma.plan(28672, 4096, 132) == tma.plan(14336, 4096, 132, gated=True)  # 8B: 448 programs, two per SM
+    assert tma.plan(14336, 4096, 132) == tma.plan(7168, 4096, 132, gated=True)  # a TP 2 rank
+    half = torch.randn(2, 64).half()
+    assert "multiple of 64" in tma.unsupported(half, torch.randn(2 * 96, 64).half(), gated=True)
+    assert "K <= 8192" in tma.unsupported(torch.randn(2, 8320).half(), torch.randn(128, 8320).half(), gated=True)
+    with pytest.raises(ValueError, match="unsplit"):
+        tma.matmul(half, torch.randn(128, 64).half(), gated=True, plan_=tma.Plan(2, 2))

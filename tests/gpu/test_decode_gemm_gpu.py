@@ -161,3 +161,58 @@ def test_pdl_on_the_attention_kernels_beside_cublas_changes_no_token():
     assert ("torch", True) == (state.decode_gemm, state.pdl)
 
     assert plain == dependent
+
+
+@needs_hopper
+@pytest.mark.parametrize("n, k", [(14336, 4096), (7168, 4096), (1024, 1000)])  # 8B, a TP 2 rank, odd K
+@pytest.mark.parametrize("m", [1, 7, 32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_gated_epilogue_gives_the_activation_of_the_unfused_products(n, k, m, bias):
+    """silu(gate) * up from the epilogue against the same kernel's plain product followed by the activation in
+    float32 (what inductor's fused activation computes): at most one bf16 rounding apart."""
+    tma = _kernels("tma")
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k ** 0.5
+    b = torch.randn(2 * n, device="cuda", dtype=torch.bfloat16, generator=gen) if bias else None
+    gate, up = tma.matmul(x, w, b).float().chunk(2, -1)
+    expected = (F.silu(gate) * up).to(torch.bfloat16)
+
+    actual = tma.matmul(x, w, b, gated=True)
+
+    assert (m, n) == tuple(actual.shape)
+    ulps = (actual.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-6)
+    assert ulps.max().item() <= 2 ** -7  # one bf16 rounding (the sigmoid's implementation may differ)
+    assert (actual == expected).float().mean().item() > 0.99
+
+
+@needs_hopper
+@pytest.mark.parametrize("n, k, m", [(1000, 1024, 4), (1024, 8320, 4), (1024, 1024, 40)])
+def test_the_gated_op_falls_back_where_strips_cannot_pair(n, k, m):
+    """Rows not a multiple of the strip, K past one split, more rows than the kernel takes: the plain product and
+    the activation after it."""
+    from asyncbatch.core.gated_mlp import op
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    gate, up = F.linear(x.float(), w.float()).chunk(2, -1)
+    exact = F.silu(gate) * up
+    actual = op()(x, w, None, "tma", False)
+    assert (m, n) == tuple(actual.shape)
+    assert (actual.float() - exact).abs().max().item() <= 0.02 * exact.abs().max().item()
+
+
+@needs_hopper
+def test_gated_mlps_change_no_token_beyond_a_near_tie_and_are_given_back():
+    model = _model("bfloat16")
+
+    def twins():
+        return [m for m in model.modules() if type(m).__name__ == "GatedMLP"]
+
+    gated, state = _generate(model, decode_gemm="tma")
+    assert state.gated and len(twins()) == model.config.num_hidden_layers
+    separate, state = _generate(model, decode_gemm="tma", fuse_activation="never")  # the next engine's run
+    assert ("tma", False) == (state.decode_gemm, state.gated)
+    assert [] == twins()
+    agree = sum(a[:8] == b[:8] for a, b in zip(separate, gated, strict=True))
+    assert agree >= len(separate) * 3 // 4
