@@ -8,7 +8,6 @@ the card over the call shows as a difference between the two passes rather than 
     python benchmarks/decode_gemm_compare.py --out c.json --batches 1,32 --variants torch/never,tma/never,tma/always
     python benchmarks/decode_gemm_compare.py --out w.json --variants tma/never/w4,tma/never/w2   # attention splits
     python benchmarks/decode_gemm_compare.py --out f.json --variants "tma/never/fuse_cache_write=false,tma/never"
-    python benchmarks/decode_gemm_compare.py --out g.json --variants "tma/never/engine.fuse_activation=never,tma/never"
 """
 
 from __future__ import annotations
@@ -38,12 +37,8 @@ def attention_settings(field: str) -> dict:
     settings = {}
     for pair in field.split(";"):
         key, _, value = pair.partition("=")
-        if key.startswith("engine."):
-            settings[key] = value
-        elif value.lower() in ("true", "false"):
-            settings[key] = value.lower() == "true"
-        else:
-            settings[key] = int(value)
+        settings[key] = {"true": True, "false": False}.get(value.lower()) if value.lower() in ("true", "false") \
+            else int(value)
     return settings
 
 
@@ -52,8 +47,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="torch/never,tma/never,tma/always,triton/always",
                     help="decode_gemm/pdl pairs, comma-separated; a third field runs the triton attention backend "
-                         "with settings: wN for `waves: N`, or key=value;key=value (integers, true/false); keys "
-                         "engine.KEY set an engine key instead (engine.fuse_activation=never)")
+                         "with settings: wN for `waves: N`, or key=value;key=value (integers, true/false)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--width", choices=("full", "half"), default="full",
@@ -76,9 +70,7 @@ def main() -> None:
         for rep, order in enumerate((variants, variants[::-1])):
             for variant in order:
                 bench.decode_gemm, bench.pdl, *attention = variant.split("/")
-                settings = attention_settings(attention[0]) if attention else {}
-                bench.fuse_activation = settings.pop("engine.fuse_activation", None)
-                bench.attention = {"name": "triton", **settings} if settings else "auto"
+                bench.attention = {"name": "triton", **attention_settings(attention[0])} if attention else "auto"
                 torch._dynamo.reset()
                 t0 = time.time()
                 r = eb.run_engine(model, ("double", "three", "mixed"), prompts, args.new, bench)

@@ -123,7 +123,6 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
         "runtime": "cuda", "buffers": buffers, "streams": streams, "graphs": graphs, "attention": args.attention,
         "compile": args.compile, "fuse_projections": args.fuse, "batch_invariant": args.batch_invariant,
         **({"decode_gemm": args.decode_gemm} if args.decode_gemm else {}), **({"pdl": args.pdl} if args.pdl else {}),
-        **({"fuse_activation": args.fuse_activation} if getattr(args, "fuse_activation", None) else {}),
         "batch": {"max_tokens": args.max_tokens, "max_seqs": max(batch, 1)},
         "cache": {"num_blocks": blocks, "block_size": args.block_size}})
     gc.collect()
@@ -246,8 +245,6 @@ def main() -> None:
     ap.add_argument("--decode-gemm", default=None, choices=["auto", "triton", "tma", "torch"],
                     help="engine.decode_gemm (unset: the engine's default)")
     ap.add_argument("--pdl", default=None, choices=["auto", "always", "never"], help="engine.pdl (unset: default)")
-    ap.add_argument("--fuse-activation", default=None, choices=["auto", "never"],
-                    help="engine.fuse_activation (unset: default)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()

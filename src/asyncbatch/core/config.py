@@ -112,10 +112,6 @@ class EngineConfig:
     engine on this card (`triton` on an H100 SXM, `tma` on an H200) where steps are captured in CUDA graphs, else
     `torch`.
 
-    `fuse_activation`: `auto` computes a gated MLP's silu(gate) * up in the epilogue of its fused gate/up product
-    where the decode GEMM kernel has such an epilogue (`tma`) and projections are fused; `never` keeps the
-    activation a kernel of its own.
-
     `pdl`: `always` launches the decode GEMMs and the Triton attention kernels of steps of at most 64 tokens as
     programmatic dependent launches, so that each overlaps the end of the kernel before (compute capability
     >= 9.0); `auto` is what was measured with the card's kernel (on with `triton` on an H100 SXM, off with `tma`
@@ -157,7 +153,6 @@ class EngineConfig:
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
-    fuse_activation: Literal["auto", "never"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
@@ -220,7 +215,6 @@ class _EngineScalars:
     threads: int | None = attrs.field(default=None, validator=threads_validator)
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
-    fuse_activation: Literal["auto", "never"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()

@@ -14,13 +14,6 @@ Long K (the 8B MLP's down projection, K = 14,336) is split over programs by a ru
 float32 partials; the last split of a column strip to finish (a per-strip counter) sums all of them in split order
 and writes the output, then resets its counter for the next launch. So the sum's order never depends on timing or
 on the batch: a row's bits are the same whatever else shares its step (up to `MAX_ROWS`).
-
-`gated=True` computes a gated MLP's activation in the product's epilogue: given the fused [gate; up] weight
-[2I, K], the programs stream it exactly as an ordinary product (a program's strip is all gate rows or all up rows).
-Each program rounds its strip to the output's dtype, as the unfused product's output is, and leaves it in a scratch
-buffer; the second of a (gate strip, up strip) pair to finish (a per-pair counter, as for split partials) reads
-its partner's strip back and writes silu(gate) * up, [.., I], instead of both products. So the two paths differ
-only in the activation's own rounding, and the main loop is the ungated one.
 """
 
 from __future__ import annotations
@@ -43,7 +36,7 @@ DEEP, SHALLOW = 6, 4  # stages with at most one program per SM, and with two (2 
 @triton.jit
 def _weight_rows_matmul(x_desc, w_desc, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, som,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -58,25 +51,7 @@ def _weight_rows_matmul(x_desc, w_desc, b_ptr, out_ptr, part_ptr, cnt_ptr, M, N,
         acc = tl.dot(w_desc.load([strip * BLOCK_N, k0]), tl.trans(x_desc.load([0, k0])), acc)
     out_ptrs = out_ptr + rm[None, :] * som + rn[:, None]
     out_mask = n_ok[:, None] & (rm < M)[None, :]
-    if GATED:  # one split; N = 2I rows, I a multiple of BLOCK_N: strip j < S/2 holds gate rows, j + S/2 their up rows
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
-        mine = acc.to(out_ptr.dtype.element_ty)  # rounded as the unfused product's output is
-        pairs = tl.num_programs(0) // 2
-        pair = strip % pairs
-        tile = (tl.arange(0, BLOCK_N) * BLOCK_M)[:, None] + rm[None, :]
-        tl.store(part_ptr + strip * BLOCK_N * BLOCK_M + tile, mine)
-        tl.debug_barrier()  # as for split partials below: stores, then one release; the second program acquires
-        if tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel", scope="gpu") == 1:
-            tl.store(cnt_ptr + pair, 0)
-            partner = tl.where(strip < pairs, strip + pairs, pair)
-            other = tl.load(part_ptr + partner * BLOCK_N * BLOCK_M + tile, cache_modifier=".cg").to(tl.float32)
-            gate = tl.where(strip < pairs, mine.to(tl.float32), other)
-            up = tl.where(strip < pairs, other, mine.to(tl.float32))
-            cols = pair * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(out_ptr + rm[None, :] * som + cols[:, None], (gate * tl.sigmoid(gate) * up)
-                     .to(out_ptr.dtype.element_ty), mask=(rm < M)[None, :])
-    elif SPLITS == 1:
+    if SPLITS == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -107,27 +82,20 @@ class Plan:
     num_warps: int = NUM_WARPS
 
 
-def plan(n: int, k: int, sms: int, gated: bool = False) -> Plan:
-    """The launch for an [.., k] x [n, k]^T product (with `gated`, [.., k] x [2n, k]^T) on a card with `sms`
-    multiprocessors.
+def plan(n: int, k: int, sms: int) -> Plan:
+    """The launch for an [.., k] x [n, k]^T product on a card with `sms` multiprocessors.
 
     Chosen on an H200 at the 8B shape's projections, in CUDA graphs with no weight served from L2: K is split only
     when longer than `K_PER_SPLIT` (splitting 4,096 cost 3% on the o projection: the partials' round trip outweighs
-    the extra programs); with at most one program per SM each gets `DEEP` stages, else `SHALLOW` so that two fit.
-    A gated product is planned as its ungated [2n, k] one."""
-    if gated:
-        return plan(2 * n, k, sms)
+    the extra programs); with at most one program per SM each gets `DEEP` stages, else `SHALLOW` so that two fit."""
     splits = triton.cdiv(k, K_PER_SPLIT)
     programs = triton.cdiv(n, BLOCK_N) * splits
     return Plan(splits, DEEP if programs <= sms else SHALLOW)
 
 
-def unsupported(x: Any, weight: Any, gated: bool = False) -> str | None:
-    """Why this kernel cannot compute `x @ weight.T` (gated: the activation of it); None when it can (then `matmul`
-    may be called)."""
+def unsupported(x: Any, weight: Any) -> str | None:
+    """Why this kernel cannot compute `x @ weight.T`; None when it can (then `matmul` may be called)."""
     rows = x.numel() // max(1, x.shape[-1])
-    if gated and (weight.shape[0] % (2 * BLOCK_N) or x.shape[-1] > K_PER_SPLIT):
-        return f"a gated product needs a [gate; up] weight of 2 x (a multiple of {BLOCK_N}) rows and K <= {K_PER_SPLIT}"
     if rows > MAX_ROWS:
         return f"more than {MAX_ROWS} rows"
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
@@ -161,30 +129,22 @@ def _sm_count(device: Any) -> int:
     return _SMS[index]
 
 
-def matmul(x: Any, weight: Any, bias: Any = None, *, gated: bool = False, pdl: bool = False,
-           plan_: Plan | None = None) -> Any:
+def matmul(x: Any, weight: Any, bias: Any = None, *, pdl: bool = False, plan_: Plan | None = None) -> Any:
     """`x @ weight.T + bias` for `x` [..., K] that `unsupported` accepts and a `torch.nn.Linear` weight [N, K].
-    `gated`: `weight` (and `bias`) are a gated MLP's [gate; up] rows, and the result is silu(gate) * up,
-    [..., N / 2]. `plan_`: another launch than `plan`'s (benchmarks)."""
+    `plan_`: another launch than `plan`'s (benchmarks)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out.view(*lead, n)
-    p = plan_ or plan(n, k, _sm_count(x.device), gated)
-    if gated and (p.splits != 1 or n % p.block_n):
-        raise ValueError(f"a gated product runs unsplit, in strips that divide its {n} rows")
+    p = plan_ or plan(n, k, _sm_count(x.device))
     block_m = max(16, triton.next_power_of_2(m))
-    rows = weight.shape[0]
     k_split = triton.cdiv(triton.cdiv(k, p.splits), p.block_k) * p.block_k
     splits = triton.cdiv(k, k_split)
-    strips = triton.cdiv(rows, p.block_n)
-    if gated:  # each strip's rounded products, and one counter per (gate, up) pair of strips
-        parts = torch.empty(strips, p.block_n, block_m, device=x.device, dtype=x.dtype)
-        counters = _counters(weight, strips // 2)
-    elif splits > 1:
+    strips = triton.cdiv(n, p.block_n)
+    if splits > 1:
         parts = torch.empty(splits, n, block_m, device=x.device, dtype=torch.float32)
         counters = _counters(weight, strips)
     else:
@@ -193,7 +153,7 @@ def matmul(x: Any, weight: Any, bias: Any = None, *, gated: bool = False, pdl: b
     _weight_rows_matmul[(strips, splits)](
         TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [block_m, p.block_k]),
         TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [p.block_n, p.block_k]),
-        bias if bias is not None else out, out, parts, counters, m, rows, k, k_split, out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLITS=splits, HAS_BIAS=bias is not None,
-        GATED=gated, PDL=pdl, num_warps=p.num_warps, num_stages=p.stages, **extra)
+        bias if bias is not None else out, out, parts, counters, m, n, k, k_split, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLITS=splits, HAS_BIAS=bias is not None, PDL=pdl,
+        num_warps=p.num_warps, num_stages=p.stages, **extra)
     return out.view(*lead, n)

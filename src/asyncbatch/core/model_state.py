@@ -15,15 +15,13 @@ import attrs
 @attrs.frozen
 class ModelState:
     """What one engine wants of the model: `fused` projections, `invariant` kernels, `compiled` layers, the
-    `decode_gemm` kernel ("torch" for cuBLAS, else one of `decode_gemm.KERNELS`), `pdl` (programmatic dependent
-    launch of the kernels that support it), and `gated` (gated MLP activations in that kernel's epilogue)."""
+    `decode_gemm` kernel ("torch" for cuBLAS, else one of `decode_gemm.KERNELS`), and `pdl` (programmatic dependent launch of the kernels that support it)."""
 
     fused: bool
     invariant: bool
     compiled: bool
     decode_gemm: str = "torch"
     pdl: bool = False
-    gated: bool = False
 
 
 def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
@@ -32,18 +30,15 @@ def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
     `compile: auto` compiles only where steps are captured: with eager launches the compiled wrappers cost more
     host time per layer than fusion saves on the device. Batch-invariant engines always compile, so that every
     graph policy runs the same program (inductor's fused elementwise code rounds unlike eager's).
-    `fuse_projections: auto` fuses on a real device. `decode_gemm` and `pdl`: see `decode_gemm.decide`.
-    `fuse_activation: auto` wants gated MLPs where the projections are fused and the kernel has the epilogue."""
+    `fuse_projections: auto` fuses on a real device. `decode_gemm` and `pdl`: see `decode_gemm.decide`."""
     from . import decode_gemm
-    from .gated_mlp import KERNELS as GATED_KERNELS
 
     native = runtime.graph_support == "native"
     captured = native and graph_name != "eager"
     compiled = config.compile == "layers" or (config.compile == "auto" and (config.batch_invariant or captured))
     fused = config.fuse_projections == "always" or (config.fuse_projections == "auto" and native)
     gemm, pdl = decode_gemm.decide(config, runtime.device, captured)
-    gated = fused and gemm in GATED_KERNELS and config.fuse_activation == "auto"
-    return ModelState(fused, config.batch_invariant, compiled, gemm, pdl, gated)
+    return ModelState(fused, config.batch_invariant, compiled, gemm, pdl)
 
 
 def settle(model: Any, state: ModelState) -> None:
@@ -69,21 +64,17 @@ def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     from .compile import attention_modules, set_compiled
     from .decode_gemm import set_decode_gemm
     from .fusion import set_fused
-    from .gated_mlp import set_gated_mlp
     from .invariant import set_batch_invariant
     from .models import prepare_model
 
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         prepare_model(model)  # released (or switched back by its owner) since the last run
-    # Fusion and the invariant swap see plain Linear layers and the model's own MLPs; the twins of every swap are
-    # reused below.
-    set_gated_mlp(model, "torch")
+    # Fusion and the invariant swap see plain Linear layers; the twins of both swaps are reused below.
     set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, state.fused)
     set_batch_invariant(model, state.invariant)
     set_decode_gemm(model, state.decode_gemm, state.pdl)
-    set_gated_mlp(model, state.decode_gemm if state.gated else "torch", state.pdl)
     set_compiled(model, state.compiled)  # also undoes an earlier engine's compilation of a shared model
     if state.compiled:
         activate(attention_context, attention_modules(model))
@@ -97,11 +88,9 @@ def release(model: Any, caller_attention: str | None) -> None:
     from .compile import set_compiled
     from .decode_gemm import set_decode_gemm
     from .fusion import set_fused
-    from .gated_mlp import set_gated_mlp
     from .invariant import set_batch_invariant
 
     set_compiled(model, False)
-    set_gated_mlp(model, "torch")
     set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, False)
