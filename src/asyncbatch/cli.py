@@ -44,8 +44,10 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     path = Path(args.config) if args.config else default_config_path()
     # Everything is validated here, sweep cells included, before a model is built or a directory created.
     cfg = ExperimentConfig.from_yaml(path, overrides=args.set or [])
-    if args.nproc:  # processes in all: data-parallel replicas of engine.parallel.tensor ranks each
+    if args.nproc is not None:  # processes in all: data-parallel replicas of engine.parallel.tensor ranks each
         tensor = cfg.engine.parallel.tensor
+        if args.nproc < 1:
+            raise ConfigError("--nproc", f"must be >= 1 (processes in all), got {args.nproc}")
         if args.nproc % tensor:
             raise ConfigError("--nproc", f"{args.nproc} processes cannot hold replicas of engine.parallel.tensor="
                                          f"{tensor} ranks")

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def request_cost(prompt_len: int, max_new_tokens: int) -> int:
-    """Tokens a request puts on its replica: every prompt token is prefilled, every output token decoded."""
-    return prompt_len + max_new_tokens
+def request_cost(prompt_len: int, max_new_tokens: object) -> int:
+    """Tokens a request puts on its replica: every prompt token is prefilled, every output token decoded. A
+    `max_new_tokens` that is not an int counts as 0: its request fails alone, on its replica, with the reason."""
+    return prompt_len + (max_new_tokens if type(max_new_tokens) is int else 0)
 
 
 def assign(costs: Sequence[int], replicas: int) -> list[int]:

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from ..core.errors import ConfigError
-from .report import cell_label, fmt, format_table, write_csv, write_json
+from .report import cell_label, fmt, format_table, make_dir, write_csv, write_json
 from .sweeps import METRIC_COLUMNS, summary_metrics
 
 TABLE_METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
@@ -134,7 +134,7 @@ def compare_table(result: dict[str, Any], metrics: Sequence[str] = TABLE_METRICS
 
 def write_compare(out_dir: Path, result: dict[str, Any], *, echo: Callable[[str], None] = print) -> list[Path]:
     """compare.json, compare.csv and compare.png (tok/s of both sides per matched cell)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "--out")
     write_json(out_dir / "compare.json", result)
     keys = list(dict.fromkeys([*result["a"]["keys"], *result["b"]["keys"]]))
     write_csv(out_dir / "compare.csv", [*keys, "cell", "metric", "a", "b", "diff", "ratio", "a_ci95", "b_ci95",

@@ -24,6 +24,7 @@ from ..core.config import ExperimentConfig, ModelConfig
 from ..core.plugin_host import PluginHost, get_plugin_host
 from ..core.races import RaceError, RaceReport
 from ..core.stats import RunContext, RunSummary
+from ..core.types import Request
 from ..parallel import tensor as tensor_parallel
 from ..parallel.replicas import run_replicated
 from ..parallel.world import World, join
@@ -33,6 +34,7 @@ from .report import (
     checked_out_dir,
     fmt,
     format_table,
+    make_dir,
     slug,
     stamped_dir,
     summary_table,
@@ -95,8 +97,7 @@ def resolve_out_dir(cfg: ExperimentConfig, out: str | Path | None, *, force: boo
 
 def make_out_dir(cfg: ExperimentConfig, out: str | Path | None, *, force: bool = False) -> Path:
     path = resolve_out_dir(cfg, out, force=force)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_dir(path, "--out" if out is not None else "output.dir")
 
 
 def _us(t: float) -> float:
@@ -165,11 +166,13 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _progress_bar(enabled: bool, total: int, label: str) -> Any:
+def _progress_bar(enabled: bool, requests: Sequence[Request], label: str) -> Any:
     if not enabled:
         return None
     from tqdm import tqdm
 
+    # Tokens to come; a request whose max_new_tokens is not a count fails alone when the run starts.
+    total = sum(n for r in requests if type(n := r.params.max_new_tokens) is int)
     return tqdm(total=total, unit="tok", desc=label, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
@@ -199,7 +202,7 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
         tensor_parallel.check_requests(requests)
     engine.runtime.record_spans = trace_path is not None
     label = cell_label(assignment)
-    bar = _progress_bar(progress and cfg.output.progress, sum(r.params.max_new_tokens for r in requests), label)
+    bar = _progress_bar(progress and cfg.output.progress, requests, label)
     context = RunContext(config=cfg.to_dict(), cell=index, assignment=dict(assignment), repetition=repetition,
                          out_dir=out_dir, num_requests=len(requests))
     on_token = (lambda ev: ev.token_id >= 0 and bar.update(1)) if bar is not None else None
@@ -262,7 +265,7 @@ def _run_all(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], ou
              world: World) -> ExperimentResult:
     out = resolve_out_dir(cfg, out_dir, force=force)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out" if out_dir is not None else "output.dir")
     echo(f"experiment {cfg.name!r}: {len(runs)} run{'s' if len(runs) > 1 else ''} -> {out}")
     try:
         if not cfg.sweep and cfg.repeat == 1:

@@ -186,6 +186,16 @@ def checked_out_dir(path: str | Path, *, force: bool) -> Path:
     return path
 
 
+def make_dir(path: Path, key: str) -> Path:
+    """Create a result directory (and its parents); one that cannot be made is a `ConfigError` on `key`, the
+    option or setting that named it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot create the directory {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def stamped_dir(parent: str | Path, name: str) -> Path:
     """`parent/<name>-<timestamp>`, suffixed -2, -3, ... when that exists (two runs in one second)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -160,36 +160,54 @@ class JsonlPrompts:
         self.seed = seed
 
     def requests(self, sampling: SamplingParams, tokenizer: Any = None) -> list[Request]:
-        path = Path(self.config.path)
-        if not path.is_file():
-            raise ConfigError("workload.path", f"no such file: {path}")
-        rows = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ConfigError("workload.path", f"{path}:{lineno} is not valid JSON: {exc}") from exc
-            if self.config.limit is not None and len(rows) >= self.config.limit:
-                break
+        rows = self._rows()
         times = self.config.arrival.times(len(rows), random.Random(self.seed))
         out = []
-        for i, row in enumerate(rows):
+        for i, (where, row) in enumerate(rows):
             if "prompt_ids" in row:
+                if not isinstance(row["prompt_ids"], list):
+                    raise ConfigError("workload.path", f"{where}: prompt_ids must be a list of token ids, got "
+                                                       f"{show(row['prompt_ids'])}")
                 prompt = tuple(row["prompt_ids"])
             elif "prompt" in row:
+                if not isinstance(row["prompt"], str):
+                    raise ConfigError("workload.path", f"{where}: prompt must be a string, got {show(row['prompt'])}")
                 if tokenizer is None:
-                    raise ConfigError("workload.path", f"{path} has text prompts but the model has no tokenizer "
-                                                       "(set engine.model.tokenizer, or use prompt_ids)")
+                    raise ConfigError("workload.path", f"{self.config.path} has text prompts but the model has no "
+                                                       "tokenizer (set engine.model.tokenizer, or use prompt_ids)")
                 prompt = tuple(tokenizer.encode(row["prompt"]))
             else:
-                raise ConfigError("workload.path", f"{path} line {i + 1}: needs 'prompt' or 'prompt_ids'")
+                raise ConfigError("workload.path", f"{where}: needs 'prompt' or 'prompt_ids'")
             params = sampling
-            if "max_new_tokens" in row:
+            if "max_new_tokens" in row:  # a bad value fails this request alone, as any bad request value does
                 params = attrs.evolve(sampling, max_new_tokens=row["max_new_tokens"])
             out.append(Request(str(row.get("id", f"req-{i}")), prompt, params, times[i]))
         return out
+
+    def _rows(self) -> list[tuple[str, dict]]:
+        """The file's JSON objects (at most `limit`), each with where it is (`path:line`)."""
+        path = Path(self.config.path)
+        if not path.is_file():
+            raise ConfigError("workload.path", f"no such file: {path}")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ConfigError("workload.path", f"{path} is not UTF-8 text: {exc}") from None
+        rows: list[tuple[str, dict]] = []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise ConfigError("workload.path", f"{path}:{lineno} is not valid JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise ConfigError("workload.path", f"{path}:{lineno}: expected a JSON object, got "
+                                                   f"{type(row).__name__}")
+            rows.append((f"{path}:{lineno}", row))
+            if self.config.limit is not None and len(rows) >= self.config.limit:
+                break
+        return rows
 
 
 def checked_requests(requests: Any, workload: str) -> list[Request]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 
 from ..core.errors import ConfigError
-from ..plugins.report import checked_out_dir, fmt, format_table, stamped_dir, write_csv, write_json
+from ..plugins.report import checked_out_dir, fmt, format_table, make_dir, stamped_dir, write_csv, write_json
 from .bench_client import LoadResult, fetch_model, run_load
 from .bench_metrics import BenchMetrics, RequestRecord, Slo
 from .bench_workload import Prompts, load_requests
@@ -105,8 +105,8 @@ def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     out = stamped_dir("results", "bench-serve") if opts.output is None else checked_out_dir(opts.output,
                                                                                             force=opts.force)
     model = opts.model or fetch_model(opts.base_url)
+    make_dir(out, "--output")  # before the runs: a directory that cannot be made must not cost their results
     runs = [run_rate(opts, prompts, model, rate) for rate in opts.rates]
-    out.mkdir(parents=True, exist_ok=True)
     table = summary_text(opts, model, runs)
     print(table)
     written = write_results(out, opts, prompts, model, runs, argv)

@@ -77,8 +77,12 @@ def read_dataset(path: str, limit: int | None, default_max_tokens: int, key: str
     file = Path(path)
     if not file.is_file():
         raise ConfigError(key, f"no such file: {file}")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, f"{file} is not UTF-8 text: {exc}") from None
     out: list[BenchRequest] = []
-    for lineno, line in enumerate(file.read_text().splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if limit is not None and len(out) >= limit:
             break
         if not line.strip():

@@ -114,7 +114,7 @@ def parse_chat(raw: bytes, model: ServedModel) -> GenerationRequest:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001  (the template's own error: a role order it refuses, ...)
         raise ApiError(400, f"the chat template refused the messages: {exc}", param="messages") from None
-    ids = tuple(tok.encode(text, add_special_tokens=False))  # the template writes any BOS itself
+    ids = tuple(tok.encode(_unicode(text, "messages"), add_special_tokens=False))  # the template writes any BOS
     given = _opt_int(body, "max_completion_tokens")
     return _generation(body, model, ids, chat=True, max_tokens=given if given is not None else
                        _opt_int(body, "max_tokens"))
@@ -149,7 +149,7 @@ def _prompt(value: Any, model: ServedModel) -> tuple[int, ...]:
         if model.tokenizer is None:
             raise ApiError(400, f"text prompts need a tokenizer, and {model.no_tokenizer()}: send the prompt as a "
                                 "list of token ids", param="prompt")
-        ids = tuple(model.tokenizer.encode(value))
+        ids = tuple(model.tokenizer.encode(_unicode(value, "prompt")))
     elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         ids = tuple(value)
     elif isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
@@ -164,6 +164,17 @@ def _prompt(value: Any, model: ServedModel) -> tuple[int, ...]:
             raise ApiError(400, f"prompt token {t} at position {i} is outside the vocabulary [0, {model.vocab})",
                            param="prompt")
     return ids
+
+
+def _unicode(text: str, param: str) -> str:
+    """`text` if it is valid Unicode: JSON's escapes can spell a lone surrogate (`"\\ud800"`), which no tokenizer
+    encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"'{param}' is not valid Unicode text: {exc.reason} ({show(exc.object[exc.start:exc.end])}"
+                            f" at position {exc.start})", param=param) from None
+    return text
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
