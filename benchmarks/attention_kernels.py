@@ -23,6 +23,7 @@ import functools
 import itertools
 import json
 import platform
+import typing
 
 import attrs
 import torch
@@ -38,6 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_MAX_TOKENS = 256 * 2048  # batch x context past which Sdpa is not timed: it gathers the whole context per call
 SCALE = HEAD_DIM**-0.5
 INVARIANT = "batch_invariant"
+FIELD_TYPES = typing.get_type_hints(TritonPagedConfig)
 
 
 def decode_step(batch: int, context: int, block_size: int, dtype: torch.dtype, gen: torch.Generator,
@@ -128,13 +130,14 @@ def sweep_configs():
                                                                          num_stages=stages)
 
 
-def _value(text: str) -> int | bool:
+def _value(text: str) -> int | bool | str:
+    """An integer, true/false, or else the text itself (for the config's string fields, which validate it)."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not an integer nor true/false") from None
+        return text
 
 
 def variant_keys() -> list[str]:
@@ -153,8 +156,8 @@ def build_variant(settings: dict) -> TritonPaged:
 
 
 def parse_variants(spec: str, taken: tuple[str, ...] = ()) -> dict[str, dict]:
-    """`name:key=value;key=value,...` -> {name: {key: value}}, keys from `variant_keys()`, values integers or
-    true/false; each variant is built once here, so the config's validators reject bad values now."""
+    """`name:key=value;key=value,...` -> {name: {key: value}}, keys from `variant_keys()`, values integers,
+    true/false or words; each variant is built once here, so the config's validators reject bad values now."""
     keys = variant_keys()
     variants: dict[str, dict] = {}
     for item in (s.strip() for s in spec.split(",")):
@@ -174,10 +177,10 @@ def parse_variants(spec: str, taken: tuple[str, ...] = ()) -> dict[str, dict]:
                 raise ValueError(f"variant {name!r}: unknown field {key!r}; TritonPagedConfig fields: {', '.join(keys)}")
             if not eq:
                 raise ValueError(f"variant {name!r}: {pair!r} has no value (expected {key}=VALUE)")
-            try:
-                settings[key] = _value(text)
-            except ValueError as exc:
-                raise ValueError(f"variant {name!r}: {key}: {exc}") from None
+            settings[key] = _value(text)
+            choices = typing.get_args(FIELD_TYPES.get(key))
+            if choices and settings[key] not in choices:
+                raise ValueError(f"variant {name!r}: {key}: {text!r} is not one of {', '.join(choices)}")
         try:
             build_variant(settings)
         except (TypeError, ValueError) as exc:

@@ -7,7 +7,7 @@ the card over the call shows as a difference between the two passes rather than 
 
     python benchmarks/decode_gemm_compare.py --out c.json --batches 1,32 --variants torch/never,tma/never,tma/always
     python benchmarks/decode_gemm_compare.py --out w.json --variants tma/never/w4,tma/never/w2   # attention splits
-    python benchmarks/decode_gemm_compare.py --out f.json --variants "tma/never/fuse_cache_write=false,tma/never"
+    python benchmarks/decode_gemm_compare.py --out f.json --variants "tma/never/fuse_cache_write=never,tma/never"
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from asyncbatch.core.plugin_host import get_plugin_host  # noqa: E402
 
 
 def attention_settings(field: str) -> dict:
-    """`w2` -> {"waves": 2}; `waves=2;fuse_cache_write=false` -> {"waves": 2, "fuse_cache_write": False}."""
+    """`w2` -> {"waves": 2}; `waves=2;fuse_cache_write=never` -> {"waves": 2, "fuse_cache_write": "never"}."""
     if field[:1] == "w" and field[1:].isdigit():
         return {"waves": int(field[1:])}
     settings = {}
     for pair in field.split(";"):
         key, _, value = pair.partition("=")
-        settings[key] = {"true": True, "false": False}.get(value.lower()) if value.lower() in ("true", "false") \
-            else int(value)
+        settings[key] = value.lower() == "true" if value.lower() in ("true", "false") else \
+            int(value) if value.lstrip("-").isdigit() else value
     return settings
 
 

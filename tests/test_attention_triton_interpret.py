@@ -73,7 +73,7 @@ def make_step(gen, seqs, *, pad_tokens, pad_seqs, block_size, kv_heads, q_heads,
     return (q, k, v, k_cache, v_cache), meta, max(need)
 
 
-def run_both(inputs, meta, kv_blocks, *, window, splits=0, block_n=16, invariant=False, fuse_cache_write=True):
+def run_both(inputs, meta, kv_blocks, *, window, splits=0, block_n=16, invariant=False, fuse_cache_write="always"):
     q, k, v, k_cache, v_cache = inputs
     scale = q.shape[-1] ** -0.5
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
@@ -145,8 +145,22 @@ def test_decode_kernel_writing_the_new_kv_itself_matches_the_separate_write(spli
     inputs, meta, nb = make_step(gen, seqs, pad_tokens=2, pad_seqs=1, block_size=16, q_heads=heads[0],
                                  kv_heads=heads[1], head_dim=32)
     fused = run_both([t.clone() for t in inputs], meta, nb, window=window, splits=splits)
-    separate = run_both([t.clone() for t in inputs], meta, nb, window=window, splits=splits, fuse_cache_write=False)
+    separate = run_both([t.clone() for t in inputs], meta, nb, window=window, splits=splits, fuse_cache_write="never")
     assert torch.allclose(separate, fused, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setting, splits, fused", [("auto", 1, False), ("auto", 2, True), ("auto", 0, True),
+                                                    ("always", 1, True), ("never", 3, False)])
+def test_auto_fuses_the_write_where_the_step_splits(monkeypatch, interpreted_kernels, setting, splits, fused):
+    """One split: every program would carry the write in its tail, which measured slower at batch 256."""
+    calls = []
+    real = interpreted_kernels.write_cache
+    monkeypatch.setattr(interpreted_kernels, "write_cache", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(splits)
+    inputs, meta, nb = make_step(gen, DECODE, pad_tokens=1, pad_seqs=1, block_size=16, q_heads=8, kv_heads=2,
+                                 head_dim=32)
+    run_both(inputs, meta, nb, window=None, splits=splits, fuse_cache_write=setting)
+    assert fused == (not calls)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -206,12 +206,12 @@ def test_decode_kernel_writing_its_own_kv_matches_the_write_kernel(splits, windo
     inputs, meta = make_step(gen, decode_seqs(gen, 48) + [(15, 1), (16, 1)], dtype=torch.bfloat16)
     outs = {}
     for fused in (False, True):
-        backend = TritonPaged(TritonPagedConfig(num_splits=splits, fuse_cache_write=fused))
+        backend = TritonPaged(TritonPagedConfig(num_splits=splits, fuse_cache_write="always" if fused else "never"))
         outs[fused] = run(backend, inputs, meta, window)
     assert torch.equal(outs[False][1][1:], outs[True][1][1:]) and torch.equal(outs[False][2][1:], outs[True][2][1:])
     assert (outs[False][0] - outs[True][0]).abs().max().item() < 2e-2
     assert rel_err(outs[True][0], reference(inputs, meta, window), meta) < TOLERANCE[torch.bfloat16]
-    backend = TritonPaged(TritonPagedConfig(num_splits=splits, fuse_cache_write=True))
+    backend = TritonPaged(TritonPagedConfig(num_splits=splits, fuse_cache_write="always"))
     q, k, v, kc, vc = (x.clone() for x in inputs)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

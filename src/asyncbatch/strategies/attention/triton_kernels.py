@@ -3,7 +3,8 @@
 Three kernels, all launched on grids that depend only on tensor shapes and the step's Python scalars (so a step
 can be captured in a CUDA graph); work beyond a sequence's real length exits inside the kernel:
 
-* `_cache_write`: the step's new K and V into their cache slots, one program per token.
+* `_cache_write`: the step's new K and V into their cache slots, one program per token. Decode steps whose context
+  is split skip it: the split holding a sequence's new position writes that K/V itself (`WRITE_KV`).
 * `_paged_attn`: one program per (sequence, tile of query tokens, kv head, kv split). Its rows are the query
   heads of a GQA group times the tile's tokens, so K and V are read once per group and `tl.dot` gets >= 16 rows.
   The context is read in chunks of BLOCK_N positions gathered through the block table, with an online softmax.
@@ -128,6 +129,12 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
     q_ptrs = q_ptr + tok[:, None] * sq_t + head[:, None] * sq_h + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dmask, other=0.0)
 
+    if WRITE_KV:  # loaded before the loop, so that their latency hides behind it
+        own = (hi - 1 >= start) & (hi - 1 < end)
+        dmask_own = d < tl.where(own, D, 0)
+        k_own = tl.load(kn_ptr + q_begin * skn_t + h * skn_h + d, mask=dmask_own, other=0.0)
+        v_own = tl.load(vn_ptr + q_begin * svn_t + h * svn_h + d, mask=dmask_own, other=0.0)
+        slot_own = tl.load(slot_ptr + q_begin).to(tl.int64)  # a real token: its slot is always there
     # Finite initial max: rows that see nothing in a chunk keep exp2(-inf - m) = 0 instead of NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -161,10 +168,9 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
         m_i = m_new
 
     if WRITE_KV:
-        if (hi - 1 >= start) & (hi - 1 < end):  # this split owns the new position: one more softmax update
-            m_i, l_i, acc = _own_token(q, kn_ptr + q_begin * skn_t + h * skn_h, vn_ptr + q_begin * svn_t + h * svn_h,
-                                       kc_ptr + h * skc_h, vc_ptr + h * svc_h, slot_ptr + q_begin, skc_b, skc_s,
-                                       svc_b, svc_s, row_ok, m_i, l_i, acc, scale_log2, D, D_P, BS)
+        if own:  # this split holds the new position: store the K/V, then one more softmax update
+            m_i, l_i, acc = _own_token(q, k_own, v_own, kc_ptr + h * skc_h, vc_ptr + h * svc_h, slot_own, skc_b,
+                                       skc_s, svc_b, svc_s, d, dmask_own, row_ok, m_i, l_i, acc, scale_log2, BS)
     if PDL:
         gdc_launch_dependents()
     empty = l_i == 0.0  # a split with no visible key (or a padded row)
@@ -192,20 +198,15 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
 
 
 @triton.jit
-def _own_token(q, kn_ptr, vn_ptr, kc_ptr, vc_ptr, slot_ptr, skc_b, skc_s, svc_b, svc_s, row_ok, m_i, l_i, acc,
-               scale_log2, D: tl.constexpr, D_P: tl.constexpr, BS: tl.constexpr):
-    """A decode token's own K/V row of one kv head: stored into its cache slot, and folded into the rows' online
-    softmax straight from registers, rounded to the cache's dtype as a read of the cache would give it. Returns the
-    updated (m_i, l_i, acc)."""
-    d = tl.arange(0, D_P)
-    dm = d < D
-    slot = tl.load(slot_ptr).to(tl.int64)
-    k_at = kc_ptr + (slot // BS) * skc_b + (slot % BS) * skc_s + d
-    v_at = vc_ptr + (slot // BS) * svc_b + (slot % BS) * svc_s + d
-    k = tl.load(kn_ptr + d, mask=dm, other=0.0).to(kc_ptr.dtype.element_ty)
-    v = tl.load(vn_ptr + d, mask=dm, other=0.0).to(vc_ptr.dtype.element_ty)
-    tl.store(k_at, k, mask=dm)
-    tl.store(v_at, v, mask=dm)
+def _own_token(q, k, v, kc_ptr, vc_ptr, slot, skc_b, skc_s, svc_b, svc_s, d, dm, row_ok, m_i, l_i, acc, scale_log2,
+               BS: tl.constexpr):
+    """A decode token's own K/V row of one kv head (`k`, `v`, [D_P]): stored into its cache `slot`, and folded into
+    the rows' online softmax straight from registers, rounded to the cache's dtype as a read of the cache would give
+    it. Returns the updated (m_i, l_i, acc)."""
+    k = k.to(kc_ptr.dtype.element_ty)
+    v = v.to(vc_ptr.dtype.element_ty)
+    tl.store(kc_ptr + (slot // BS) * skc_b + (slot % BS) * skc_s + d, k, mask=dm)
+    tl.store(vc_ptr + (slot // BS) * svc_b + (slot % BS) * svc_s + d, v, mask=dm)
     score = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale_log2
     score = tl.where(row_ok, score, float("-inf"))
     m_new = tl.maximum(m_i, score)
