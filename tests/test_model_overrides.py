@@ -189,3 +189,30 @@ def test_a_checkpoint_config_the_model_cannot_compute_is_refused_before_its_weig
 
     assert ("engine.model.path", True) == (info.value.key, info.value.message.startswith(
         f"{path}/config.json: {message}"))
+
+
+# ---------------------------------------------------------------- sweep cells: every cell's model checked up front
+
+
+def test_a_sweep_cell_whose_override_cannot_compute_is_refused_before_any_cell_runs(tmp_path, capsys):
+    """Cell 2 of 2 is the bad one: nothing may run, and no result directory may be made."""
+    out = tmp_path / "out"
+    code = main(["--log-level", "error", "run", "--no-progress", "--set", "workload.num_requests=2", "--set",
+                 "sweep={engine.model.overrides.num_key_value_heads: [2, 3]}", "--out", str(out)])
+
+    err = capsys.readouterr().err
+    assert (2, False) == (code, out.exists())
+    assert err.startswith("asyncbatch: config error: sweep cell {'engine.model.overrides.num_key_value_heads': 3}: "
+                          "engine.model.overrides.num_key_value_heads: 3 does not divide num_attention_heads=4")
+
+
+def test_a_sweep_cell_whose_checkpoint_is_not_one_is_refused_before_any_cell_runs(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "nothing-here"
+    code = main(["--log-level", "error", "run", "--no-progress", "--set", "workload.num_requests=2", "--set",
+                 "engine.model={path: " + str(checkpoint) + "}", "--set",
+                 "sweep={engine.model.path: [" + f"{checkpoint}, {missing}" + "]}", "--out", str(out)])
+
+    err = capsys.readouterr().err
+    assert (2, False) == (code, out.exists())
+    assert f"sweep cell {{'engine.model.path': '{missing}'}}: engine.model.path: no such checkpoint directory" in err

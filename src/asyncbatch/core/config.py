@@ -224,6 +224,11 @@ class _EngineScalars:
 # ---------------------------------------------------------------- experiments
 
 
+def cell_key(assignment: dict[str, Any]) -> str:
+    """How an error names the sweep cell it comes from: `sweep cell {'engine.seed': 3}`."""
+    return "sweep cell {" + ", ".join(f"{k!r}: {show(v)}" for k, v in assignment.items()) + "}"
+
+
 @attrs.frozen
 class OutputConfig:
     """Where a run writes results. `trace: true` also writes a Chrome/Perfetto trace of CPU phases and streams."""
@@ -322,8 +327,7 @@ class ExperimentConfig:
             try:
                 cells.append((assignment, ExperimentConfig.from_dict(data, host=host)))
             except ConfigError as exc:
-                cell = "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in assignment.items()) + "}"
-                raise ConfigError(f"sweep cell {cell}", str(exc)) from exc
+                raise ConfigError(cell_key(assignment), str(exc)) from exc
         return cells
 
     def replica(self, index: int) -> ExperimentConfig:

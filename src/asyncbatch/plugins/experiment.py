@@ -20,7 +20,9 @@ from typing import Any
 
 import attrs
 
-from ..core.config import ExperimentConfig, ModelConfig
+from ..core.config import ExperimentConfig, ModelConfig, cell_key
+from ..core.errors import ConfigError, UnsupportedError
+from ..core.models import check_model_config
 from ..core.plugin_host import PluginHost, get_plugin_host
 from ..core.races import RaceError, RaceReport
 from ..core.stats import RunContext, RunSummary
@@ -234,6 +236,27 @@ def run_cell(index: int, assignment: dict, cfg: ExperimentConfig, cache: ModelCa
                       any(r.arrival_time > 0 for r in requests), out_dir, written, repetition, result.races)
 
 
+def check_cell_models(cells: list[tuple[dict, ExperimentConfig]], host: PluginHost) -> None:
+    """Refuse, before any process starts or directory is made, a cell whose model could not be built (an override
+    transformers cannot compute, a checkpoint that is not one), instead of failing when the sweep reaches it."""
+    seen: set[str] = set()
+    for assignment, cell in cells:
+        model = cell.engine.model
+        if repr(model) in seen:
+            continue
+        seen.add(repr(model))
+        try:
+            check_model_config(model, host)
+        except ConfigError as exc:
+            if not assignment:
+                raise
+            raise ConfigError(cell_key(assignment), str(exc)) from exc
+        except UnsupportedError as exc:
+            if not assignment:
+                raise
+            raise UnsupportedError(f"{cell_key(assignment)}: {exc}") from exc
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, force: bool = False,
                    argv: Sequence[str] = (), trace: str | None = None, progress: bool = True, echo: Echo = print,
                    host: PluginHost | None = None) -> ExperimentResult:
@@ -243,6 +266,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, 
     (`ConfigError`) unless `force`. Writes what `asyncbatch run` writes, plots included when `output.plots`."""
     host = host or get_plugin_host()
     cells = cfg.sweep_cells(host=host)
+    check_cell_models(cells, host)
     runs = [(i, r) for i in range(len(cells)) for r in range(cfg.repeat)]
     parallel = cfg.engine.parallel
     world = join(parallel.data, parallel.tensor, parallel.timeout_s, cfg.engine.model.device,
