@@ -12,8 +12,8 @@ can be captured in a CUDA graph); work beyond a sequence's real length exits ins
   on the tiles any mix needs: sequence s owns tiles from `query_start[s] // BLOCK_Q + s`, and each program finds
   its sequence by binary search over those starts. The launch then depends on the padded counts alone, so one
   captured graph serves every mix of prefill chunks and decodes with the same padded token count.
-* `_combine_splits`: flash-decoding's reduction of the per-split partial outputs via their log-sum-exp; it also
-  writes zeros for padding tokens. By default a decode step needs no such second kernel: each split counts its
+* `_combine_splits` (in `triton_combine`, with `_combine_rows`): flash-decoding's reduction of the per-split
+  partial outputs via their log-sum-exp; it also writes zeros for padding tokens. By default a decode step needs no such second kernel: each split counts its
   finish on a per-(sequence, kv head) counter, and the last to finish reduces the partials (`_combine_rows`) and
   puts the counter back to zero. That saves a launch per layer (32 a step on an 8B Llama). With many splits (small
   batches) the one program's serial reduction costs more than the launch, so those keep the second kernel.
@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .triton_combine import _combine_rows, _combine_splits
 
 
 @triton.jit
@@ -216,51 +218,6 @@ def _own_token(q, k, v, kc_ptr, vc_ptr, slot, skc_b, skc_s, svc_b, svc_s, d, dm,
     # rounded as the chunks' probabilities and values enter their dot
     acc = acc * alpha[:, None] + prob.to(q.dtype).to(tl.float32)[:, None] * v.to(q.dtype).to(tl.float32)[None, :]
     return m_new, l_i, acc
-
-
-@triton.jit
-def _combine_rows(part_ptrs, sp_s, lse_ptrs, out_ptrs, mask, row_ok, active, BLOCK_M: tl.constexpr,
-                  D_P: tl.constexpr, SPLITS: tl.constexpr):
-    """Rows of the first `active` partial outputs (split stride `sp_s`) weighted by their log-sum-exp, into
-    `out_ptrs`. The loops are unrolled (SPLITS is small, see `FUSED_COMBINE_MAX_SPLITS`), so the loads of all
-    splits are in flight together."""
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for i in tl.static_range(SPLITS):
-        on = row_ok & (tl.full([BLOCK_M], i, tl.int32) < active)
-        m = tl.maximum(m, tl.load(lse_ptrs + i, mask=on, other=float("-inf"), cache_modifier=".cg"))
-    m = tl.where(row_ok, m, 0.0)  # a real token sees its own position, so its maximum is finite
-    den = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
-    for i in tl.static_range(SPLITS):
-        on = row_ok & (tl.full([BLOCK_M], i, tl.int32) < active)
-        w = tl.math.exp2(tl.load(lse_ptrs + i, mask=on, other=float("-inf"), cache_modifier=".cg") - m)
-        den += w
-        acc += w[:, None] * tl.load(part_ptrs + i * sp_s, mask=mask & on[:, None], other=0.0,
-                                    cache_modifier=".cg")
-    tl.store(out_ptrs, (acc / tl.where(row_ok, den, 1.0)[:, None]).to(out_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _combine_splits(part_ptr, lse_ptr, out_ptr, seq_ptr, sp_t, sp_h, sp_s, sl_t, sl_h, so_t, so_h,
-                    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-                    PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    t = tl.program_id(0)
-    hq = tl.program_id(1)
-    d = tl.arange(0, D_P)
-    out_ptrs = out_ptr + t * so_t + hq * so_h + d
-    if tl.load(seq_ptr + t) < 0:
-        tl.store(out_ptrs, tl.zeros([D_P], tl.float32).to(out_ptr.dtype.element_ty), mask=d < D)
-        return
-    sp = tl.arange(0, SPLITS_P)
-    lse = tl.load(lse_ptr + t * sl_t + hq * sl_h + sp, mask=sp < SPLITS, other=float("-inf"))
-    w = tl.math.exp2(lse - tl.max(lse, 0))  # a real token sees its own position, so the max is finite
-    parts = tl.load(part_ptr + t * sp_t + hq * sp_h + sp[:, None] * sp_s + d[None, :],
-                    mask=(sp < SPLITS)[:, None] & (d < D)[None, :], other=0.0)
-    o = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def _pow2(n: int) -> int:
