@@ -31,3 +31,9 @@ class Cancels:
         with self._lock:
             if self._book is None or not self._book.cancel(request_id):
                 self._pending.add(request_id)
+
+    def forget(self, request_ids: Any) -> None:
+        """Drop waiting cancels for `request_ids`: the run they were meant for is over, so they must not cancel a
+        later run's request that reuses an id."""
+        with self._lock:
+            self._pending.difference_update(request_ids)

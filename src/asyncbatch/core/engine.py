@@ -283,7 +283,7 @@ class Engine:
                request_ids: Sequence[str] | None = None) -> Iterator[TokenEvent]:
         """Yield tokens as the host learns them (the engine runs in a background thread)."""
         requests = self.make_requests(prompts, params, request_ids=request_ids)
-        yield from stream_events(self.run, self.cancel, requests)
+        yield from stream_events(self.run, self.cancel, requests, forget=self._cancels.forget)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request (any thread): it ends with finish reason `cancelled` at the next step of its run. A

@@ -8,9 +8,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
-def stream_events(run: Callable[..., Any], cancel: Callable[[str], None], requests: Sequence[Any]) -> Iterator[Any]:
+def stream_events(run: Callable[..., Any], cancel: Callable[[str], None], requests: Sequence[Any], *,
+                  forget: Callable[[list[str]], None] | None = None) -> Iterator[Any]:
     """Yield the `TokenEvent`s of `run(requests, on_token=...)` as the host learns them. A consumer that stops
-    early cancels its requests (they end at the next step); a failure of the run is raised in the consumer."""
+    early cancels its requests (they end at the next step); a failure of the run is raised in the consumer.
+    `forget(ids)` then drops those cancels where the run ended first, so none is left to cancel a later run's
+    request of the same id."""
     events: queue.Queue = queue.Queue()
     done = object()
     failure: list[BaseException] = []
@@ -35,5 +38,7 @@ def stream_events(run: Callable[..., Any], cancel: Callable[[str], None], reques
             for r in requests:
                 cancel(r.request_id)
         thread.join()
+        if not finished and forget is not None:
+            forget([r.request_id for r in requests])
     if failure:
         raise failure[0]
