@@ -290,6 +290,7 @@ def _run_all(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], ou
     out = resolve_out_dir(cfg, out_dir, force=force)
     created = not out.exists()
     make_dir(out, "--out" if out_dir is not None else "output.dir")
+    _drop_stale_index(out)
     echo(f"experiment {cfg.name!r}: {len(runs)} run{'s' if len(runs) > 1 else ''} -> {out}")
     try:
         if not cfg.sweep and cfg.repeat == 1:
@@ -306,6 +307,18 @@ def _run_all(cfg: ExperimentConfig, cells: list, runs: list[tuple[int, int]], ou
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves no empty result directory behind
         raise
+
+
+#: The files that say what a result directory holds (`asyncbatch compare` reads them); rewritten by every run.
+INDEX_FILES = ("results.json", "sweep.json", "sweep.csv", "aggregate.json", "aggregate.csv")
+
+
+def _drop_stale_index(out: Path) -> None:
+    """Remove an earlier experiment's index files from a directory reused with `--force`: the new run writes its
+    own, and one it does not write (no aggregate without replicates, no sweep.json for a single run) would
+    otherwise describe the directory as the earlier experiment."""
+    for name in INDEX_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _fail_on_races(result: ExperimentResult) -> None:

@@ -3,7 +3,8 @@
 The kind of plot follows the sweep: a numeric key with at least 3 values becomes the x axis of line plots, one
 line per combination of the other keys; otherwise one bar per cell (horizontal past `MAX_VERTICAL_BARS` cells,
 so labels stay readable). With replicates the plots show group means with 95% confidence error bars. An axis
-whose positive data spans two decades or more is logarithmic.
+whose positive data spans two decades or more is logarithmic (symmetric-log where it also holds 0 or a negative
+value, so that no point falls off the axis).
 
 matplotlib is an optional dependency (`pip install asyncbatch[plots]`): it is imported only here, only when plots
 are asked for, and its absence skips the plots with one message instead of failing the run.
@@ -57,6 +58,18 @@ def _is_number(v: Any) -> bool:
 def _log_scale(values: Sequence[float]) -> bool:
     positive = [v for v in values if v > 0 and not math.isnan(v)]
     return len(positive) > 1 and max(positive) / min(positive) >= 100
+
+
+def _set_scale(set_scale: Callable[..., Any], values: Sequence[float]) -> None:
+    """Logarithmic where the positive values span two decades; symmetric-log (linear below the smallest positive
+    value) where some value is 0 or negative too, which a log axis would leave out of the plot."""
+    if not _log_scale(values):
+        return
+    real = [v for v in values if not math.isnan(v)]
+    if min(real) > 0:
+        set_scale("log")
+    else:
+        set_scale("symlog", linthresh=min(v for v in real if v > 0))
 
 
 def line_key(keys: Sequence[str], points: Sequence[dict[str, Any]]) -> str | None:
@@ -147,10 +160,9 @@ def lines(plt: Any, x: str, keys: Sequence[str], points: Sequence[dict[str, Any]
             ys_all += ys
             ax.errorbar([p[x] for p in members], ys, yerr=[_num(e) for e in errs] if any(e is not None
                         for e in errs) else None, marker="o", capsize=3, label=label or None)
-        if _log_scale([p[x] for p in points]):
-            ax.set_xscale("log")
-        if _log_scale(ys_all) and ylim is None:
-            ax.set_yscale("log")
+        _set_scale(ax.set_xscale, [_num(p[x]) for p in points])
+        if ylim is None:
+            _set_scale(ax.set_yscale, ys_all)
         if ylim is not None:
             ax.set_ylim(*ylim)
         ax.set_xlabel(xlabel)
