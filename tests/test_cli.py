@@ -220,7 +220,12 @@ def test_bad_config_exits_2_before_building_a_model(case, tmp_path, capsys, no_m
                                           "radix)"),
     (["--set", "workload.num_requests=99999999999999999999999"], "workload.num_requests: must be in [1, 16777216]"),
     (["--set", "engine.runtime={name: sim, cost: {gpu_compute_ms: -5}}"],
-     "engine.runtime.cost.gpu_compute_ms: must be a finite number >= 0 (milliseconds), got -5"),
+     "engine.runtime.cost.gpu_compute_ms: must be a finite number in [0, 3.6e+06] (milliseconds), got -5"),
+    # past an hour per op, a run's virtual time overflowed into inf wall time and NaN latencies (results.json: NaN)
+    (["--set", "engine.runtime={name: sim, cost: {gpu_compute_ms: 1e308}}"],
+     "engine.runtime.cost.gpu_compute_ms: must be a finite number in [0, 3.6e+06] (milliseconds), got 1e+308"),
+    (["--set", "engine.runtime={name: sim, host: measured, host_scale: 1e300}"],
+     "engine.runtime.host_scale: must be a finite number in (0, 1e+06], got 1e+300"),
 ])
 def test_bad_overrides_exit_2(argv, needle, tmp_path, capsys, no_model_builds):
     code, _, err = _run(capsys, "run", str(DEFAULT), *argv, "--out", str(tmp_path / "o"))

@@ -284,8 +284,8 @@ def test_a_fast_scheduler_keeps_the_device_busy_when_measured(tiny64, host):
 
 @pytest.mark.parametrize("value,message", [
     ({"host": "wall"}, "runtime.host: 'wall' is not allowed (valid: measured, model)"),
-    ({"host_scale": 0}, "runtime.host_scale: must be a finite number > 0, got 0.0"),
-    ({"host_scale": float("nan")}, "runtime.host_scale: must be a finite number > 0, got nan"),
+    ({"host_scale": 0}, "runtime.host_scale: must be a finite number in (0, 1e+06], got 0.0"),
+    ({"host_scale": float("nan")}, "runtime.host_scale: must be a finite number in (0, 1e+06], got nan"),
 ])
 def test_bad_host_settings_name_the_key(host, value, message):
     with pytest.raises(ConfigError) as info:

@@ -95,6 +95,9 @@ class CacheConfig:
     max_model_len: int | None = attrs.field(default=None, validator=_size)
 
     def __attrs_post_init__(self) -> None:
+        if self.num_blocks is not None and self.num_blocks < 2:  # at load time, so a sweep cell fails up front
+            raise ConfigError("cache.num_blocks", f"needs at least 2 (block 0 is reserved for padding), got "
+                                                  f"{self.num_blocks}")
         # A token's KV slot, block * block_size + offset, is written into an int32 table (the slot mapping).
         if self.num_blocks is not None and self.num_blocks * self.block_size > INT32_MAX:
             raise ConfigError("cache.num_blocks", f"num_blocks * block_size must be <= {INT32_MAX} (KV slot indices "

@@ -167,6 +167,7 @@ def checkpoint_config(path: Path) -> Any:
     if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
         raise ConfigError(_PATH_KEY, f"{path} has no weights: no *.safetensors or pytorch_model*.bin file (nor "
                                      "their index files)")
+    _check_generation_config(path / "generation_config.json")
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001  (transformers' validation: its detail is on the error's last line)
@@ -175,6 +176,26 @@ def checkpoint_config(path: Path) -> Any:
     if bad:
         raise ConfigError(_PATH_KEY, f"{config_file}: {bad[0]}: {bad[1]}")
     return hf_config
+
+
+def _check_generation_config(file: Path) -> None:
+    """transformers falls back to defaults, without a word, when generation_config.json cannot be read, and keeps
+    an `eos_token_id` that is no token id: the run would then stop at other EOS tokens, or at none."""
+    import json
+
+    if not file.is_file():
+        return
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(_PATH_KEY, f"{file} is unreadable: {_first_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(_PATH_KEY, f"{file} is unreadable: expected a JSON object, got {type(raw).__name__}")
+    eos = raw.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(type(t) is int for t in ids):
+        raise ConfigError(_PATH_KEY, f"{file}: eos_token_id: expected a token id or a list of token ids, got "
+                                     f"{show(eos)}")
 
 
 def _load_weights(auto_cls: Any, path: Path, hf_config: Any, dtype: Any) -> Any:

@@ -49,27 +49,65 @@ def load_results(path: str | Path) -> ResultSet:
         raise ConfigError(str(given), "not a results directory: no such directory (expected a run directory with "
                                       "results.json or a sweep directory with sweep.json)")
     if (d / "aggregate.json").is_file() and (d / "sweep.json").is_file():
-        data = _read(d / "aggregate.json")
-        keys = tuple(data["keys"])
-        entries = [{"assignment": {k: r[k] for k in keys}, "n": r["n"],
-                    "values": {c: r.get(f"{c}_mean") for c in METRIC_COLUMNS},
-                    "ci95": {c: r.get(f"{c}_ci95") for c in METRIC_COLUMNS}} for r in data["rows"]]
-        return ResultSet(d, "aggregate", keys, tuple(entries), _read(d / "sweep.json").get("runtime"))
+        return _parsed(d / "aggregate.json", lambda data: _aggregate(d, data))
     if (d / "sweep.json").is_file():
-        data = _read(d / "sweep.json")
-        keys = tuple(data["keys"])
-        entries = [{"assignment": {k: r[k] for k in keys}, "n": 1, "values": {c: r.get(c) for c in METRIC_COLUMNS},
-                    "ci95": {}} for r in data["rows"]]
-        return ResultSet(d, "sweep", keys, tuple(entries), data.get("runtime"))
+        return _parsed(d / "sweep.json", lambda data: _sweep(d, data))
     if (d / "results.json").is_file():
-        data = _read(d / "results.json")
-        if "summary" not in data:
-            raise ConfigError(str(d / "results.json"), "has no 'summary': not an asyncbatch results.json")
-        assignment = data.get("assignment") or {}
-        entry = {"assignment": assignment, "n": 1, "values": summary_metrics(data["summary"]), "ci95": {}}
-        return ResultSet(d, "run", tuple(assignment), (entry,), data.get("runtime"))
+        return _parsed(d / "results.json", lambda data: _run(d, data))
     raise ConfigError(str(given), "not a results directory: it has neither results.json (one run) nor sweep.json "
                                   "(a sweep)")
+
+
+def _parsed(file: Path, build: Callable[[Any], ResultSet]) -> ResultSet:
+    """`build(data of file)`; a file of another shape (a field missing or of the wrong type, a metric that is no
+    number) is a `ConfigError` naming it, not an internal error."""
+    data = _read(file)
+    if not isinstance(data, dict):
+        raise ConfigError(str(file), f"not asyncbatch results: expected a JSON object, got {type(data).__name__}")
+    try:
+        result = build(data)
+        for entry in result.entries:
+            for col, value in entry["values"].items():
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise TypeError(f"metric {col} is {value!r}, not a number")
+    except ConfigError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        text = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(str(file), f"not asyncbatch results: {text}") from exc
+    return result
+
+
+def _field(data: dict, name: str, kind: type) -> Any:
+    value = data[name]
+    if not isinstance(value, kind):
+        raise TypeError(f"'{name}' is {type(value).__name__}, not a{'n' if kind is dict else ''} "
+                        f"{'object' if kind is dict else 'list'}")
+    return value
+
+
+def _aggregate(d: Path, data: dict) -> ResultSet:
+    keys = tuple(_field(data, "keys", list))
+    entries = [{"assignment": {k: r[k] for k in keys}, "n": r["n"],
+                "values": {c: r.get(f"{c}_mean") for c in METRIC_COLUMNS},
+                "ci95": {c: r.get(f"{c}_ci95") for c in METRIC_COLUMNS}} for r in _field(data, "rows", list)]
+    return ResultSet(d, "aggregate", keys, tuple(entries), _read(d / "sweep.json").get("runtime"))
+
+
+def _sweep(d: Path, data: dict) -> ResultSet:
+    keys = tuple(_field(data, "keys", list))
+    entries = [{"assignment": {k: r[k] for k in keys}, "n": 1, "values": {c: r.get(c) for c in METRIC_COLUMNS},
+                "ci95": {}} for r in _field(data, "rows", list)]
+    return ResultSet(d, "sweep", keys, tuple(entries), data.get("runtime"))
+
+
+def _run(d: Path, data: dict) -> ResultSet:
+    if "summary" not in data:
+        raise ConfigError(str(d / "results.json"), "has no 'summary': not an asyncbatch results.json")
+    assignment = data.get("assignment") or {}
+    entry = {"assignment": dict(assignment), "n": 1, "values": summary_metrics(_field(data, "summary", dict)),
+             "ci95": {}}
+    return ResultSet(d, "run", tuple(assignment), (entry,), data.get("runtime"))
 
 
 def _key(entry: dict) -> str:

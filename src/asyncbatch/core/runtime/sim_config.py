@@ -25,9 +25,13 @@ class RandomChooser:
         return self._rng.randrange(n)
 
 
+# An hour per op: beyond it virtual time over a run's steps overflows float64 into inf and NaN latencies.
+MAX_OP_MS = 3_600_000.0
+
+
 def _duration(_: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(attribute.name, f"must be a finite number >= 0 (milliseconds), got {value}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_OP_MS):
+        raise ConfigError(attribute.name, f"must be a finite number in [0, {MAX_OP_MS:g}] (milliseconds), got {value}")
 
 
 def _ms(default: float) -> Any:
@@ -62,9 +66,12 @@ class CostModel:
         return 0.0
 
 
+MAX_SCALE = 1e6  # a host phase measured in microseconds stays within MAX_OP_MS
+
+
 def _positive_finite(_: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(attribute.name, f"must be a finite number > 0, got {value}")
+    if not (math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise ConfigError(attribute.name, f"must be a finite number in (0, {MAX_SCALE:g}], got {value}")
 
 
 @attrs.frozen
