@@ -133,7 +133,6 @@ def _first_line(exc: BaseException) -> str:
 def checkpoint_config(path: Path) -> Any:
     """The transformers config of the checkpoint directory `path`, after checking (without reading weights) that
     it holds a config of a known causal-LM architecture and weight files; `ConfigError` naming what is missing."""
-    import json
 
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -148,13 +147,7 @@ def checkpoint_config(path: Path) -> Any:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(_PATH_KEY, f"{path} has no config.json: not a transformers checkpoint directory")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(_PATH_KEY, f"{config_file} is unreadable: {_first_line(exc)}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(_PATH_KEY, f"{config_file} is unreadable: expected a JSON object, got "
-                                     f"{type(raw).__name__}")
+    raw = _json_object(config_file)
     model_type = raw.get("model_type")
     if not model_type or not isinstance(model_type, str):
         raise ConfigError(_PATH_KEY, f"{config_file} has no 'model_type': cannot tell the architecture")
@@ -178,19 +171,25 @@ def checkpoint_config(path: Path) -> Any:
     return hf_config
 
 
-def _check_generation_config(file: Path) -> None:
-    """transformers falls back to defaults, without a word, when generation_config.json cannot be read, and keeps
-    an `eos_token_id` that is no token id: the run would then stop at other EOS tokens, or at none."""
+def _json_object(file: Path) -> dict:
+    """The JSON object in a checkpoint's `file`; anything else is a `ConfigError` on `engine.model.path`."""
     import json
 
-    if not file.is_file():
-        return
     try:
         raw = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(_PATH_KEY, f"{file} is unreadable: {_first_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(_PATH_KEY, f"{file} is unreadable: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _check_generation_config(file: Path) -> None:
+    """transformers falls back to defaults, without a word, when generation_config.json cannot be read, and keeps
+    an `eos_token_id` that is no token id: the run would then stop at other EOS tokens, or at none."""
+    if not file.is_file():
+        return
+    raw = _json_object(file)
     eos = raw.get("eos_token_id")
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if not all(type(t) is int for t in ids):
