@@ -1,5 +1,6 @@
-"""The `asyncbatch` command line: run YAML experiments and sweeps, compare results, list components, run the
-simulation study.
+"""The `asyncbatch` command line: its commands and flags, and how errors become exit codes. What each command does
+is in `cli_commands.py`: run YAML experiments and sweeps, compare results, list components, run the simulation
+study, serve, load-test a server.
 
 Exit codes: 0 success; 2 a configuration or usage error (reported before any model is built); 1 any other
 asyncbatch error (e.g. a feature this machine cannot provide, or a run in which every request failed), or an
@@ -12,195 +13,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
+from .cli_commands import PROG, cmd_bench_serve, cmd_compare, cmd_list, cmd_run, cmd_serve, cmd_simulate
 from .logs import setup_logging
-
-PROG = "asyncbatch"
-
-
-def default_config_path() -> Path:
-    """The embedded default experiment: packaged `asyncbatch/configs/`, else the source tree's `configs/`."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs" / "default.yaml", here.parents[1] / "configs" / "default.yaml"):
-        if candidate.is_file():
-            return candidate
-    from .core.errors import ConfigError
-
-    raise ConfigError("CONFIG", "no config file given and no embedded configs/default.yaml found")
-
-
-# ---------------------------------------------------------------- commands
-
-
-def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .core.config import ExperimentConfig
-    from .core.errors import ConfigError
-    from .plugins.experiment import run_experiment
-    from .plugins.report import every_request_failed
-    from .plugins.sweeps import report_text
-
-    path = Path(args.config) if args.config else default_config_path()
-    # Everything is validated here, sweep cells included, before a model is built or a directory created.
-    cfg = ExperimentConfig.from_yaml(path, overrides=args.set or [])
-    if args.nproc is not None:  # processes in all: data-parallel replicas of engine.parallel.tensor ranks each
-        tensor = cfg.engine.parallel.tensor
-        if args.nproc < 1:
-            raise ConfigError("--nproc", f"must be >= 1 (processes in all), got {args.nproc}")
-        if args.nproc % tensor:
-            raise ConfigError("--nproc", f"{args.nproc} processes cannot hold replicas of engine.parallel.tensor="
-                                         f"{tensor} ranks")
-        cfg = ExperimentConfig.from_yaml(path, overrides=[*(args.set or []),
-                                                          f"engine.parallel.data={args.nproc // tensor}"])
-    if cfg.engine.parallel.data * cfg.engine.parallel.tensor > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_ranks(cfg, args, argv)
-    progress = not args.no_progress and sys.stderr.isatty()
-    result = run_experiment(cfg, args.out, force=args.force, argv=[PROG, *argv], trace=args.trace, progress=progress)
-    print(report_text(result))
-    failed = every_request_failed(result)  # written and reported, but nothing ran: not a success
-    if failed:
-        print(f"{PROG}: error: {failed}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _launch_ranks(cfg: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Start one process per data-parallel replica, all writing to the one output directory chosen here."""
-    from .core.plugin_host import get_plugin_host
-    from .parallel.launch import launch
-    from .parallel.tensor import check_model
-    from .plugins.experiment import resolve_out_dir
-
-    p = cfg.engine.parallel
-    host = get_plugin_host()
-    models: list = []  # each sweep cell's model (the ranks make the same check before they build one)
-    for _, cell in cfg.sweep_cells(host=host):
-        if cell.engine.model not in models:
-            models.append(cell.engine.model)
-            check_model(cell.engine.model, p.tensor, host)  # from its config: before a process is spawned
-    out = resolve_out_dir(cfg, args.out, force=args.force)
-    n = p.data * p.tensor
-    print(f"{PROG}: starting {n} ranks (engine.parallel: data {p.data}, tensor {p.tensor}); logs of ranks "
-          f"1-{n - 1} in {out}/ranks", file=sys.stderr)
-    # --force: this process checked the directory; the rank logs are already in it
-    return launch([sys.executable, "-m", "asyncbatch", *argv, "--out", str(out), "--force"], n, log_dir=out / "ranks")
-
-
-def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .plugins.compare import compare, compare_table, load_results, write_compare
-    from .plugins.report import checked_out_dir, stamped_dir
-
-    a, b = load_results(args.a), load_results(args.b)  # both checked before anything is written
-    out = stamped_dir(".", "compare") if args.out is None else checked_out_dir(args.out, force=args.force)
-    result = compare(a, b)
-    print(compare_table(result))
-    written = write_compare(out, result)
-    print("written: " + ", ".join(str(p) for p in written))
-    return 0
-
-
-def _config_fields(config_cls: type | None) -> str:
-    """`field=default, ...` with defaults in YAML flow syntax, so they can be pasted into a config."""
-    import attrs
-    import yaml
-
-    from .core.config import unstructure
-
-    def fmt(value: Any) -> str:
-        return yaml.safe_dump(unstructure(value), default_flow_style=True, sort_keys=False, width=10**6).strip().removesuffix("...").strip()
-
-    if config_cls is None:
-        return "-"
-    parts = []
-    for f in attrs.fields(config_cls):
-        if not f.init:
-            continue
-        default = f.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()
-        parts.append(f.name if default is attrs.NOTHING else f"{f.name}={fmt(default)}")
-    return ", ".join(parts) or "-"
-
-
-def _describe(component: Any) -> str:
-    """The registry keeps a docstring's first line, which may stop mid-sentence: show the first sentence."""
-    text = component.description
-    doc = (getattr(component.factory, "__doc__", None) or "").strip()
-    if text and doc.startswith(text) and not text.endswith("."):
-        paragraph = " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())
-        text = paragraph.split(". ")[0].rstrip(".") + "."
-    return text or "-"
-
-
-def _output_width() -> int | None:
-    """`COLUMNS` if set, else the terminal's width; None when stdout is not a terminal (one line per row)."""
-    import os
-    import shutil
-
-    if os.environ.get("COLUMNS", "").strip().isdigit():
-        return max(40, int(os.environ["COLUMNS"]))
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-
-
-def _cmd_list(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .core.errors import ConfigError
-    from .core.plugin_host import get_plugin_host
-    from .core.registry import FAMILIES
-    from .plugins.environment import entry_point_versions, lifecycle_only_plugins
-    from .plugins.report import wrapped_table
-
-    if args.family is not None and args.family not in FAMILIES:
-        raise ConfigError("--family", f"unknown family {args.family!r}", list(FAMILIES))
-    host = get_plugin_host()
-    width = _output_width()
-    rows = [(c.family, c.name, c.plugin, _describe(c), _config_fields(c.config_cls))
-            for family in ([args.family] if args.family else FAMILIES) for c in host.registry(family)]
-    # Too wide for the terminal: each description goes under its row, and the config column wraps.
-    print(wrapped_table(("family", "name", "plugin", "description", "config (defaults)"), rows, width, below=3))
-    observers = lifecycle_only_plugins(host) if args.family is None else []
-    if observers:
-        versions = entry_point_versions()
-        print("\nplugins with lifecycle hooks only (no components):")
-        print(wrapped_table(("plugin", "version", "hooks"), [
-            (name, (versions.get(name) or {}).get("version") or "-", ", ".join(hooks)) for name, hooks in observers],
-            width))
-    return 0
-
-
-def _cmd_simulate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import json
-
-    from .core.plugin_host import get_plugin_host
-    from .plugins.simulate import run_study, study_json, study_table
-    from .plugins.simulate_config import FLAG_KEYS, load_study
-
-    host = get_plugin_host()
-    # argparse leaves flags that were not given as None: only given ones override the file.
-    flags = {f: getattr(args, f[2:].replace("-", "_")) for f in FLAG_KEYS}
-    study = load_study(args.config, {f: v for f, v in flags.items() if v is not None}, host=host)
-    rows = run_study(study, host=host)
-    print(study_table(study, rows))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(study_json(study, rows), indent=2) + "\n")
-        print(f"written: {out}")
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .serve.server import serve
-
-    path = args.config or str(default_config_path())
-    return serve(path, host=args.host, port=args.port, overrides=args.set or [], log_level=args.log_level)
-
-
-def _cmd_bench_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .serve.bench import main as bench_main
-
-    return bench_main(args, [PROG, *argv])
-
 
 # ---------------------------------------------------------------- parser
 
@@ -228,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--nproc", type=int, metavar="N", help="processes in all, one per device: data-parallel "
                                                             "replicas of engine.parallel.tensor ranks each")
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="list registered components and their config fields")
     lst.add_argument("--family", metavar="F", help="only this family (scheduler, buffer_policy, ...)")
-    lst.set_defaults(func=_cmd_list)
+    lst.set_defaults(func=cmd_list)
 
     cmp = sub.add_parser(
         "compare", help="compare two run or sweep result directories, metric by metric",
@@ -243,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", metavar="DIR", help="output directory (default: ./compare-<timestamp>); refused if it "
                                                   "exists and is not empty, unless --force")
     cmp.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
-    cmp.set_defaults(func=_cmd_compare)
+    cmp.set_defaults(func=cmd_compare)
 
     sim = sub.add_parser(
         "simulate", help="virtual GPU busy fraction of every pipeline combination for given per-step costs",
@@ -272,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--graphs", metavar="NAME,...", help="graph policies (default eager,per_slot)")
     sim.add_argument("--scheduler", metavar="NAME", help="scheduler, name or name:key=value (default fifo)")
     sim.add_argument("--out", metavar="PATH", help="also write the results as JSON")
-    sim.set_defaults(func=_cmd_simulate)
+    sim.set_defaults(func=cmd_simulate)
 
     srv = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API (completions, chat, metrics)",
@@ -285,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     srv.add_argument("--set", action="append", metavar="dotted.key=value",
                      help="override one config value, e.g. --set engine.serve.max_waiting=64; repeatable")
-    srv.set_defaults(func=_cmd_serve)
+    srv.set_defaults(func=cmd_serve)
 
     from .serve.bench_args import configure_parser as bench_serve_flags
 
@@ -295,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "per --request-rate), print TTFT, TPOT, ITL and end-to-end latency with throughput and "
                     "goodput, and write results.json, summary.csv, requests.csv and plots (docs/bench-serve.md).")
     bench_serve_flags(bench)
-    bench.set_defaults(func=_cmd_bench_serve)
+    bench.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 For batch k in slot s = k mod S:  prep[k] (host) -> h2d[k] -> comp[k] -> d2h[k] -> upd[k] (host).
 The host runs `prep[k]; launch[k]; upd[k-S+1]`, so up to S-1 batches are in flight while it prepares the next.
-Every ordering between ops is a declared event (`EDGES`); docs/concepts.md has the table and why each exists.
+Every ordering between ops is a declared event, enforced here; the edges' names (`EDGES`) and a batch's record are
+in `pipeline_events.py`, slot buffers and the warm-up in `pipeline_setup.py`. docs/concepts.md has the edge table.
 """
 
 from __future__ import annotations
@@ -11,56 +12,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-import attrs
-
 from .book import RequestBook
 from .config import BatchConfig
 from .interfaces import AttentionBackend, BufferPolicy, GraphPolicy, Scheduler, StreamTopology
 from .layout import HostBatchWriter, SlotLayout, StepShape
+from .pipeline_events import EDGES, InFlight, PipelineDebug, distinct_waits
+from .pipeline_setup import build_slots, warm_up
 from .runtime.base import Event, Runtime
 from .scheduling import BatchEntry, PendingView
 from .shapes import StepShapes
 from .stats import StepStats
-from .step import DeviceBuffers, EngineGraphContext, Slot, StepBody
+from .step import StepBody
 
-EDGES: tuple[str, ...] = (
-    "h2d->comp", "comp->d2h", "d2h->upd", "comp->comp", "h2d->prep",
-    "comp->h2d", "d2h->comp", "upd->d2h", "reuse", "pool", "cached",
-)
-
-
-@attrs.frozen
-class PipelineDebug:
-    """Test-only switches that break the pipeline on purpose, to prove the invariant tests can fail.
-
-    `disabled_edges` drops event edges by name (`EDGES`). `split_launch` issues d2h[k] only after upd[k-S] (the
-    host then runs S batches ahead), a loop shape in which no slot edge is implied by another. `unshared_release`
-    breaks the prefix cache's `last use by every holder -> reuse` rule: the first holder to release a shared block
-    lets it go for all of them (`kv_blocks.KVBlocks.share_safely`).
-    """
-
-    disabled_edges: frozenset = frozenset()
-    split_launch: bool = False
-    unshared_release: bool = False
-
-
-@attrs.define(eq=False)
-class InFlight:
-    batch: int
-    slot: int
-    entries: list[BatchEntry]
-    shape: StepShape
-    accesses: list
-    uses_graph: bool
-    schedule_s: float
-    prepare_s: float
-    wait_s: float
-    h2d: Event | None = None
-    comp: Event | None = None
-    d2h: Event | None = None
-    launch_s: float = 0.0
-    replayed: bool = False
-    fresh: bool = False  # the host read every in-flight token before planning it (the scheduler asked)
+__all__ = ["EDGES", "Pipeline", "PipelineDebug"]  # tests, the testing kit and the engine import the edges from here
 
 
 class Pipeline:
@@ -70,8 +34,6 @@ class Pipeline:
                  scheduler: Scheduler, backend: AttentionBackend, body: StepBody, layout: SlotLayout,
                  writer: HostBatchWriter, batch: BatchConfig, block_size: int,
                  debug: PipelineDebug = PipelineDebug()) -> None:
-        import torch
-
         self.rt = runtime
         self.topology = topology
         self.num_slots = buffers.num_slots
@@ -89,17 +51,9 @@ class Pipeline:
         self.debug = debug
         runtime.setup_streams(topology.streams)
         self.stream = {role: topology.stream_for(role) for role in ("h2d", "compute", "d2h")}
-        i32 = torch.int32
-
-        def make_buffers() -> DeviceBuffers:
-            return DeviceBuffers(runtime.device_buffer(layout.numel, i32),
-                                 runtime.device_buffer(layout.max_seqs, i32))
-
-        self.slots = [Slot(i, runtime.host_buffer(layout.numel, i32), runtime.host_buffer(layout.max_seqs, i32),
-                           make_buffers()) for i in range(self.num_slots)]
-        self.graph_ctx = EngineGraphContext(body, self.slots, make_buffers,
-                                            lambda fn: runtime.capture(fn, self.stream["compute"]),
-                                            static_mixed=backend.has_static_launch)
+        self.slots, self.graph_ctx = build_slots(runtime, self.num_slots, layout, body,
+                                                 compute_stream=self.stream["compute"],
+                                                 static_mixed=backend.has_static_launch)
         graphs.bind(self.graph_ctx)
         self._events: dict[int, InFlight] = {}
         self._last_pool: Event | None = None
@@ -250,8 +204,8 @@ class Pipeline:
         info = {"tokens": shape.tokens, "graph": rec.uses_graph}
         if tracks:  # a checking runtime (`sim`) compares the plans of ranks that meet in a step (`sim_group`)
             info["plan"] = tuple((e.req.request_id, e.start, e.num_tokens) for e in rec.entries)
-        rec.comp = rt.launch("comp", self.stream["compute"], comp, waits=_dedup(waits), accesses=rec.accesses,
-                             batch=k, info=info)
+        rec.comp = rt.launch("comp", self.stream["compute"], comp, waits=distinct_waits(waits),
+                             accesses=rec.accesses, batch=k, info=info)
         if rec.uses_graph:
             self._last_pool = rec.comp
         self._events[k] = rec
@@ -325,21 +279,7 @@ class Pipeline:
     def warmup(self, shapes: list[StepShape], *, on_shape: Callable[[], None] | None = None) -> int:
         """Run (and so capture, under a graph policy) each shape on padding-only inputs in every slot, largest
         first so that the shared pool is sized once. `on_shape` is called after each (progress bars)."""
-        count = 0
-        for s in range(self.num_slots):
-            slot = self.slots[s]
-            for shape in sorted(shapes, key=lambda x: (x.tokens, x.seqs, x.kv_blocks), reverse=True):
-                self.writer.write(slot.host_in, [], shape)
-                h2d = self.rt.launch("h2d", self.stream["h2d"],
-                                     lambda slot=slot: slot.device.inputs.copy_(slot.host_in, non_blocking=True))
-                ev = self.rt.launch("warmup", self.stream["compute"],
-                                    lambda s=s, shape=shape: self.graphs.run(s, shape), waits=[h2d])
-                self.rt.host_wait(ev)
-                count += 1
-                if on_shape is not None:
-                    on_shape()
-        self.rt.synchronize()
-        return count
+        return warm_up(self.rt, self.stream, self.slots, self.writer, self.graphs, shapes, on_shape=on_shape)
 
 
 def _settle_and_wait(book: RequestBook, inflight: deque, update_oldest: Callable[[], None]) -> bool:
@@ -348,11 +288,3 @@ def _settle_and_wait(book: RequestBook, inflight: deque, update_oldest: Callable
     while inflight:
         update_oldest()
     return book.wait_for_arrivals()
-
-
-def _dedup(events: list[Event | None]) -> list[Event]:
-    seen: dict[int, Event] = {}
-    for e in events:
-        if e is not None:
-            seen[e.op_id] = e
-    return list(seen.values())
