@@ -518,8 +518,9 @@ def test_lifecycle_hooks_that_raise_lose_no_output(tiny_model: Any, fifo_tokens:
     outputs, summary = result.outputs, result.summary
     assert [o.token_ids for o in outputs] == fifo_tokens
     assert [o.finish_reason for o in outputs] == ["length"] * n
-    assert summary.hook_errors == len(result.steps) + n > 0  # one per step, one per request
-    assert len(host.hook_errors) == summary.hook_errors + 1  # run_finished failed after the summary was built
+    # One per step, one per request and one for run_finished: the run's summary counts every failure of its hooks.
+    assert summary.hook_errors == len(result.steps) + n + 1 > 1
+    assert len(host.hook_errors) == summary.hook_errors
     assert {(e.plugin, e.hook) for e in host.hook_errors} == {
         ("FlakyObserver", "asyncbatch_step_finished"),
         ("FlakyObserver", "asyncbatch_request_finished"),
@@ -533,7 +534,8 @@ def test_lifecycle_hooks_that_raise_lose_no_output(tiny_model: Any, fifo_tokens:
     # Other plugins' hooks still ran for every step and request.
     assert recorder.steps == [s.batch for s in result.steps]
     assert sorted(recorder.finished, key=int) == [str(i) for i in range(n)]
-    assert recorder.summaries == [summary]
+    # run_finished hooks get the summary before their own failures are known: every other failure is in it.
+    assert recorder.summaries == [attrs.evolve(summary, hook_errors=summary.hook_errors - 1)]
 
 
 def _named_plugin(class_name: str, component: str) -> object:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncbatch import ConfigError, ExperimentConfig
 from asyncbatch.cli import main
@@ -63,6 +65,58 @@ def test_bad_sweeps_name_the_key(sweep, message):
     with pytest.raises(ConfigError) as e:
         ExperimentConfig.from_dict({"sweep": sweep})
     assert str(e.value).startswith(message), str(e.value)
+
+
+WHY = ("the two cells would be the same run, seeds included, and would pass for replicates with a spread that is "
+       "not there; list each value once, and for replicates set `repeat: N` (repetition i adds i to the seeds)")
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"engine.buffers": ["single", "single"]}, "sweep.engine.buffers: lists 'single' twice (positions 1 and 2)"),
+    ({"engine.buffers": ["single", "double", {"name": "single"}]},
+     "sweep.engine.buffers: 'single' and {'name': 'single'} are read as one value (positions 1 and 3)"),
+    ({"sampling.temperature": [0.5, 1, 1.0]}, "sweep.sampling.temperature: 1 and 1.0 are read as one value "
+                                              "(positions 2 and 3)"),
+    ({"engine.buffers": ["single", "double"], "seed": [3, 4, 3]}, "sweep.seed: lists 3 twice (positions 1 and 3)"),
+    ({"zip": {"engine.batch.max_seqs": [4, 8, 4], "workload.num_requests": [8, 16, 8]}},
+     "sweep.zip: lists {'engine.batch.max_seqs': 4, 'workload.num_requests': 8} twice (positions 1 and 3)"),
+])
+def test_a_sweep_that_would_make_one_run_twice_is_refused_naming_the_key_and_value(sweep, message):
+    with pytest.raises(ConfigError) as e:
+        ExperimentConfig.from_dict({"sweep": sweep})
+    assert f"{message}: {WHY}" == str(e.value)
+
+
+def test_a_repeated_sweep_value_is_refused_by_the_cli_before_anything_runs(capsys, tmp_path):
+    sweep = {"engine.buffers": ["single", "double", "single"]}
+    code, out, err = _run(capsys, tmp_path, {**BASE, "sweep": sweep}, "--out", str(tmp_path / "o"))
+    assert (2, "", f"asyncbatch: config error: sweep.engine.buffers: lists 'single' twice (positions 1 and 3): "
+                   f"{WHY}\n") == (code, out, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cells_made_alike_by_two_keys_are_named_whole():
+    from asyncbatch.core.dotted import refuse_repeated_cells
+
+    # Two keys that set one field: only the cells as a whole say which runs coincide.
+    axes = [(("engine.batch.max_seqs",), [(4,), (8,)]), (("engine.batch",), [({"max_seqs": 8},), ({"max_seqs": 4},)])]
+    resolved = [{"max_seqs": 8}, {"max_seqs": 4}, {"max_seqs": 4}, {"max_seqs": 8}]  # the later key wins
+    with pytest.raises(ConfigError) as e:
+        refuse_repeated_cells(axes, [(0, 0), (0, 1), (1, 0), (1, 1)], resolved)
+    assert ("sweep: cells {'engine.batch.max_seqs': 4, 'engine.batch': {'max_seqs': 4}} and "
+            f"{{'engine.batch.max_seqs': 8, 'engine.batch': {{'max_seqs': 8}}}}: {WHY}") == str(e.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.sampled_from([0.5, 1, 1.0, 2.0, 2]), min_size=1, max_size=4))
+def test_a_sweep_loads_exactly_when_no_two_values_are_read_alike(values):
+    distinct = len(set(values)) == len(values)  # a set keeps one of 1 and 1.0, as the config reads them
+    try:
+        cells = ExperimentConfig.from_dict({"sweep": {"sampling.temperature": values}}).sweep_cells()
+    except ConfigError as exc:
+        assert (False, "sweep.sampling.temperature") == (distinct, exc.key)
+    else:
+        assert (True, [float(v) for v in values]) == (distinct, [c.sampling.temperature for _, c in cells])
 
 
 def test_zip_varies_keys_together_and_the_rest_is_a_product():

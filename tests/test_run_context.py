@@ -19,6 +19,7 @@ from asyncbatch.cli import main
 from asyncbatch.core.plugin_host import ENTRY_POINT_GROUP, reset_plugin_host
 from asyncbatch.core.stats import RunContext
 from asyncbatch.plugins.experiment import run_experiment
+from asyncbatch.plugins.sweeps import report_text
 
 ENGINE = {"model": {"preset": "tiny", "dtype": "float32"}, "cache": {"num_blocks": 32},
           "batch": {"max_tokens": 64, "max_seqs": 4}}
@@ -64,6 +65,12 @@ class Failing:
         raise RuntimeError("finish hook broke")
 
 
+class OnlyFinishFails:
+    @asyncbatch.hookimpl
+    def asyncbatch_run_finished(self, summary: Any) -> None:
+        raise RuntimeError("finish hook broke")
+
+
 class Slow:
     @asyncbatch.hookimpl
     def asyncbatch_run_started(self, context: RunContext) -> None:
@@ -98,10 +105,23 @@ def test_run_hooks_that_raise_lose_nothing_and_are_reported(tiny32):
     engine, host = _engine(tiny32, Failing(), recorder)
     result = engine.run(engine.make_requests(PROMPTS, PARAMS))
     assert [o.token_ids for o in reference] == [o.token_ids for o in result.outputs]
-    assert 1 == result.summary.hook_errors  # run_started failed inside the run; run_finished after the summary
+    assert 2 == result.summary.hook_errors  # run_started and run_finished: the run's result counts both
     assert [("Failing", "asyncbatch_run_started"), ("Failing", "asyncbatch_run_finished")] == \
         [(e.plugin, e.hook) for e in host.hook_errors]
     assert 1 == len(recorder.started) == len(recorder.finished)  # other plugins still ran
+    # What run_finished hooks got: the summary before their own failures, which cannot be known yet.
+    assert 1 == recorder.finished[0][0].hook_errors
+    assert result.summary is engine.last_result.summary
+
+
+def test_a_failing_run_finished_hook_is_counted_in_what_the_experiment_writes(tmp_path):
+    host = PluginHost.create(extra_plugins=[OnlyFinishFails()], load_entry_points=False)
+    cfg = ExperimentConfig.from_dict(EXPERIMENT, host=host)
+    result = run_experiment(cfg, tmp_path / "o", host=host, progress=False, echo=lambda _: None)
+    written = json.loads((tmp_path / "o" / "results.json").read_text())["summary"]
+    assert (1, 1) == (written["hook_errors"], result.cells[0].summary.hook_errors)
+    printed = [line.rsplit(None, 1) for line in report_text(result).splitlines() if line.startswith("plugin hook")]
+    assert [["plugin hook errors", "1"]] == printed
 
 
 def test_run_started_is_called_before_the_clock_starts(tiny32):

@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 import attrs
 
-from .dotted import apply_override, check_path, parse_value, set_path, sweep_axes, yaml_loader
+from .dotted import (
+    apply_override,
+    check_path,
+    parse_value,
+    refuse_repeated_cells,
+    set_path,
+    sweep_axes,
+    yaml_loader,
+)
 from .engine_parts import (
     BatchConfig,
     CacheConfig,
@@ -250,6 +258,7 @@ class ExperimentConfig:
 
     `sweep` maps dotted keys to lists of values; every combination is one cell. Its `zip` entry, a mapping of
     dotted keys to lists of equal length, varies those keys together (one cell per position, not their product).
+    Two cells that would be the same run (a value listed twice, or two read alike: `1` and `1.0`) are refused.
     `repeat: N` runs every cell N times; repetition i adds i to the workload `seed` and to `engine.seed`.
     """
 
@@ -319,8 +328,9 @@ class ExperimentConfig:
                                                     "experiment: set engine.parallel outside the sweep")
                 check_path(base, k, host)
         cells: list[tuple[dict[str, Any], ExperimentConfig]] = []
-        for combo in itertools.product(*(points for _, points in axes)):
-            assignment = {k: v for (keys, _), point in zip(axes, combo) for k, v in zip(keys, point)}
+        combos = list(itertools.product(*(range(len(points)) for _, points in axes)))
+        for combo in combos:
+            assignment = {k: v for (keys, points), i in zip(axes, combo) for k, v in zip(keys, points[i])}
             data = copy.deepcopy(base)
             for k, v in assignment.items():
                 set_path(data, k, v)
@@ -328,6 +338,7 @@ class ExperimentConfig:
                 cells.append((assignment, ExperimentConfig.from_dict(data, host=host)))
             except ConfigError as exc:
                 raise ConfigError(cell_key(assignment), str(exc)) from exc
+        refuse_repeated_cells(axes, combos, [cell.to_dict() for _, cell in cells])
         return cells
 
     def replica(self, index: int) -> ExperimentConfig:

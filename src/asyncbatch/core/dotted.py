@@ -1,6 +1,7 @@
 """Dotted config keys: `--set` overrides and the axes of a sweep, on plain (YAML-shaped) mappings.
 
-Pure dict manipulation, before anything is structured: `config.ExperimentConfig` applies these, then validates.
+Pure dict manipulation, before anything is structured: `config.ExperimentConfig` applies these, then validates;
+`refuse_repeated_cells` then compares the sweep's cells as resolved (plain dicts again).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from .errors import ConfigError
 from .types import show
 
 _LOADER: Any = None
+#: A sweep's axes: per axis its keys (one, or a `zip` group's) and its points (one value per key).
+Axes = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
 
 
 def yaml_loader() -> Any:
@@ -73,11 +76,11 @@ def set_path(data: dict[str, Any], dotted: str, value: Any, defaults: dict[str, 
     node[parts[-1]] = value
 
 
-def sweep_axes(sweep: Any) -> list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]:
+def sweep_axes(sweep: Any) -> Axes:
     """The axes of the sweep product, in mapping order: (keys, points); a plain key's points are 1-tuples."""
     if not isinstance(sweep, dict):
         raise ConfigError("sweep", f"expected a mapping of dotted key -> list of values, got {show(sweep)}")
-    axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]] = []
+    axes: Axes = []
     for key, values in sweep.items():
         if key == "zip":
             if not isinstance(values, dict) or not values:
@@ -100,6 +103,52 @@ def sweep_axes(sweep: Any) -> list[tuple[tuple[str, ...], list[tuple[Any, ...]]]
                 raise ConfigError(f"sweep.{k}", "is both in sweep.zip and outside it: a key varies in one place")
             seen.add(k)
     return axes
+
+
+REPEATED_WHY = ("the two cells would be the same run, seeds included, and would pass for replicates with a spread "
+                "that is not there; list each value once, and for replicates set `repeat: N` (repetition i adds i "
+                "to the seeds)")
+
+
+def refuse_repeated_cells(axes: Axes, combos: list[tuple[int, ...]], resolved: list[dict[str, Any]]) -> None:
+    """Refuse two sweep cells whose resolved configs are equal; `combos[n]` holds cell n's point index per axis.
+
+    Resolved, so that values written differently but read alike count: `1` and `1.0` for a float, `single` and
+    `{name: single}` for a component, two equal mappings."""
+    first: dict[Any, int] = {}
+    for n, data in enumerate(resolved):
+        m = first.setdefault(_frozen(data), n)
+        if m != n:
+            raise _repeated(axes, combos[m], combos[n])
+
+
+def _repeated(axes: Axes, a: tuple[int, ...], b: tuple[int, ...]) -> ConfigError:
+    differ = [(keys, points, i, j) for (keys, points), i, j in zip(axes, a, b, strict=True) if i != j]
+    if len(differ) != 1:  # keys that set one field twice (`engine.batch` and `engine.batch.max_seqs`)
+        cells = [{k: v for (keys, points), i in zip(axes, c) for k, v in zip(keys, points[i])} for c in (a, b)]
+        return ConfigError("sweep", f"cells {show(cells[0])} and {show(cells[1])}: {REPEATED_WHY}")
+    ((keys, points, i, j),) = differ
+    if len(keys) == 1:
+        where, x, y = f"sweep.{keys[0]}", points[i][0], points[j][0]
+    else:
+        where, x, y = "sweep.zip", dict(zip(keys, points[i])), dict(zip(keys, points[j]))
+    what = f"lists {show(x)} twice" if show(x) == show(y) else f"{show(x)} and {show(y)} are read as one value"
+    return ConfigError(where, f"{what} (positions {i + 1} and {j + 1}): {REPEATED_WHY}")
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a resolved (YAML-shaped) config value, equal where the values are equal."""
+    if isinstance(value, dict):
+        return frozenset((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, bool):  # True == 1 to Python, not to a config: a flag is not a count
+        return (bool, value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def _check_sweep_values(key: Any, values: Any, where: str) -> None:

@@ -163,6 +163,8 @@ class Engine:
         ends without a token (cancelled, or failed with an error). Calling back into this engine from `on_token` or
         a lifecycle hook raises `RuntimeError` (the run holds the engine). `context` is what the run-level
         lifecycle hooks receive; by default ``{"engine": <this engine's config>}``, cell 0, no output directory.
+        A lifecycle hook that raises is logged and counted in `result.summary.hook_errors`, an
+        `asyncbatch_run_finished` one too (the summary those hooks get cannot count their own failures).
 
         On a runtime that checks accesses (`sim` with `check: true`), a run with races raises
         `asyncbatch.core.races.RaceError`: its `report` names each unordered pair and the missing edge, its `result`
@@ -234,7 +236,9 @@ class Engine:
                                    hook_errors=host.hook_error_count - errors_before, startup_s=startup_s,
                                    cpu_outside_loop_s=other_cpu)
         if host.has_lifecycle_impls("asyncbatch_run_finished"):
-            host.notify("asyncbatch_run_finished", summary=summary, context=context)
+            failed = host.notify("asyncbatch_run_finished", summary=summary, context=context)
+            if failed:  # the hooks saw the summary before their own failures; the run's result counts them too
+                summary = attrs.evolve(summary, hook_errors=summary.hook_errors + len(failed))
         self.last_result = RunResult(outputs, summary, steps, races=race_report(rt))
         raise_if_racy(rt, result=self.last_result)  # a racy run is a failed run; its result rides on the error
         return self.last_result
@@ -287,7 +291,9 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request (any thread): it ends with finish reason `cancelled` at the next step of its run. A
-        cancel sent before its run starts applies when it starts."""
+        cancel sent before its run starts applies when it starts. One for the id of a request that already ended
+        in this engine (among the last `cancels.ENDED_IDS_KEPT`, 10,000) does nothing, so a late cancel cannot
+        end a later request that reuses the id; to cancel that one, send the cancel once its run has started."""
         self._cancels.cancel(request_id)
 
     def release(self) -> None:

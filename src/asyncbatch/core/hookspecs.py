@@ -95,4 +95,6 @@ def asyncbatch_request_finished(output: Any) -> None:
 @hookspec
 def asyncbatch_run_finished(summary: Any, context: Any) -> None:
     """A `generate`/`run` call ended. `summary` is a `RunSummary` (frozen) with throughput and latency figures;
-    `context` is the `RunContext` that `asyncbatch_run_started` got."""
+    `context` is the `RunContext` that `asyncbatch_run_started` got. The `hook_errors` of `summary` counts the
+    run's hook failures up to this call; the summary of the run's result (and its results.json) also counts the
+    `asyncbatch_run_finished` implementations that raise here."""

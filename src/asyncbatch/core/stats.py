@@ -105,6 +105,8 @@ class RunSummary:
     compute_step_ms: float | None
     compute_busy_fraction: float | None
     preemptions: int
+    # Lifecycle hook calls of this run that raised, `asyncbatch_run_finished` included; the summary those hooks get
+    # is built before they run, so it counts only the failures before them.
     hook_errors: int = 0
     startup_s: float | None = None  # build, compile and capture before the clock started (not in wall_s)
     ttft_p90: float | None = None
