@@ -3,7 +3,8 @@
 One process, one model (Llama-3-8B shape, bf16, random weights). For each engine: tokens/s, mean decode step
 time, compute-stream busy fraction from CUDA events over the decode phase, NVML utilisation, share of the
 roofline (bytes a decode step must read, weights plus KV, over the device-to-device copy bandwidth measured in
-this run), peak memory, memory of slots and graphs, host time per step, and whether its tokens equal those of the
+this run), share of the floor (the roofline where the products' FLOPs at the card's measured dense matmul rate
+take longer than their weights' bytes, as at batch 256 on an 8B model), peak memory, memory of slots and graphs, host time per step, and whether its tokens equal those of the
 reference engine (single/one/eager). A second table scales the default engine over batch sizes.
 
     python benchmarks/engine_bench.py --out results.json              # engines + batch scaling
@@ -58,6 +59,43 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     seconds = start.elapsed_time(end) / 1e3 / 20
     del src, dst
     return 2 * nbytes / seconds
+
+
+def dense_matmul_flops(n: int = 8192) -> float:
+    """The card's bf16 matmul rate in FLOP/s, from one large square product (cuBLAS at its best shape)."""
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 / (start.elapsed_time(end) / 1e3 / 20)
+
+
+def step_floor_s(batch: int, ctx: float, weight_b: float, kv_b_per_token: float, flops_per_token: float,
+                 attention_flops_per_position: float, bandwidth: float, flops: float) -> float:
+    """Seconds a decode step cannot go below: the products take their weights' bytes over the bandwidth or their
+    FLOPs over the dense rate, whichever is longer, then attention its K/V bytes or FLOPs. The byte roofline alone
+    is this floor at small batches and undershoots it once the products are compute-bound."""
+    products = max(weight_b / bandwidth, batch * flops_per_token / flops)
+    attention = max(batch * ctx * kv_b_per_token / bandwidth, batch * ctx * attention_flops_per_position / flops)
+    return products + attention
+
+
+def product_flops_per_token(model) -> int:
+    """2 x the weights a token multiplies: every matrix but the input embedding (its B rows are a gather)."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p.data_ptr() != emb.data_ptr())
+    return 2 * (total + (out.numel() if out.data_ptr() == emb.data_ptr() else 0))
+
+
+def query_heads(model) -> int:
+    config = getattr(model.config, "text_config", None) or model.config
+    return config.num_attention_heads
 
 
 class NvmlSampler:
@@ -155,6 +193,10 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
     ctx_mean = len(prompts[0]) + new_tokens / 2
     step_bytes = weight_bytes(model) + batch * ctx_mean * kv_bytes_per_token(engine)
     roofline_ms = step_bytes / args.bandwidth * 1e3
+    g = engine.geometry
+    floor_ms = step_floor_s(batch, ctx_mean, weight_bytes(model), kv_bytes_per_token(engine),
+                            product_flops_per_token(model), 4 * g["layers"] * query_heads(model) * g["head_dim"],
+                            args.bandwidth, args.flops) * 1e3 if getattr(args, "flops", None) else None
     decode_steps = [s for s in steps if s.batch in decode]
     out = {
         "tokens_per_s": result.summary.tokens_per_s,
@@ -164,6 +206,8 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
         "nvml_util_mean": nvml.mean,
         "roofline_step_ms": roofline_ms,
         "roofline_fraction": roofline_ms / step_ms if step_ms else None,
+        "floor_step_ms": floor_ms,
+        "floor_fraction": floor_ms / step_ms if step_ms and floor_ms else None,
         "host_ms_per_step": _mean([s.host_s * 1e3 for s in decode_steps]),
         "device_ms_per_step": _mean([s.compute_s * 1e3 for s in decode_steps if s.compute_s is not None]),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -254,10 +298,12 @@ def main() -> None:
     t0 = time.perf_counter()
     model, _ = build_model(ModelConfig(preset=args.preset, dtype="bfloat16", device="cuda"), get_plugin_host())
     args.bandwidth = copy_bandwidth()
+    args.flops = dense_matmul_flops()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "requests": args.requests,
             "prompt": args.prompt, "new": args.new, "copy_bandwidth_GBps": args.bandwidth / 1e9,
+            "dense_bf16_TFLOPs": args.flops / 1e12,
             "weight_GB": weight_bytes(model) / 1e9, "build_s": time.perf_counter() - t0, "compile": args.compile}
     print(json.dumps(info), flush=True)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -338,10 +384,11 @@ def print_tables(results: dict) -> None:
     if "comparison" in results.get("hf_static", {}):
         print(results["hf_static"]["comparison"]["summary"] + "\n")
     if results["scaling"]:
-        head = ("batch", "tok/s", "step ms", "host ms", "device ms", "busy", "roofline")
+        head = ("batch", "tok/s", "step ms", "host ms", "device ms", "busy", "roofline", "floor ms", "of floor")
         _table(head, [(str(b), _fmt(r["tokens_per_s"], ".0f"), _fmt(r["decode_step_ms"]),
                        _fmt(r["host_ms_per_step"]), _fmt(r["device_ms_per_step"]), _fmt(r["busy_fraction"], ".4f"),
-                       _fmt(r["roofline_fraction"], ".3f")) for b, r in results["scaling"].items()])
+                       _fmt(r["roofline_fraction"], ".3f"), _fmt(r.get("floor_step_ms")),
+                       _fmt(r.get("floor_fraction"), ".3f")) for b, r in results["scaling"].items()])
 
 
 def _table(head, rows) -> None:
