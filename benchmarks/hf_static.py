@@ -203,8 +203,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
-    # Same directory, imported here (engine_bench imports this file): the model and prompts engine_bench uses.
-    from engine_bench import make_prompts
+    # Same directory: the prompts engine_bench uses.
+    from bench_measures import make_prompts
 
     from asyncbatch.core.config import ModelConfig
     from asyncbatch.core.models import build_model

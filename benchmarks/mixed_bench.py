@@ -29,7 +29,7 @@ import time
 
 import attrs
 import torch
-from engine_bench import copy_bandwidth, weight_bytes  # same directory: one definition of both
+from bench_measures import copy_bandwidth, weight_bytes  # same directory: one definition of both
 
 from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core.config import ModelConfig

@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=400)
     args = ap.parse_args()
     import torch
-    from engine_bench import copy_bandwidth  # the same measurement as the single-GPU tables (this directory)
+    from bench_measures import copy_bandwidth  # as in the single-GPU tables (this directory)
 
     bw = copy_bandwidth()
 
