@@ -1,28 +1,23 @@
-"""Configuration: frozen attrs values, read from YAML in exactly one place (`load_yaml`).
+"""Configuration: `EngineConfig` and `ExperimentConfig`, frozen attrs values structured and validated at load time.
 
-Every component family is a `ComponentSpec`: a registered name plus that component's own config, structured and
-validated at load time. Unknown keys, unknown names and wrong types fail here, naming the dotted key and listing
-the valid choices, before any model is built.
+YAML is read in exactly one place (`config_file.load_yaml`); `--set` overrides apply to the plain mapping
+(`dotted`), then it is structured here. Every component family is a `ComponentSpec` (`component_spec`): a
+registered name plus that component's own config. A sweep expands into validated cells (`sweep_cells`). Unknown
+keys, unknown names and wrong types fail here, naming the dotted key and listing the valid choices, before any
+model is built. Every config name is importable from this module.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
-from .dotted import (
-    apply_override,
-    check_path,
-    parse_value,
-    refuse_repeated_cells,
-    set_path,
-    sweep_axes,
-    yaml_loader,
-)
+from .component_spec import ComponentSpec
+from .config_file import load_yaml
+from .dotted import apply_override, parse_value, set_path, sweep_axes
 from .engine_parts import (
     BatchConfig,
     CacheConfig,
@@ -34,59 +29,14 @@ from .engine_parts import (
 )
 from .errors import ConfigError
 from .structure import structure, unstructure
+from .sweep_cells import cell_key, expand_sweep
 from .types import SamplingParams, show
 
+# Names defined in the modules above, imported from here too.
 __all__ = ["BatchConfig", "CacheConfig", "ComponentSpec", "EngineConfig", "ExperimentConfig", "ModelConfig",
-           "OutputConfig", "ServeConfig", "StartupConfig", "apply_override", "load_yaml", "parse_value", "unstructure"]
+           "OutputConfig", "ServeConfig", "StartupConfig", "apply_override", "cell_key", "load_yaml", "parse_value",
+           "unstructure"]
 _set_path = set_path  # the name tests and older plugins import
-
-# ---------------------------------------------------------------- components
-
-
-@attrs.frozen
-class ComponentSpec:
-    """A registered component chosen by name, with its own validated config (None if it takes none)."""
-
-    name: str
-    config: Any = None
-
-    @classmethod
-    def resolve(cls, family: str, value: Any, key: str, host: Any = None) -> ComponentSpec:
-        """YAML `name` or `{name: ..., **params}` -> spec, checked against the `family` registry."""
-        if isinstance(value, ComponentSpec):
-            return value
-        if host is None:
-            from .plugin_host import get_plugin_host  # noqa: PLC0415
-
-            host = get_plugin_host()
-        if isinstance(value, str):
-            name, params = value, {}
-        elif isinstance(value, dict):
-            params = dict(value)
-            if "name" not in params:
-                raise ConfigError(f"{key}.name", "missing: every component needs a name")
-            name = params.pop("name")
-            if not isinstance(name, str):
-                raise ConfigError(f"{key}.name", f"expected a string, got {show(name)}")
-        else:
-            hint = " (YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) else ""
-            raise ConfigError(key, f"expected a component name or a mapping with 'name', got {show(value)}{hint}",
-                              host.registry(family).names())
-        component = host.registry(family).get(name, key if isinstance(value, str) else f"{key}.name")
-        return cls(name, component.make_config(params, key))
-
-    def __unstructure__(self) -> dict[str, Any]:
-        """The YAML form: `{name: ..., **params}` (structure.unstructure calls this, so it needs no import of
-        this module)."""
-        out = {"name": self.name}
-        if self.config is not None:
-            out.update(unstructure(self.config))
-        return out
-
-
-def _spec_field(family: str, default: str) -> Any:
-    return attrs.field(default=default, metadata={"family": family})
-
 
 # ---------------------------------------------------------------- engine
 
@@ -232,11 +182,6 @@ class _EngineScalars:
 # ---------------------------------------------------------------- experiments
 
 
-def cell_key(assignment: dict[str, Any]) -> str:
-    """How an error names the sweep cell it comes from: `sweep cell {'engine.seed': 3}`."""
-    return "sweep cell {" + ", ".join(f"{k!r}: {show(v)}" for k, v in assignment.items()) + "}"
-
-
 @attrs.frozen
 class OutputConfig:
     """Where a run writes results. `trace: true` also writes a Chrome/Perfetto trace of CPU phases and streams."""
@@ -312,34 +257,13 @@ class ExperimentConfig:
         return [k for keys, _ in sweep_axes(self.sweep) for k in keys]
 
     def sweep_cells(self, host: Any = None) -> list[tuple[dict[str, Any], ExperimentConfig]]:
-        """Expand the sweep: one (assignment, config) per cell, each validated; no sweep -> one cell.
-
-        The cells are the product of the axes: every plain key is one axis, and the `zip` group is one axis whose
-        i-th point sets each of its keys to that key's i-th value."""
-        axes = sweep_axes(self.sweep)
-        if not axes:
+        """Expand the sweep (`sweep_cells.expand_sweep`): one (assignment, config) per cell, each validated; no
+        sweep -> one cell, this experiment."""
+        if not sweep_axes(self.sweep):
             return [({}, self)]
         base = self.to_dict()
         base.pop("sweep")
-        for keys, _ in axes:
-            for k in keys:
-                if k.startswith("engine.parallel"):
-                    raise ConfigError(f"sweep.{k}", "the processes of a run are started once for the whole "
-                                                    "experiment: set engine.parallel outside the sweep")
-                check_path(base, k, host)
-        cells: list[tuple[dict[str, Any], ExperimentConfig]] = []
-        combos = list(itertools.product(*(range(len(points)) for _, points in axes)))
-        for combo in combos:
-            assignment = {k: v for (keys, points), i in zip(axes, combo) for k, v in zip(keys, points[i])}
-            data = copy.deepcopy(base)
-            for k, v in assignment.items():
-                set_path(data, k, v)
-            try:
-                cells.append((assignment, ExperimentConfig.from_dict(data, host=host)))
-            except ConfigError as exc:
-                raise ConfigError(cell_key(assignment), str(exc)) from exc
-        refuse_repeated_cells(axes, combos, [cell.to_dict() for _, cell in cells])
-        return cells
+        return expand_sweep(base, self.sweep, lambda data: ExperimentConfig.from_dict(data, host=host), host)
 
     def replica(self, index: int) -> ExperimentConfig:
         """Repetition `index` of this experiment as a single run (`repeat: 1`); repetition 0 is the experiment.
@@ -363,26 +287,3 @@ class _ExperimentScalars:
     seed: int = 0
     repeat: int = attrs.field(default=1, validator=_at_least_one)
 
-
-# ---------------------------------------------------------------- YAML and overrides
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The one place asyncbatch reads YAML."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("", f"config file not found: {path}")
-    with path.open() as fh:
-        try:
-            data = yaml.load(fh, Loader=yaml_loader())  # noqa: S506  (a safe loader)
-        except yaml.YAMLError as exc:
-            raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
-        except ValueError as exc:  # e.g. an int of more than 4300 digits, which Python refuses to read
-            raise ConfigError("", f"{path} holds a value that cannot be read: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return data

@@ -1,4 +1,7 @@
-"""`Engine`: the public entry point, and the one place where strategies are composed into a pipeline."""
+"""`Engine`: the public entry point, and the one place where strategies are composed into a pipeline.
+
+What one `Engine.run` does around the pipeline's loop (its request book, hooks, clock, summary) is in `engine_run`.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,10 @@ import attrs
 
 from . import assembly, model_state
 from .attention_api import AttentionContext, deactivate
-from .blame import blame
-from .book import RequestBook
 from .cancels import Cancels
 from .collector import CollectorPause
 from .config import EngineConfig
+from .engine_run import run_requests
 from .errors import ConfigError
 from .intake import Intake
 from .kv_sizing import allocate_kv, kv_cache_blocks, max_model_len, memory_report
@@ -25,12 +27,10 @@ from .layout import HostBatchWriter, SlotLayout
 from .model_support import context_limit
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
-from .plugin_host import DEFAULT_PLUGINS, PluginHost, get_plugin_host
-from .races import race_report, raise_if_racy
-from .requests import Status
+from .plugin_host import PluginHost, get_plugin_host
 from .runtime.base import Runtime
-from .startup import Warmup, request_modes, use_compile_cache
-from .stats import RunContext, RunResult, RunSummary, cpu_outside_thread, cpu_times
+from .startup import Warmup, use_compile_cache
+from .stats import RunContext, RunResult
 from .step import StepBody
 from .streaming import stream_events
 from .types import Output, Request, SamplingParams, TokenEvent
@@ -102,7 +102,6 @@ class Engine:
                                  scheduler=self.scheduler, backend=self.backend, body=body, layout=layout,
                                  writer=self.writer, batch=config.batch, block_size=bs, debug=debug)
         self.graphs = graphs
-        self._book: RequestBook | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside run(): a call back into the engine from it must fail
         self._cancels = Cancels()
@@ -176,7 +175,7 @@ class Engine:
         with self._lock:
             self._owner = threading.get_ident()
             try:
-                return self._run_locked(requests, on_token, context)
+                return run_requests(self, requests, on_token, context)
             finally:
                 self._owner = None
 
@@ -184,64 +183,6 @@ class Engine:
         if self._owner == threading.get_ident():
             raise RuntimeError("this engine is running a call on this thread (an on_token callback or a lifecycle "
                                "hook called back into it); call it after the run returns, or use another engine")
-
-    def _run_locked(self, requests: Sequence[Request], on_token: Callable[[TokenEvent], None] | None,
-                    context: RunContext) -> RunResult:
-        states = [self.intake.state(r, i) for i, r in enumerate(requests)]
-        host = self.host
-        notify_finish = host.has_lifecycle_impls("asyncbatch_request_finished")
-        notify_step = host.has_lifecycle_impls("asyncbatch_step_finished")
-        errors_before = host.hook_error_count
-        book = RequestBook(states, num_blocks=self.num_blocks, num_rows=self.config.batch.max_seqs,
-                           block_size=self.config.cache.block_size, prefix_cache=self.new_prefix_cache(),
-                           on_finish=(lambda o: host.notify("asyncbatch_request_finished", output=self._texted(o)))
-                           if notify_finish else None, on_end=on_token)
-        book.blocks.share_safely = not self.pipeline.debug.unshared_release
-        self._cancels.attach(book)  # cancels sent before the run started apply now
-        rt = self.runtime
-        try:
-            self._bind_model()
-            if self.warms_up:  # sampling paths the build did not warm up, before the clock starts
-                self.startup_s += self.warm.modes(request_modes(r.params for r in states
-                                                                if r.status is not Status.FINISHED))
-            startup_s, self.startup_s = self.startup_s, 0.0
-            if host.has_lifecycle_impls("asyncbatch_run_started"):  # before the clock: hook time is not run time
-                host.notify("asyncbatch_run_started", context=context)
-            rt.reset_timeline()
-            start, cpu = rt.now(), cpu_times()
-            steps = self.pipeline.run(
-                book, on_token=on_token,
-                on_step=(lambda s: host.notify("asyncbatch_step_finished", stats=s)) if notify_step else None)
-            other_cpu = cpu_outside_thread(cpu)
-        except Exception as exc:
-            raise_if_racy(rt, exc)  # a recorded race explains the failure: RaceError, chained from it
-            blamed = blame(exc, self._strategies, host, DEFAULT_PLUGINS)
-            if blamed is not None:
-                raise blamed from exc
-            raise
-        finally:
-            self._cancels.detach()
-            deactivate()
-            self._collector.resume()
-        wall = rt.now() - start
-        try:
-            book.check_released()
-        except Exception as exc:
-            raise_if_racy(rt, exc)
-            raise
-        outputs = [self._texted(o) for o in book.results()]
-        busy = rt.compute_busy()
-        summary = RunSummary.build(outputs, steps, wall, busy_fraction=busy and busy.get("busy_fraction"),
-                                   preemptions=book.num_preemptions,
-                                   hook_errors=host.hook_error_count - errors_before, startup_s=startup_s,
-                                   cpu_outside_loop_s=other_cpu)
-        if host.has_lifecycle_impls("asyncbatch_run_finished"):
-            failed = host.notify("asyncbatch_run_finished", summary=summary, context=context)
-            if failed:  # the hooks saw the summary before their own failures; the run's result counts them too
-                summary = attrs.evolve(summary, hook_errors=summary.hook_errors + len(failed))
-        self.last_result = RunResult(outputs, summary, steps, races=race_report(rt))
-        raise_if_racy(rt, result=self.last_result)  # a racy run is a failed run; its result rides on the error
-        return self.last_result
 
     @contextmanager
     def held(self) -> Iterator[None]:

@@ -1,8 +1,9 @@
 """Races as a result: what the `sim` runtime's happens-before checker found, said as the missing ordering.
 
 Each conflict becomes a `RacePair`: the two ops in the order the design needs them ("X must happen before Y"),
-the resource in words, and, where the pair is one the pipeline's event table (`pipeline.EDGES`) guards, that
-edge's name. `RaceReport` aggregates them for results.json and for people; `RaceError` fails a run with it.
+the resource in words, and, where the pair is one the pipeline's event table (`pipeline_events.EDGES`)
+guards, that edge's name. `RaceReport` aggregates them for results.json and for people; `RaceError` fails a
+run with it.
 
 Op and edge names are plain strings here: this module sits below the pipeline and imports none of it.
 """
@@ -64,8 +65,8 @@ class OpRef:
 @attrs.frozen
 class RacePair:
     """One unordered conflict. `before`/`after` are in the order the design needs (older batch first;
-    program order within one batch). `edge` is the `pipeline.EDGES` name that orders them, None where none
-    does (plugin ops; or `same_op`: one op touching a per-request resource for two owners, which no edge
+    program order within one batch). `edge` is the `pipeline_events.EDGES` name that orders them, None where
+    none does (plugin ops; or `same_op`: one op touching a per-request resource for two owners, which no edge
     can fix)."""
 
     before: OpRef
@@ -132,7 +133,7 @@ def describe_resource(resource: Any) -> str:
 
 def missing_edge(before: str, after: str, kind: str, *, same_batch: bool,
                  same_owner: bool | None, modes: tuple[str, str] = ("w", "w")) -> str | None:
-    """The `pipeline.EDGES` name that orders op `before` ahead of op `after` on a `kind` resource, or None."""
+    """The `pipeline_events.EDGES` name that orders op `before` ahead of op `after` on a `kind` resource, or None."""
     if same_batch:
         return SAME_BATCH_EDGES.get((before, after, kind))
     if kind in PER_REQUEST and (before, after) == ("comp", "comp"):

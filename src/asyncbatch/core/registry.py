@@ -84,6 +84,23 @@ class Registry:
         except KeyError:
             raise UnknownComponent(self.family, name, list(self._items), key) from None
 
+    def config_of(self, component: Component, params: dict[str, Any], key: str) -> Any:
+        """`component.make_config(params, key)`; a key that this component lacks but others of the family take
+        (`engine.buffers.num_slots` with `buffers: double`) says which, since the fix is another `name`."""
+        try:
+            return component.make_config(params, key)
+        except ConfigError as exc:
+            unknown = exc.message == "unknown key" or exc.message.endswith("takes no parameters")
+            field = exc.key[len(key) + 1:] if exc.key.startswith(f"{key}.") else ""
+            takers = [c.name for c in self if c.name != component.name and c.config_cls is not None
+                      and field in attrs.fields_dict(c.config_cls)] if unknown and "." not in field else []
+            if not takers:
+                raise
+            which = f"to {takers[0]}" if len(takers) == 1 else "to one of them"
+            raise ConfigError(exc.key, f"{self.family} {component.name!r} has no setting {field!r}; "
+                              f"{' and '.join(takers)} {'has' if len(takers) == 1 else 'have'} it: set "
+                              f"{key}.name {which}", exc.valid or None) from None
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -1,10 +1,10 @@
 """`asyncbatch bench-serve`: measure an OpenAI-compatible completions server the way `vllm bench serve` does.
 
-`cli.py` takes the flags from `bench_args` and calls `main` when the command runs. `main` checks every
-flag and the prompts first, then asks the server for its model, runs each request rate in turn (same prompts,
-same seeded schedule scaled to the rate), prints one table column per rate and writes `results.json` (options,
-metrics, every request with every chunk's arrival time), `summary.csv` (one row per rate), `requests.csv` (one
-row per request), `summary.txt` and plots.
+`cli.py` takes the flags from `bench_args`; `cli_commands.cmd_bench_serve` calls `main` when the command runs.
+`main` checks every flag and the prompts first, then asks the server for its model, runs each request rate in
+turn (same prompts, same seeded schedule scaled to the rate), prints one table column per rate and writes
+`results.json` (options, metrics, every request with every chunk's arrival time), `summary.csv` (one row per
+rate), `requests.csv` (one row per request), `summary.txt` and plots.
 """
 
 from __future__ import annotations
