@@ -53,18 +53,20 @@ def preset_config(cfg: ModelConfig, host: Any) -> Any:
     return hf_config
 
 
-def check_model_config(cfg: ModelConfig, host: Any) -> None:
+def check_model_config(cfg: ModelConfig, host: Any) -> Any:
     """What `build_model` would refuse before reading a weight: the preset with its overrides, or the checkpoint's
-    config.json and architecture. Cheap (no weights, no tokenizer), so a run checks every sweep cell up front."""
+    config.json and architecture. Cheap (no weights, no tokenizer), so a run checks every sweep cell up front.
+    Returns the transformers config it checked."""
     if cfg.source_preset is not None:
-        preset_config(cfg, host)
-        return
+        return preset_config(cfg, host)
     from .model_support import config_unsupported
 
     path = Path(cfg.path).expanduser()
-    reason = config_unsupported(checkpoint_config(path))
+    config = checkpoint_config(path)
+    reason = config_unsupported(config)
     if reason:
         raise UnsupportedError(f"{path}: {reason}")
+    return config
 
 
 _SIZES = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -85,15 +85,16 @@ def make_out_dir(cfg: ExperimentConfig, out: str | Path | None, *, force: bool =
 
 def check_cell_models(cells: list[tuple[dict, ExperimentConfig]], host: PluginHost) -> None:
     """Refuse, before any process starts or directory is made, a cell whose model could not be built (an override
-    transformers cannot compute, a checkpoint that is not one), instead of failing when the sweep reaches it."""
-    seen: set[str] = set()
+    transformers cannot compute, a checkpoint that is not one) or whose stop tokens lie outside that model's
+    vocabulary (every request would fail), instead of failing when the sweep reaches it."""
+    vocab: dict[str, int | None] = {}
     for assignment, cell in cells:
         model = cell.engine.model
-        if repr(model) in seen:
-            continue
-        seen.add(repr(model))
         try:
-            check_model_config(model, host)
+            if repr(model) not in vocab:
+                config = check_model_config(model, host)
+                vocab[repr(model)] = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
+            _check_stop_tokens(cell.sampling.stop_token_ids, vocab[repr(model)])
         except ConfigError as exc:
             if not assignment:
                 raise
@@ -102,6 +103,12 @@ def check_cell_models(cells: list[tuple[dict, ExperimentConfig]], host: PluginHo
             if not assignment:
                 raise
             raise UnsupportedError(f"{cell_key(assignment)}: {exc}") from exc
+
+
+def _check_stop_tokens(stop_ids: Sequence[int], vocab: int | None) -> None:
+    for token in stop_ids:
+        if isinstance(vocab, int) and token >= vocab:
+            raise ConfigError("sampling.stop_token_ids", f"stop token {token} is outside the vocabulary [0, {vocab})")
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, force: bool = False,
