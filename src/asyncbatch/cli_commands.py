@@ -174,14 +174,38 @@ def cmd_simulate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # argparse leaves flags that were not given as None: only given ones override the file.
     flags = {f: getattr(args, f[2:].replace("-", "_")) for f in FLAG_KEYS}
     study = load_study(args.config, {f: v for f, v in flags.items() if v is not None}, host=host)
+    out = _writable_file(args.out, "--out") if args.out is not None else None  # before the study, not after
     rows = run_study(study, host=host)
     print(study_table(study, rows))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         out.write_text(json.dumps(study_json(study, rows), indent=2) + "\n")
         print(f"written: {out}")
     return 0
+
+
+def _writable_file(path: str, key: str) -> Path:
+    """`path` as a file this command can write (its parent directories made); anything else is a `ConfigError`
+    on `key`, raised before the work whose results it would hold."""
+    from .core.errors import ConfigError
+
+    if not path:
+        raise ConfigError(key, "an empty path: give the file to write")
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(key, f"{out} is a directory: give the file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot create the directory {out.parent}: {exc.strerror or exc}") from None
+    try:
+        existed = out.exists()
+        with out.open("a"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot write {out}: {exc.strerror or exc}") from None
+    return out
 
 
 def cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:

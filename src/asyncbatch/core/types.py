@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Literal
 
 import attrs
@@ -23,6 +24,10 @@ SEED_MAX = 2**64 - 1
 # pick is garbage); above 1e4 every distribution is uniform to float32 precision. 0 means greedy.
 TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 1e4
 TOP_P_MIN = 2.0**-126  # the smallest normal float32: anything smaller rounds to (or towards) 0 in the table
+# The latest arrival time a request may have, in seconds after the run starts (about 31.7 years). Past it, the sim
+# runtime's virtual time (float64 milliseconds) loses the resolution of a step, then overflows: latencies came out
+# as 0, inf or NaN; a real-time run would wait for ever.
+ARRIVAL_MAX_S = 1e9
 
 
 def show(value: object, limit: int = 80) -> str:
@@ -89,9 +94,19 @@ def _check_sampling(params: SamplingParams) -> None:
 
 def validate_arrival(t: object) -> None:
     """Raise `RequestError` unless `t` (a request's `arrival_time`, seconds after the run starts) is a finite
-    number >= 0."""
+    number in [0, `ARRIVAL_MAX_S`]."""
     if not (_is_real(t) and _finite(t) and t >= 0):  # type: ignore[operator]
         raise RequestError(f"arrival_time must be a finite number >= 0, got {show(t)}")
+    if t > ARRIVAL_MAX_S:  # type: ignore[operator]
+        raise RequestError(f"arrival_time must be at most {ARRIVAL_MAX_S:g} seconds after the run starts, got "
+                           f"{show(t)}")
+
+
+def seeded_random(seed: int) -> random.Random:
+    """`random.Random(seed)`, except that a negative seed gets a stream of its own: Python seeds an int by its
+    absolute value, so -s would repeat the stream of s (a sweep over seeds -1 and 1, or `repeat` from a negative
+    seed, would run one workload twice and call the copies replicates). Non-negative seeds are unchanged."""
+    return random.Random(seed if seed >= 0 else f"asyncbatch.negative-seed.{seed}")
 
 
 def _stop_ids(value: object) -> object:

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import attrs
 
 from ..core.errors import ConfigError
-from ..core.types import INT32_MAX, Request, SamplingParams, show
-from .workloads import Arrival, LengthDist
+from ..core.types import ARRIVAL_MAX_S, INT32_MAX, Request, SamplingParams, show
+from .workloads import MAX_REQUESTS, Arrival, LengthDist
 
 ORDERS = ("grouped", "interleaved", "shuffled")
 
@@ -31,6 +31,16 @@ def _counts(owner: object, names: tuple[str, ...]) -> None:
         v = getattr(owner, name)
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= INT32_MAX:
             raise ConfigError(f"workload.{name}", f"must be an int in [1, {INT32_MAX}], got {show(v)}")
+
+
+def _total(owner: object, names: tuple[str, str]) -> None:
+    """The product of the two named counts, the number of requests, is at most `MAX_REQUESTS` (the `synthetic`
+    workload's bound): every request is built before the run, so more would only exhaust memory."""
+    a, b = (getattr(owner, name) for name in names)
+    if a * b > MAX_REQUESTS:
+        raise ConfigError(f"workload.{names[1]}", f"{names[0]} x {names[1]} is the number of requests, which must be "
+                                                  f"at most {MAX_REQUESTS} (the requests are built before the run), "
+                                                  f"got {a} x {b} = {a * b}")
 
 
 def _dists(owner: object, names: tuple[str, ...]) -> None:
@@ -73,6 +83,7 @@ class SharedPrefixConfig:
 
     def __attrs_post_init__(self) -> None:
         _counts(self, ("num_prefixes", "questions_per_prefix"))
+        _total(self, ("num_prefixes", "questions_per_prefix"))
         _dists(self, ("prefix_len", "question_len", "output_len"))
         if self.order not in ORDERS:
             raise ConfigError("workload.order", f"{show(self.order)} is not allowed", list(ORDERS))
@@ -135,6 +146,7 @@ class ConversationConfig:
 
     def __attrs_post_init__(self) -> None:
         _counts(self, ("num_conversations", "turns"))
+        _total(self, ("num_conversations", "turns"))
         _dists(self, ("system_len", "user_len", "reply_len", "output_len"))
         gap = self.turn_gap_s
         if gap is not None and (isinstance(gap, bool) or not isinstance(gap, (int, float))
@@ -158,6 +170,11 @@ class Conversation:
         tokens, _, arrival_rng = _rngs("conversation", self.seed)
         starts = c.arrival.times(c.num_conversations, arrival_rng)
         gap = c.turn_gap_s or 0.0
+        last = max(starts) + (c.turns - 1) * gap
+        if not last <= ARRIVAL_MAX_S:
+            raise ConfigError("workload.turn_gap_s", f"turns {c.turn_gap_s:g} s apart put the last turn "
+                                                     f"{last:.3g} s after the start, past the limit of "
+                                                     f"{ARRIVAL_MAX_S:g} s")
         made = []
         for conv in range(c.num_conversations):
             history = _tokens(tokens, c.system_len.draw(tokens), self.vocab_size)

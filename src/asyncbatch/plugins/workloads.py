@@ -15,7 +15,7 @@ from typing import Any, Literal
 import attrs
 
 from ..core.errors import ConfigError
-from ..core.types import INT32_MAX, Request, SamplingParams, show
+from ..core.types import ARRIVAL_MAX_S, INT32_MAX, Request, SamplingParams, seeded_random, show
 
 
 def _finite(owner: object, names: tuple[str, ...]) -> None:
@@ -72,7 +72,8 @@ class LengthDist:
 
 @attrs.frozen
 class Arrival:
-    """`offline`: every request at t=0. `poisson`: exponential gaps at `rate` requests per second."""
+    """`offline`: every request at t=0. `poisson`: exponential gaps at `rate` requests per second. Every arrival
+    must come within `ARRIVAL_MAX_S` seconds of the start: a rate so low that one would not is a config error."""
 
     process: Literal["offline", "poisson"] = "offline"
     rate: float = 10.0
@@ -90,6 +91,10 @@ class Arrival:
         for _ in range(n):
             t += rng.expovariate(self.rate)
             out.append(t)
+        if out and not out[-1] <= ARRIVAL_MAX_S:  # inf too (a gap of 1/rate past float64)
+            raise ConfigError("workload.arrival.rate", f"{self.rate:g} requests per second is too low: request "
+                                                       f"{n - 1} would arrive {out[-1]:.3g} s after the start, past "
+                                                       f"the limit of {ARRIVAL_MAX_S:g} s")
         return out
 
 
@@ -124,7 +129,7 @@ class Synthetic:
 
     def requests(self, sampling: SamplingParams, tokenizer: Any = None) -> list[Request]:
         c = self.config
-        rng = random.Random(self.seed)
+        rng = seeded_random(self.seed)
         times = c.arrival.times(c.num_requests, rng)
         out = []
         for i in range(c.num_requests):
@@ -161,7 +166,7 @@ class JsonlPrompts:
 
     def requests(self, sampling: SamplingParams, tokenizer: Any = None) -> list[Request]:
         rows = self._rows()
-        times = self.config.arrival.times(len(rows), random.Random(self.seed))
+        times = self.config.arrival.times(len(rows), seeded_random(self.seed))
         out = []
         for i, (where, row) in enumerate(rows):
             if "prompt_ids" in row:
@@ -207,6 +212,8 @@ class JsonlPrompts:
             rows.append((f"{path}:{lineno}", row))
             if self.config.limit is not None and len(rows) >= self.config.limit:
                 break
+        if not rows:  # a run of no requests would "succeed" with nothing measured
+            raise ConfigError("workload.path", f"{path} holds no prompts")
         return rows
 
 
@@ -217,6 +224,8 @@ def checked_requests(requests: Any, workload: str) -> list[Request]:
         got = type(requests).__name__ if not isinstance(requests, (list, tuple)) else \
             next(type(r).__name__ for r in requests if not isinstance(r, Request))
         raise ConfigError("workload", f"workload {workload!r} must return a list of asyncbatch Requests, got {got}")
+    if not requests:  # a run of nothing would "succeed" (exit 0) with nothing measured
+        raise ConfigError("workload", f"workload {workload!r} made no requests: a run needs at least one")
     seen: set[str] = set()
     for r in requests:
         if r.request_id in seen:

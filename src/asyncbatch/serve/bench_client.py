@@ -19,6 +19,7 @@ from typing import Any, Literal
 import attrs
 
 from ..core.errors import AsyncBatchError, ConfigError
+from ..core.types import seeded_random
 from .bench_metrics import RequestRecord
 
 Arrival = Literal["poisson", "fixed"]
@@ -100,7 +101,7 @@ def run_load(base_url: str, model: str, requests: Sequence[BenchRequest], *, rat
     """Send `requests` on the arrival schedule of `rate` (seeded by `seed`), at most `max_concurrency` in flight,
     and wait for all of them. A request's failure (HTTP error, broken stream, timeout) is recorded in its record;
     it never stops the run."""
-    times = arrival_times(len(requests), rate, arrival, random.Random(seed))
+    times = arrival_times(len(requests), rate, arrival, seeded_random(seed))
     return asyncio.run(_run(base_url.rstrip("/"), model, requests, times, max_concurrency, timeout_s,
                             temperature, ignore_eos))
 

@@ -224,9 +224,13 @@ def _generation(body: dict[str, Any], model: ServedModel, ids: tuple[int, ...], 
                        param=key, code="context_length_exceeded")
     if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise ApiError(400, f"only n=1 is supported, got {show(body.get('n'))}", param="n")
-    if body.get("logprobs") not in (None, False, 0):
-        raise ApiError(400, "'logprobs' is not supported by this server", param="logprobs",
-                       code="unsupported_parameter")
+    logprobs = body.get("logprobs")
+    # Chat's logprobs is a flag (false: none). A completion's is how many alternatives to list beside the chosen
+    # token, whose log probability it always asks for: 0 too wants logprobs back, so only null (or false) is none.
+    if not (logprobs is None or logprobs is False or (chat and type(logprobs) is int and logprobs == 0)):
+        why = "" if chat or logprobs != 0 else ": a completion's logprobs 0 asks for the chosen tokens' ones"
+        raise ApiError(400, f"'logprobs' is not supported by this server (got {show(logprobs)}{why})",
+                       param="logprobs", code="unsupported_parameter")
     stream = _opt_bool(body, "stream") or False
     options = body.get("stream_options")
     include_usage = False

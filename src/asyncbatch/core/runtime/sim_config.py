@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import random
 from typing import Any, Literal, Protocol
 
 import attrs
 
 from ..errors import ConfigError
+from ..types import seeded_random
 
 
 class Chooser(Protocol):
@@ -19,7 +19,7 @@ class Chooser(Protocol):
 
 class RandomChooser:
     def __init__(self, seed: int) -> None:
-        self._rng = random.Random(seed)
+        self._rng = seeded_random(seed)  # -s is not s
 
     def choose(self, n: int) -> int:
         return self._rng.randrange(n)
