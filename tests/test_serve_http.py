@@ -216,6 +216,15 @@ def test_200_concurrent_requests_all_complete(server):
     assert [(200, ref) for ref in server.refs["many"]] == results
 
 
+def test_the_openai_client_retrieves_the_served_model_and_is_told_of_another(client):
+    card = client.models.retrieve("tiny")
+    with pytest.raises(openai.NotFoundError, match="does not exist") as info:
+        client.models.retrieve("org/other")
+
+    assert ("tiny", "model") == (card.id, card.object)
+    assert (404, "model", "model_not_found") == (info.value.status_code, info.value.param, info.value.code)
+
+
 def test_models_health_and_metrics(server):
     models = httpx.get(server.url + "/v1/models").json()
     health = httpx.get(server.url + "/health")

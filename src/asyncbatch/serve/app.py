@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP app around one `AsyncEngine` (FastAPI).
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events or whole),
-`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus). Every error, ours or the framework's (unknown route,
+`GET /v1/models` (and `/v1/models/{id}`), `GET /health`, `GET /metrics` (Prometheus). Every error, ours or the framework's (unknown route,
 wrong method), is an OpenAI error object. The app's lifespan starts the live engine and shuts it down gracefully.
 """
 
@@ -79,10 +79,19 @@ def build_app(live: LiveEngine, *, model_name: str | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await respond(request, live, served, parse_chat(await request.body(), served))
 
+    card = {"id": served.name, "object": "model", "created": created, "owned_by": "asyncbatch",
+            "max_model_len": served.max_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
-                                            "owned_by": "asyncbatch", "max_model_len": served.max_len}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")  # `path`: model names may hold slashes (org/name)
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != served.name:
+            raise ApiError(404, f"The model {model_id!r} does not exist: this server serves {served.name!r}",
+                           param="model", code="model_not_found")
+        return card
 
     @app.get("/health")
     async def health() -> JSONResponse:
