@@ -92,11 +92,28 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def _with_path(exc: ConfigError, key: str) -> ConfigError:
+    """Validators know only their field name: prefix the path of the structure they belong to."""
+    if key and not exc.key.startswith(key):
+        return ConfigError(f"{key}.{exc.key.split('.')[-1]}" if exc.key else key, exc.message, exc.valid)
+    return exc
+
+
+def _prefixed(build: Any, key: str) -> Any:
+    try:
+        return build()
+    except ConfigError as exc:
+        raise _with_path(exc, key) from None
+
+
 def structure(cls: type, data: Any, key: str) -> Any:
     """Build attrs class `cls` from a mapping, checking keys and types; errors name `key.field`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
+        scalar = getattr(cls, "__structure_scalar__", None)  # a class's own short form (a length: `64`)
+        if scalar is not None and isinstance(data, (int, float, str)) and not isinstance(data, bool):
+            return _prefixed(lambda: scalar(data), key)
         raise ConfigError(key, f"expected a mapping of {cls.__name__} fields, got {type(data).__name__} {show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
@@ -118,10 +135,7 @@ def structure(cls: type, data: Any, key: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        # Validators know only their field name: prefix the path of this structure.
-        if key and not exc.key.startswith(key):
-            raise ConfigError(f"{key}.{exc.key.split('.')[-1]}" if exc.key else key, exc.message, exc.valid) from None
-        raise
+        raise _with_path(exc, key) from None
     except (TypeError, ValueError, ArithmeticError, AssertionError) as exc:  # a plugin config's own checks
         raise ConfigError(key or cls.__name__, str(exc) or f"{cls.__name__} refused these values "
                                                            f"({type(exc).__name__})") from exc

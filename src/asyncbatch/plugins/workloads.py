@@ -38,6 +38,14 @@ class LengthDist:
     sigma: float = 0.5
     median: float | None = None
 
+    @classmethod
+    def __structure_scalar__(cls, value: object) -> LengthDist:
+        """YAML's short form of a fixed length: `output_len: 64` is `{dist: fixed, value: 64}`."""
+        if not isinstance(value, int):
+            raise ConfigError("", f"expected a length (an int, for a fixed one) or a mapping of LengthDist fields, "
+                                  f"got {type(value).__name__} {show(value)}")
+        return cls(dist="fixed", value=value)
+
     def __attrs_post_init__(self) -> None:
         # Errors name the field; structuring prefixes the path (`workload.prompt_len.min`).
         for name in ("value", "min", "max"):
