@@ -8,6 +8,7 @@ the card over the call shows as a difference between the two passes rather than 
     python benchmarks/decode_gemm_compare.py --out c.json --batches 1,32 --variants torch/never,tma/never,tma/always
     python benchmarks/decode_gemm_compare.py --out w.json --variants tma/never/w4,tma/never/w2   # attention splits
     python benchmarks/decode_gemm_compare.py --out f.json --variants "tma/never/fuse_cache_write=never,tma/never"
+    python benchmarks/decode_gemm_compare.py --out n.json --variants "tma/never/fold=never,tma/never/fold=always"
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="torch/never,tma/never,tma/always,triton/always",
-                    help="decode_gemm/pdl pairs, comma-separated; a third field runs the triton attention backend "
-                         "with settings: wN for `waves: N`, or key=value;key=value (integers, true/false)")
+                    help="decode_gemm/pdl pairs, comma-separated; further fields: fold=V sets engine.fold_norms, "
+                         "anything else runs the triton attention backend with settings: wN for `waves: N`, or "
+                         "key=value;key=value (integers, true/false)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--width", choices=("full", "half"), default="full",
@@ -59,7 +61,8 @@ def main() -> None:
     model, _ = build_model(ModelConfig(preset="llama3-8b", dtype="bfloat16", device="cuda",
                                        overrides=HALF if args.width == "half" else {}), get_plugin_host())
     bench = argparse.Namespace(block_size=16, attention="auto", compile="auto", fuse="always", batch_invariant=False,
-                               max_tokens=2048, bandwidth=eb.copy_bandwidth(), decode_gemm=None, pdl=None)
+                               max_tokens=2048, bandwidth=eb.copy_bandwidth(), decode_gemm=None, pdl=None,
+                               fold_norms=None)
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {bench.bandwidth / 1e12:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}, "
           f"transformers {transformers.__version__}; width {args.width}", flush=True)
@@ -69,7 +72,9 @@ def main() -> None:
         prompts = eb.make_prompts(batch, 128, model.config.vocab_size)
         for rep, order in enumerate((variants, variants[::-1])):
             for variant in order:
-                bench.decode_gemm, bench.pdl, *attention = variant.split("/")
+                bench.decode_gemm, bench.pdl, *extra = variant.split("/")
+                bench.fold_norms = next((f[5:] for f in extra if f.startswith("fold=")), None)
+                attention = [f for f in extra if not f.startswith("fold=")]
                 bench.attention = {"name": "triton", **attention_settings(attention[0])} if attention else "auto"
                 torch._dynamo.reset()
                 t0 = time.time()

@@ -62,6 +62,7 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
         "runtime": "cuda", "buffers": buffers, "streams": streams, "graphs": graphs, "attention": args.attention,
         "compile": args.compile, "fuse_projections": args.fuse, "batch_invariant": args.batch_invariant,
         **({"decode_gemm": args.decode_gemm} if args.decode_gemm else {}), **({"pdl": args.pdl} if args.pdl else {}),
+        **({"fold_norms": args.fold_norms} if getattr(args, "fold_norms", None) else {}),
         "batch": {"max_tokens": args.max_tokens, "max_seqs": max(batch, 1)},
         "cache": {"num_blocks": blocks, "block_size": args.block_size}})
     gc.collect()
@@ -190,6 +191,8 @@ def main() -> None:
     ap.add_argument("--decode-gemm", default=None, choices=["auto", "triton", "tma", "torch"],
                     help="engine.decode_gemm (unset: the engine's default)")
     ap.add_argument("--pdl", default=None, choices=["auto", "always", "never"], help="engine.pdl (unset: default)")
+    ap.add_argument("--fold-norms", default=None, choices=["auto", "always", "never"],
+                    help="engine.fold_norms (unset: default)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()

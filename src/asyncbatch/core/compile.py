@@ -83,6 +83,11 @@ def set_compiled(model: Any, compiled: bool, *, mode: str | None = None) -> None
         import torch._inductor.config as inductor_config
 
         inductor_config.compile_threads = 1
+        # Inductor times several launch configurations of a reduction (a norm, a softmax) on the device and keeps
+        # the fastest; they sum in different orders, so timing noise chose the rounding: two runs of one bf16
+        # engine in one process gave different tokens (H200, 2026-11-28). Deterministic mode keeps one by rule.
+        if hasattr(inductor_config, "deterministic"):
+            inductor_config.deterministic = True
     changed = 0
     outer = outer_modules(model)
     for layer in [*layers, *outer]:

@@ -76,6 +76,12 @@ class EngineConfig:
     on an H200; on with an explicit `triton` where the card supports it), else `never`. Neither key changes a
     result beyond the chosen kernel's rounding.
 
+    `fold_norms`: fold each decoder layer's RMSNorms and residual adds into the epilogues of the decode GEMMs
+    around them (the norm's division after the product that follows it), so that steps of few rows run no norm
+    or add kernels; needs the `tma` decode GEMM, fused projections and a Llama, Mistral or Qwen2/3 layer, and is
+    off under tensor parallelism. `auto` folds wherever those hold; `always` fails where they do not. Rounds
+    like any kernel change within bf16.
+
     `batch_invariant`: compute every row of a step with kernels whose reduction order does not depend on the rest
     of the batch (GEMMs with one tile shape and no split-K, RMSNorm per row, one attention path for decode and
     mixed steps), so that a request's tokens are bitwise identical in bfloat16 whatever shares its batch and
@@ -112,6 +118,7 @@ class EngineConfig:
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
+    fold_norms: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
     serve: ServeConfig = ServeConfig()
@@ -174,6 +181,7 @@ class _EngineScalars:
     fuse_projections: Literal["auto", "always", "never"] = "auto"
     decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
+    fold_norms: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
     serve: ServeConfig = ServeConfig()

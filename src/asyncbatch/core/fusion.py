@@ -31,6 +31,9 @@ class _Group:
         self.weight, self.bias, self.bounds = weight, bias, bounds
         self.kept: tuple[Any, Any] | None = None
         self.linear: Any = None  # another GEMM with F.linear's signature (batch-invariant mode); None: F.linear
+        # (sq, eps, pdl) for the next call only, set by a folded-norm layer (`norm_fold`): the input is an
+        # RMSNorm's numerator, and the product divides each row by the norm's root mean square.
+        self.row_scale: tuple[Any, float, bool] | None = None
 
 
 def _member_class() -> type:
@@ -52,10 +55,22 @@ def _member_class() -> type:
             if kept is not None and kept[0] is x:
                 out = kept[1]
             elif self.index == 0:
-                out = (g.linear or F.linear)(x, g.weight, g.bias)
+                scale = g.row_scale
+                if scale is not None:
+                    from .norm_fold_ops import ops
+
+                    g.row_scale = None
+                    out = ops()["scaled_linear"](x, scale[0], g.weight, g.bias, scale[1], scale[2])
+                else:
+                    out = (g.linear or F.linear)(x, g.weight, g.bias)
                 g.kept = (x, out)
             else:  # called out of the group's order: compute this slice alone
                 bias = None if g.bias is None else g.bias[self.lo:self.hi]
+                scale = g.row_scale
+                if scale is not None:
+                    from .norm_fold_ops import ops
+
+                    return ops()["scaled_linear"](x, scale[0], g.weight[self.lo:self.hi], bias, scale[1], scale[2])
                 return (g.linear or F.linear)(x, g.weight[self.lo:self.hi], bias)
             if self.last:
                 g.kept = None

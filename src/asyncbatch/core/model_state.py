@@ -22,6 +22,7 @@ class ModelState:
     compiled: bool
     decode_gemm: str = "torch"
     pdl: bool = False
+    fold_norms: str = "never"  # "auto": where the model allows it; "always": fail where it does not
 
 
 def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
@@ -38,7 +39,20 @@ def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
     compiled = config.compile == "layers" or (config.compile == "auto" and (config.batch_invariant or captured))
     fused = config.fuse_projections == "always" or (config.fuse_projections == "auto" and native)
     gemm, pdl = decode_gemm.decide(config, runtime.device, captured)
-    return ModelState(fused, config.batch_invariant, compiled, gemm, pdl)
+    return ModelState(fused, config.batch_invariant, compiled, gemm, pdl, _fold_norms(config, gemm, fused))
+
+
+def _fold_norms(config: Any, gemm: str, fused: bool) -> str:
+    """`fold_norms` as the engine will ask for it: needs the `tma` decode GEMM and fused projections."""
+    from .errors import UnsupportedError
+
+    if config.fold_norms == "never" or (gemm == "tma" and fused):
+        return config.fold_norms
+    if config.fold_norms == "always":
+        raise UnsupportedError("engine.fold_norms: 'always' needs the tma decode GEMM and fused projections; this "
+                               f"engine runs decode_gemm {gemm!r}, projections {'' if fused else 'not '}fused "
+                               "(valid here: auto, never)")
+    return "never"
 
 
 def settle(model: Any, state: ModelState) -> None:
@@ -66,20 +80,40 @@ def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     from .fusion import set_fused
     from .invariant import set_batch_invariant
     from .models import prepare_model
+    from .norm_fold import set_norm_fold
 
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         prepare_model(model)  # released (or switched back by its owner) since the last run
     # Fusion and the invariant swap see plain Linear layers; the twins of both swaps are reused below.
+    set_norm_fold(model, False)
     set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, state.fused)
     set_batch_invariant(model, state.invariant)
     set_decode_gemm(model, state.decode_gemm, state.pdl)
+    _fold(model, state)
     set_compiled(model, state.compiled)  # also undoes an earlier engine's compilation of a shared model
     if state.compiled:
         activate(attention_context, attention_modules(model))
     else:
         use_context(attention_context)
+
+
+def _fold(model: Any, state: ModelState) -> None:
+    from .errors import UnsupportedError
+    from .norm_fold import set_norm_fold, unsupported_reason
+
+    if state.fold_norms == "never":
+        return
+    reason = unsupported_reason(model)
+    if reason is None:
+        set_norm_fold(model, True, state.pdl)
+    elif state.fold_norms == "always":
+        raise UnsupportedError(f"engine.fold_norms: 'always' cannot fold here: {reason} (valid here: auto, never)")
+    else:
+        import logging
+
+        logging.getLogger("asyncbatch").info("engine.fold_norms: auto leaves the layers unfolded: %s", reason)
 
 
 def release(model: Any, caller_attention: str | None) -> None:
@@ -89,8 +123,10 @@ def release(model: Any, caller_attention: str | None) -> None:
     from .decode_gemm import set_decode_gemm
     from .fusion import set_fused
     from .invariant import set_batch_invariant
+    from .norm_fold import set_norm_fold
 
     set_compiled(model, False)
+    set_norm_fold(model, False)
     set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, False)
