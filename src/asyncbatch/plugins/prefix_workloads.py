@@ -20,7 +20,7 @@ import attrs
 
 from ..core.errors import ConfigError
 from ..core.types import ARRIVAL_MAX_S, INT32_MAX, Request, SamplingParams, show
-from .workloads import MAX_REQUESTS, Arrival, LengthDist
+from .workloads import MAX_REQUESTS, Arrival, LengthDist, PromptBudget
 
 ORDERS = ("grouped", "interleaved", "shuffled")
 
@@ -102,11 +102,19 @@ class SharedPrefix:
     def requests(self, sampling: SamplingParams, tokenizer: Any = None) -> list[Request]:
         c = self.config
         tokens, order_rng, arrival_rng = _rngs("shared_prefix", self.seed)
-        prefixes = [_tokens(tokens, c.prefix_len.draw(tokens), self.vocab_size) for _ in range(c.num_prefixes)]
+        budget = PromptBudget("workload.prefix_len")
+        prefixes = []
+        for _ in range(c.num_prefixes):
+            n = c.prefix_len.draw(tokens)
+            budget.take(n)
+            prefixes.append(_tokens(tokens, n, self.vocab_size))
+        budget = PromptBudget("workload.questions_per_prefix")  # each request holds its prefix and its question
         made: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
         for p, prefix in enumerate(prefixes):
             for q in range(c.questions_per_prefix):
-                question = _tokens(tokens, c.question_len.draw(tokens), self.vocab_size)
+                n = c.question_len.draw(tokens)
+                budget.take(len(prefix) + n)
+                question = _tokens(tokens, n, self.vocab_size)
                 made[p, q] = (prefix + question, c.output_len.draw(tokens))
         keys = sorted(made)  # grouped: (prefix, question)
         if c.order == "interleaved":
@@ -176,11 +184,20 @@ class Conversation:
                                                      f"{last:.3g} s after the start, past the limit of "
                                                      f"{ARRIVAL_MAX_S:g} s")
         made = []
+        budget = PromptBudget("workload.turns")  # turn t's prompt holds every earlier turn: they grow with t
         for conv in range(c.num_conversations):
-            history = _tokens(tokens, c.system_len.draw(tokens), self.vocab_size)
+            n = c.system_len.draw(tokens)
+            budget.check(n)  # counted in every turn's prompt below
+            history = _tokens(tokens, n, self.vocab_size)
             for turn in range(c.turns):
-                user = _tokens(tokens, c.user_len.draw(tokens), self.vocab_size)
-                reply = _tokens(tokens, c.reply_len.draw(tokens), self.vocab_size)
+                n = c.user_len.draw(tokens)
+                budget.take(len(history) + n)
+                user = _tokens(tokens, n, self.vocab_size)
+                n = c.reply_len.draw(tokens)
+                # Before building the reply: the next turn's prompt must fit; the last turn's reply, never in a
+                # prompt, only the bound itself (it is still drawn and built, which keeps the seeds' workloads).
+                budget.check(len(history) + len(user) + n if turn + 1 < c.turns else n - budget.used)
+                reply = _tokens(tokens, n, self.vocab_size)
                 params = attrs.evolve(sampling, max_new_tokens=c.output_len.draw(tokens))
                 made.append((starts[conv] + turn * gap, turn, conv, history + user, params))
                 history = history + user + reply

@@ -107,6 +107,26 @@ class Arrival:
 
 
 MAX_REQUESTS = 1 << 24
+MAX_PROMPT_TOKENS = 1 << 28  # prompt tokens a workload builds before the run, all requests together (~2 GiB of ids)
+
+
+class PromptBudget:
+    """Counts the prompt tokens a workload builds, and refuses (naming `key`) the request that would take the total
+    past `MAX_PROMPT_TOKENS`, before building it: lengths drawn near int32's limit, or a conversation whose
+    prompts grow with every turn, would otherwise fill the memory before the run starts."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.used = key, 0
+
+    def take(self, n: int) -> None:
+        self.check(n)
+        self.used += n
+
+    def check(self, n: int) -> None:
+        """Refuse now if `n` more tokens would not fit (without counting them)."""
+        if self.used + n > MAX_PROMPT_TOKENS:
+            raise ConfigError(self.key, f"the workload's prompts add up to more than {MAX_PROMPT_TOKENS:,} tokens "
+                                        f"(they are built before the run); make fewer or shorter ones")
 
 
 @attrs.frozen
@@ -140,8 +160,10 @@ class Synthetic:
         rng = seeded_random(self.seed)
         times = c.arrival.times(c.num_requests, rng)
         out = []
+        budget = PromptBudget("workload.prompt_len")
         for i in range(c.num_requests):
             n = c.prompt_len.draw(rng)
+            budget.take(n)
             prompt = [rng.randrange(self.vocab_size) for _ in range(n)]
             params = attrs.evolve(sampling, max_new_tokens=c.output_len.draw(rng))
             out.append(Request(f"req-{i}", tuple(prompt), params, times[i]))
