@@ -176,13 +176,13 @@ BAD_CONFIGS = [  # (config.json keys, the message after "<path>/config.json: ")
 @pytest.mark.parametrize("changes, message", BAD_CONFIGS)
 def test_a_checkpoint_config_the_model_cannot_compute_is_refused_before_its_weights_are_read(
         changes, message, checkpoint, tmp_path, monkeypatch):
-    from asyncbatch.core import models
+    from asyncbatch.core import checkpoints
 
     path = tmp_path / "bad"
     shutil.copytree(checkpoint, path)
     data = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**data, **changes}))
-    monkeypatch.setattr(models, "_load_weights", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(checkpoints, "load_weights", lambda *a, **k: pytest.fail("weights were read"))
 
     with pytest.raises(ConfigError) as info:
         Engine.from_config(EngineConfig.from_dict({"model": {"path": str(path)}, "runtime": "cpu"}))

@@ -62,9 +62,9 @@ def test_attention_sinks_are_refused_when_the_model_is_prepared():
 
 def test_a_checkpoint_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
     _model(t.Gemma2Config(**SIZES, head_dim=16)).save_pretrained(tmp_path / "g2")
-    from asyncbatch.core import models
+    from asyncbatch.core import checkpoints
 
-    monkeypatch.setattr(models, "_load_weights", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(checkpoints, "load_weights", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(UnsupportedError, match="g2: Gemma2 soft-caps its attention logits"):
         Engine.from_config(EngineConfig.from_dict({"runtime": "cpu", "model": {"path": str(tmp_path / "g2")}}))
 
