@@ -22,9 +22,26 @@ PRESETS = ["tiny", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
 PROMPTS = [[(7 * i + j) % 300 + 1 for j in range(3 + 4 * i)] for i in range(5)]
 
 
-def _model(preset: str = "tiny", dtype: str = "float64"):
-    model, _ = build_model(ModelConfig(preset=preset, dtype=dtype, device="cpu"), get_plugin_host())
+def _model(preset: str = "tiny", dtype: str = "float64", **overrides):
+    model, _ = build_model(ModelConfig(preset=preset, dtype=dtype, device="cpu", overrides=overrides),
+                           get_plugin_host())
     return model
+
+
+def test_a_llama_with_biases_everywhere_folds_to_the_same_logits():
+    model = _model("tiny", attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        biases = [p for name, p in model.named_parameters() if name.endswith("_proj.bias")]
+        assert 2 * 7 == len(biases)  # q, k, v, o, gate, up, down in each of 2 layers
+        for bias in biases:  # the random init leaves them at zero: make them count
+            bias.normal_(0, 0.5)
+        _ready(model)
+        ids = torch.tensor([[5, 9, 33, 2, 7]])
+        plain = model(ids).logits
+        set_norm_fold(model, True)
+        folded = model(ids).logits
+
+    torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-6)
 
 
 def _ready(model):
