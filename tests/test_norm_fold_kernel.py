@@ -79,3 +79,9 @@ def test_the_row_scaled_product_is_the_norm_then_the_product(tma, m, n, k, strip
     exact = normed @ w.double().T + (b.double() if b is not None else 0)
     assert (m, n) == tuple(actual.shape)
     assert _relative_error(actual, exact) < 3e-3
+
+
+def test_the_folded_layers_row_limit_is_the_kernels(tma):
+    from asyncbatch.core import norm_fold
+
+    assert tma.MAX_ROWS == norm_fold.MAX_ROWS  # more rows would run the torch fallback, slower than not folding
