@@ -49,6 +49,8 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                          f"{tensor} ranks")
         cfg = ExperimentConfig.from_yaml(path, overrides=[*(args.set or []),
                                                           f"engine.parallel.data={args.nproc // tensor}"])
+    if args.trace is not None:  # before the run, not after it: a trace that cannot be written must not cost it
+        _writable_file(args.trace, "--trace")
     if cfg.engine.parallel.data * cfg.engine.parallel.tensor > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_ranks(cfg, args, argv)
     progress = not args.no_progress and sys.stderr.isatty()
@@ -88,7 +90,7 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .plugins.report import checked_out_dir, stamped_dir
 
     a, b = load_results(args.a), load_results(args.b)  # both checked before anything is written
-    out = stamped_dir(".", "compare") if args.out is None else checked_out_dir(args.out, force=args.force)
+    out = stamped_dir(".", "compare", "--out") if args.out is None else checked_out_dir(args.out, force=args.force)
     result = compare(a, b)
     print(compare_table(result))
     written = write_compare(out, result)

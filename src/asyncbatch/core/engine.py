@@ -22,7 +22,7 @@ from .config import EngineConfig
 from .engine_run import run_requests
 from .errors import ConfigError
 from .intake import Intake
-from .kv_sizing import allocate_kv, kv_cache_blocks, max_model_len, memory_report
+from .kv_sizing import allocate_kv, check_slot_buffers, kv_cache_blocks, max_model_len, memory_report
 from .layout import HostBatchWriter, SlotLayout
 from .model_support import context_limit
 from .models import build_model, eos_token_ids, model_geometry, prepare_model
@@ -94,6 +94,7 @@ class Engine:
         self.k_cache, self.v_cache = allocate_kv(num_blocks, bs, geo, dtype, device)
         rows = config.batch.max_seqs
         layout = SlotLayout(config.batch.max_tokens, config.batch.max_seqs, max_blocks)
+        check_slot_buffers(buffers.num_slots, layout, device, self.runtime.free_memory())
         self.writer = HostBatchWriter(layout, rows, bs)
         self.last_token = self.runtime.device_buffer(rows + 1, torch.int32)
         attn = self.attention_context = AttentionContext(self.backend, self.k_cache, self.v_cache)

@@ -29,6 +29,21 @@ def kv_cache_blocks(cache: Any, device: Any, dtype: Any, geo: dict[str, int], fr
     return max(2, blocks)
 
 
+def check_slot_buffers(num_slots: int, layout: Any, device: Any, free: int | None) -> None:
+    """Refuse, naming its key, step buffers that cannot fit: each slot holds its inputs (`layout.numel` int32) and
+    outputs (`max_seqs`) twice, on the host and on the device. Huge `engine.batch` budgets or an `n_slot` count in
+    the millions would otherwise fail inside torch, or be killed by the OS without a word."""
+    need = num_slots * 2 * (layout.numel + layout.max_seqs) * 4
+    if free is not None and need > free:
+        key = "engine.buffers.num_slots" if num_slots > 2 else "engine.batch"
+        raise ConfigError(key, f"{num_slots} slots of step buffers for engine.batch.max_tokens={layout.max_tokens} "
+                               f"and max_seqs={layout.max_seqs} need {_size(need)}; {_size(free)} is free on {device}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def max_model_len(cache: Any, geo: dict[str, int], num_blocks: int) -> int:
     """The longest sequence a run can hold: the model's context, the cache (block 0 is padding), and
     `engine.cache.max_model_len` where set."""

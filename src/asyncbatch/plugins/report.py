@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import json
 import re
 import textwrap
@@ -174,15 +175,20 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]
             writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
 
 
-def checked_out_dir(path: str | Path, *, force: bool) -> Path:
+def checked_out_dir(path: str | Path, *, force: bool, key: str = "--out") -> Path:
     """A given output directory: refused if it is a file, or holds files and `force` is off, so results are never
-    silently mixed with or written over an earlier run's."""
+    silently mixed with or written over an earlier run's. Errors name `key`, the option that gave it."""
+    if not str(path):
+        raise ConfigError(key, "an empty path: give the directory to write")
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError("--out", f"{path} exists and is not a directory")
-    if not force and path.is_dir() and any(path.iterdir()):
-        raise ConfigError("--out", f"{path} exists and is not empty: choose another directory, or pass --force "
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(key, f"{path} exists and is not a directory")
+        if not force and path.is_dir() and any(path.iterdir()):
+            raise ConfigError(key, f"{path} exists and is not empty: choose another directory, or pass --force "
                                    "(force=True) to write into it")
+    except OSError as exc:  # a name too long, a parent that cannot be searched or read
+        raise ConfigError(key, f"cannot use {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -196,17 +202,28 @@ def make_dir(path: Path, key: str) -> Path:
     return path
 
 
-def stamped_dir(parent: str | Path, name: str) -> Path:
-    """`parent/<name>-<timestamp>`, suffixed -2, -3, ... when that exists (two runs in one second)."""
+def stamped_dir(parent: str | Path, name: str, key: str = "output.dir") -> Path:
+    """`parent/<name>-<timestamp>`, suffixed -2, -3, ... when that exists (two runs in one second). A parent that
+    cannot be looked into is a `ConfigError` on `key`, the setting that named it."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(parent) / f"{slug(name)}-{stamp}"
     path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
+    try:
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    except OSError as exc:  # a name too long, a parent that cannot be searched
+        raise ConfigError(key, f"cannot use {path}: {exc.strerror or exc}") from None
     return path
 
 
+SLUG_MAX = 100  # characters of a slug: a file name's 255 bytes hold it with a timestamp or a cell's number
+
+
 def slug(text: str) -> str:
-    """`text` as a file name: runs of other characters than letters, digits and `=._-` become one `_`."""
-    return re.sub(r"[^A-Za-z0-9=._-]+", "_", text).strip("_") or "run"
+    """`text` as a file name: runs of other characters than letters, digits and `=._-` become one `_`. One longer
+    than `SLUG_MAX` keeps its head and ends with a digest of the whole text, so distinct texts stay distinct."""
+    name = re.sub(r"[^A-Za-z0-9=._-]+", "_", text).strip("_") or "run"
+    if len(name) > SLUG_MAX:
+        name = f"{name[:SLUG_MAX - 9]}-{hashlib.sha1(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return name

@@ -102,8 +102,8 @@ def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     opts = BenchOptions.from_args(args)
     prompts = load_requests(opts.workload, opts.dataset, num_requests=opts.num_requests, seed=opts.seed,
                             vocab_size=opts.vocab_size)
-    out = stamped_dir("results", "bench-serve") if opts.output is None else checked_out_dir(opts.output,
-                                                                                            force=opts.force)
+    out = stamped_dir("results", "bench-serve", "--output") if opts.output is None else checked_out_dir(
+        opts.output, force=opts.force, key="--output")
     model = opts.model or fetch_model(opts.base_url)
     make_dir(out, "--output")  # before the runs: a directory that cannot be made must not cost their results
     runs = [run_rate(opts, prompts, model, rate) for rate in opts.rates]

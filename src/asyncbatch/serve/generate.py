@@ -57,7 +57,7 @@ async def respond(request: Request, live: LiveEngine, served: ServedModel, gen: 
         if not work.done():  # the client went away (or this handler was cancelled): end its request
             work.cancel()
             stream.abort()
-    if work.cancelled():
+    if not work.done() or work.cancelled():  # cancel() takes effect when the task next runs, not at once
         return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
     try:
         text, ids, finish = work.result()
