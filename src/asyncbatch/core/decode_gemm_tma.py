@@ -168,7 +168,11 @@ def matmul_residual(x: Any, weight: Any, bias: Any, residual: Any, gamma: Any = 
     """(h, g, sq): h = `residual` + (`x @ weight.T + bias`, rounded), as a decoder layer adds its residual; with the
     next RMSNorm's `gamma`, also its numerator g = h * gamma and sq [strips, rows], each strip of `BLOCK_N`
     columns' float32 sum of h^2 per row (what `matmul_row_scaled` needs); without, g and sq are empty."""
-    return _launch(x, weight, bias, pdl, None, residual=residual, gamma=gamma)
+    h, g, sq = _launch(x, weight, bias, pdl, None, residual=residual, gamma=gamma)
+    if gamma is None:
+        m = h.numel() // max(1, h.shape[-1])
+        g, sq = h.new_empty(0, h.shape[-1]), h.new_empty(0, m, dtype=torch.float32)
+    return h, g, sq
 
 
 def matmul_row_scaled(g: Any, sq: Any, weight: Any, bias: Any, eps: float, *, pdl: bool = False) -> Any:
@@ -187,11 +191,12 @@ def _launch(x: Any, weight: Any, bias: Any, pdl: bool, plan_: Plan | None, *, re
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     p = plan_ or plan(n, k, _sm_count(x.device))
     strips = triton.cdiv(n, p.block_n)
-    g = torch.empty(m if gamma is not None else 0, n, device=x.device, dtype=x.dtype)
-    sq = torch.empty(strips if gamma is not None else 0, m, device=x.device, dtype=torch.float32)
-    g_out = g.view(*lead, n) if gamma is not None else g
+    g = sq = None  # the next norm's numerator and sums of squares: allocated only when asked for
+    if gamma is not None:
+        g = torch.empty(*lead, n, device=x.device, dtype=x.dtype)
+        sq = torch.empty(strips, m, device=x.device, dtype=torch.float32)
     if m == 0:
-        return out.view(*lead, n), g_out, sq
+        return out.view(*lead, n), g, sq
     block_m = max(16, triton.next_power_of_2(m))
     k_split = triton.cdiv(triton.cdiv(k, p.splits), p.block_k) * p.block_k
     splits = triton.cdiv(k, k_split)
@@ -207,10 +212,11 @@ def _launch(x: Any, weight: Any, bias: Any, pdl: bool, plan_: Plan | None, *, re
         TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [block_m, p.block_k]),
         TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [p.block_n, p.block_k]),
         bias if bias is not None else out, out, parts, counters, m, n, k, k_split, out.stride(0),
-        res, res.stride(0), gamma if gamma is not None else out, g if gamma is not None else out, sq, scale,
+        res, res.stride(0), gamma if gamma is not None else out, g if g is not None else out,
+        sq if sq is not None else out, scale,
         scale.shape[0] if row_scale is not None else 0, eps,
         BLOCK_M=block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k, SPLITS=splits, HAS_BIAS=bias is not None, PDL=pdl,
         ROW_SCALE=row_scale is not None, RESIDUAL=residual is not None, NEXT_NORM=gamma is not None,
         SC_PAD=triton.next_power_of_2(scale.shape[0]) if row_scale is not None else 1,
         num_warps=p.num_warps, num_stages=p.stages, **extra)
-    return out.view(*lead, n), g_out, sq
+    return out.view(*lead, n), g, sq

@@ -196,7 +196,10 @@ class Conversation:
                 n = c.reply_len.draw(tokens)
                 # Before building the reply: the next turn's prompt must fit; the last turn's reply, never in a
                 # prompt, only the bound itself (it is still drawn and built, which keeps the seeds' workloads).
-                budget.check(len(history) + len(user) + n if turn + 1 < c.turns else n - budget.used)
+                if turn + 1 < c.turns:
+                    budget.check(len(history) + len(user) + n)
+                else:
+                    budget.check(n, alone=True)
                 reply = _tokens(tokens, n, self.vocab_size)
                 params = attrs.evolve(sampling, max_new_tokens=c.output_len.draw(tokens))
                 made.append((starts[conv] + turn * gap, turn, conv, history + user, params))

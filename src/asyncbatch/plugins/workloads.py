@@ -122,9 +122,10 @@ class PromptBudget:
         self.check(n)
         self.used += n
 
-    def check(self, n: int) -> None:
-        """Refuse now if `n` more tokens would not fit (without counting them)."""
-        if self.used + n > MAX_PROMPT_TOKENS:
+    def check(self, n: int, *, alone: bool = False) -> None:
+        """Refuse now if `n` more tokens would not fit (without counting them); `alone`: if `n` tokens would not
+        fit even in an empty budget."""
+        if (0 if alone else self.used) + n > MAX_PROMPT_TOKENS:
             raise ConfigError(self.key, f"the workload's prompts add up to more than {MAX_PROMPT_TOKENS:,} tokens "
                                         f"(they are built before the run); make fewer or shorter ones")
 
