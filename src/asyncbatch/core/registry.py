@@ -39,10 +39,11 @@ class Component:
 
     def make_config(self, params: dict[str, Any], key: str) -> Any:
         """Build this component's config from YAML parameters, naming `key` in every error."""
-        if self.config_cls is None:
-            if params:
-                raise ConfigError(f"{key}.{next(iter(params))}", f"{self.family} {self.name!r} takes no parameters")
-            return None
+        if self.config_cls is None or not any(f.init for f in attrs.fields(self.config_cls)):
+            if params:  # said in words: "unknown key (valid: none)" reads as if `none` were a key
+                raise ConfigError(f"{key}.{next(iter(params))}", f"unknown key: {self.family} {self.name!r} takes "
+                                                                 f"no settings besides `name`")
+            return None if self.config_cls is None else self.config_cls()
         from .structure import structure  # noqa: PLC0415
 
         return structure(self.config_cls, params, key)
@@ -90,7 +91,7 @@ class Registry:
         try:
             return component.make_config(params, key)
         except ConfigError as exc:
-            unknown = exc.message == "unknown key" or exc.message.endswith("takes no parameters")
+            unknown = exc.message.startswith("unknown key")
             field = exc.key[len(key) + 1:] if exc.key.startswith(f"{key}.") else ""
             takers = [c.name for c in self if c.name != component.name and c.config_cls is not None
                       and field in attrs.fields_dict(c.config_cls)] if unknown and "." not in field else []

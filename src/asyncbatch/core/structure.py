@@ -121,6 +121,8 @@ def structure(cls: type, data: Any, key: str) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name not in fields:
+            if not fields:  # not "(valid: none)", which reads as if `none` were a key
+                raise ConfigError(f"{key}.{name}" if key else name, f"unknown key: {cls.__name__} has no settings")
             raise ConfigError(f"{key}.{name}" if key else name, "unknown key", list(fields))
         sub = f"{key}.{name}" if key else name
         tp = hints.get(name, Any)  # `x = attrs.field(default=1)` has no annotation: any value, as attrs takes it

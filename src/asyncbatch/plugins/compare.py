@@ -45,6 +45,10 @@ def load_results(path: str | Path) -> ResultSet:
     """A run or sweep directory (or its results.json / sweep.json) as a `ResultSet`."""
     given = Path(path)
     d = given.parent if given.is_file() and given.name in ("results.json", "sweep.json") else given
+    if given.is_file() and d is given:
+        raise ConfigError(str(given), "is a file, not a run directory: give a run directory (it holds "
+                                      "results.json) or a sweep directory (it holds sweep.json), or one of those two "
+                                      "files")
     if not d.is_dir():
         raise ConfigError(str(given), "not a results directory: no such directory (expected a run directory with "
                                       "results.json or a sweep directory with sweep.json)")

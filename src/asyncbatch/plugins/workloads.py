@@ -27,14 +27,18 @@ def _finite(owner: object, names: tuple[str, ...]) -> None:
 
 @attrs.frozen
 class LengthDist:
-    """A token-length distribution: `fixed` (value), `uniform` (min..max), `lognormal` (mean, or `median` when
-    given, and sigma of the underlying normal; clipped to min..max). Lengths are at most 2**31 - 1 (int32)."""
+    """A token-length distribution: `fixed` (value), `uniform` (min..max), `lognormal` (`mean` or `median`, not
+    both; a mean of 64 with neither; and sigma of the underlying normal; clipped to min..max). Lengths are at most
+    2**31 - 1 (int32)."""
+
+    # Not a field: `mean` stays None when left out, so that giving it with `median` is seen (and refused).
+    default_mean = 64.0
 
     dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
     value: int = 32
     min: int = 1
     max: int = 1024
-    mean: float = 64.0
+    mean: float | None = None
     sigma: float = 0.5
     median: float | None = None
 
@@ -56,9 +60,14 @@ class LengthDist:
             raise ConfigError("max", f"must be >= min ({self.min}), got {self.max}")
         _finite(self, ("mean", "sigma", "median"))
         if self.dist == "lognormal":
+            if self.mean is not None and self.median is not None:
+                saved = " (a config.yaml saved by an older version wrote its default mean: 64 beside a median: " \
+                        "remove the mean)" if self.mean == self.default_mean else ""
+                raise ConfigError("", f"lognormal takes `mean` or `median`, not both (got mean {self.mean:g} "
+                                      f"and median {self.median:g}): give one of them{saved}")
             if self.median is not None and self.median <= 0:
                 raise ConfigError("median", f"lognormal needs median > 0, got {self.median}")
-            if self.median is None and self.mean <= 0:
+            if self.median is None and self.mean is not None and self.mean <= 0:
                 raise ConfigError("mean", f"lognormal needs mean > 0 (or median > 0), got {self.mean}")
             if self.sigma < 0:
                 raise ConfigError("sigma", f"lognormal needs sigma >= 0, got {self.sigma}")
@@ -71,7 +80,8 @@ class LengthDist:
         # mu is the log of the median; from a mean, shift it so that the mean is `mean`. Done in log space and
         # clipped there, so that extreme parameters give min or max instead of overflowing exp() (the same
         # draws as `rng.lognormvariate(mu, sigma)` otherwise).
-        mu = math.log(self.median) if self.median is not None else math.log(self.mean) - self.sigma * self.sigma / 2
+        mean = self.mean if self.mean is not None else self.default_mean
+        mu = math.log(self.median) if self.median is not None else math.log(mean) - self.sigma * self.sigma / 2
         x = mu + rng.normalvariate(0.0, 1.0) * self.sigma
         lo, hi = math.log(self.min) - 1.0, math.log(self.max) + 1.0
         x = lo if math.isnan(x) else min(max(x, lo), hi)  # NaN: -inf + inf, a huge sigma's mean shift won
@@ -174,7 +184,8 @@ class Synthetic:
 @attrs.frozen
 class JsonlConfig:
     """One JSON object per line: `{"prompt": "text"}` (needs a tokenizer) or `{"prompt_ids": [1, 2, 3]}`, with
-    optional `max_new_tokens` and `id`. `limit`: use at most this many lines."""
+    optional `max_new_tokens` and `id` (a null id is none: `req-<n>` for the n-th row). UTF-8, a leading BOM
+    allowed. `limit`: use at most this many lines."""
 
     path: str = "prompts.jsonl"
     arrival: Arrival = Arrival()
@@ -217,7 +228,8 @@ class JsonlPrompts:
             params = sampling
             if "max_new_tokens" in row:  # a bad value fails this request alone, as any bad request value does
                 params = attrs.evolve(sampling, max_new_tokens=row["max_new_tokens"])
-            out.append(Request(str(row.get("id", f"req-{i}")), prompt, params, times[i]))
+            rid = row.get("id")  # null is no id, as in JSON APIs: not the request "None"
+            out.append(Request(f"req-{i}" if rid is None else str(rid), prompt, params, times[i]))
         return out
 
     def _rows(self) -> list[tuple[str, dict]]:
@@ -226,7 +238,7 @@ class JsonlPrompts:
         if not path.is_file():
             raise ConfigError("workload.path", f"no such file: {path}")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM that editors on Windows write
         except UnicodeDecodeError as exc:
             raise ConfigError("workload.path", f"{path} is not UTF-8 text: {exc}") from None
         rows: list[tuple[str, dict]] = []

@@ -78,7 +78,7 @@ def read_dataset(path: str, limit: int | None, default_max_tokens: int, key: str
     if not file.is_file():
         raise ConfigError(key, f"no such file: {file}")
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM that editors on Windows write
     except UnicodeDecodeError as exc:
         raise ConfigError(key, f"{file} is not UTF-8 text: {exc}") from None
     out: list[BenchRequest] = []
