@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="torch/never,tma/never,tma/always,triton/always",
                     help="decode_gemm/pdl pairs, comma-separated; further fields: fold=V sets engine.fold_norms, "
+                         "rotary=V engine.fuse_rotary, "
                          "anything else runs the triton attention backend with settings: wN for `waves: N`, or "
                          "key=value;key=value (integers, true/false)")
     ap.add_argument("--batches", default="1,32")
@@ -62,7 +63,7 @@ def main() -> None:
                                        overrides=HALF if args.width == "half" else {}), get_plugin_host())
     bench = argparse.Namespace(block_size=16, attention="auto", compile="auto", fuse="always", batch_invariant=False,
                                max_tokens=2048, bandwidth=eb.copy_bandwidth(), decode_gemm=None, pdl=None,
-                               fold_norms=None)
+                               fold_norms=None, fuse_rotary=None)
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {bench.bandwidth / 1e12:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}, "
           f"transformers {transformers.__version__}; width {args.width}", flush=True)
@@ -74,7 +75,8 @@ def main() -> None:
             for variant in order:
                 bench.decode_gemm, bench.pdl, *extra = variant.split("/")
                 bench.fold_norms = next((f[5:] for f in extra if f.startswith("fold=")), None)
-                attention = [f for f in extra if not f.startswith("fold=")]
+                bench.fuse_rotary = next((f[7:] for f in extra if f.startswith("rotary=")), None)
+                attention = [f for f in extra if not f.startswith(("fold=", "rotary="))]
                 bench.attention = {"name": "triton", **attention_settings(attention[0])} if attention else "auto"
                 torch._dynamo.reset()
                 t0 = time.time()

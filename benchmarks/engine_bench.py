@@ -63,6 +63,7 @@ def run_engine(model, spec, prompts, new_tokens, args, *, trace_path: str | None
         "compile": args.compile, "fuse_projections": args.fuse, "batch_invariant": args.batch_invariant,
         **({"decode_gemm": args.decode_gemm} if args.decode_gemm else {}), **({"pdl": args.pdl} if args.pdl else {}),
         **({"fold_norms": args.fold_norms} if getattr(args, "fold_norms", None) else {}),
+        **({"fuse_rotary": args.fuse_rotary} if getattr(args, "fuse_rotary", None) else {}),
         "batch": {"max_tokens": args.max_tokens, "max_seqs": max(batch, 1)},
         "cache": {"num_blocks": blocks, "block_size": args.block_size}})
     gc.collect()
@@ -193,6 +194,8 @@ def main() -> None:
     ap.add_argument("--pdl", default=None, choices=["auto", "always", "never"], help="engine.pdl (unset: default)")
     ap.add_argument("--fold-norms", default=None, choices=["auto", "always", "never"],
                     help="engine.fold_norms (unset: default)")
+    ap.add_argument("--fuse-rotary", default=None, choices=["auto", "always", "never"],
+                    help="engine.fuse_rotary (unset: default)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()

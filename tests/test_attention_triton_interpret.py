@@ -27,7 +27,8 @@ from asyncbatch.strategies.attention.triton_paged import TritonPaged, TritonPage
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted_kernels():
-    with interpreted_module(attention_pkg, "triton_combine"), interpreted_module(attention_pkg, "triton_kernels") as module:
+    with (interpreted_module(attention_pkg, "triton_combine"), interpreted_module(attention_pkg, "triton_rows"),
+          interpreted_module(attention_pkg, "triton_kernels") as module):
         yield module
 
 

@@ -14,7 +14,7 @@ from asyncbatch import ConfigError, EngineConfig, ExperimentConfig, UnknownCompo
 
 
 @pytest.mark.parametrize("data,key,fragment", [
-    ({"bogus": 1}, "bogus", "valid: attention, batch, batch_invariant, buffers, cache, compile, decode_gemm, fold_norms, fuse_projections, graphs, model, parallel, pdl, prefix_cache, runtime"),
+    ({"bogus": 1}, "bogus", "valid: attention, batch, batch_invariant, buffers, cache, compile, decode_gemm, fold_norms, fuse_projections, fuse_rotary, graphs, model, parallel, pdl, prefix_cache, runtime"),
     ({"fuse_projections": "yes"}, "fuse_projections", "valid: always, auto, never"),
     ({"decode_gemm": "cublas"}, "decode_gemm", "valid: auto, tma, torch, triton"),
     ({"pdl": True}, "pdl", "valid: always, auto, never"),

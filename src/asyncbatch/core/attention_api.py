@@ -2,7 +2,8 @@
 
 asyncbatch registers one function, ``"asyncbatch"``, in the transformers attention-function registry. A model
 switched to it receives no mask (transformers creates none for unknown implementations) and finds an
-`AttentionContext` in its forward kwargs; the function routes each layer to the configured backend.
+`AttentionContext` in its forward kwargs; the function routes each layer to the configured backend. Layers whose
+rotation the backend applies itself (`rotary_fold`) call `rotary_attention` instead, with q and k unrotated.
 """
 
 from __future__ import annotations
@@ -74,8 +75,42 @@ def asyncbatch_attention(module: Any, query: Any, key: Any, value: Any, attentio
     return out.unsqueeze(0), None
 
 
+def rotary_attention(module: Any, q: Any, k: Any, v: Any, rotary: tuple[Any, Any], *, scaling: float,
+                     window: int | None, **kwargs: Any) -> Any:
+    """Attention of the step's q [T, Hq, D], k, v [T, Hkv, D] before the rotary embedding, for a backend that
+    `applies_rotary` (`rotary_fold`): `rotary` = (cos, sin) [T, D]. Returns [T, Hq, D]."""
+    import torch
+
+    ctx: AttentionContext | None = kwargs.get(CONTEXT_KWARG) or (_ACTIVE[0] if _ACTIVE else None)
+    if ctx is None:
+        raise RuntimeError("the asyncbatch attention implementation runs only inside an asyncbatch engine step")
+    cos, sin = rotary
+    if torch.compiler.is_compiling():  # see `asyncbatch_attention`
+        return _rotary_op()(q, k, v, cos, sin, module._asyncbatch_layer, scaling, window or 0)
+    layer = module.layer_idx
+    return ctx.backend.forward(q, k, v, ctx.k_cache[layer], ctx.v_cache[layer], ctx.meta, scale=scaling,
+                               sliding_window=window, rotary=(cos, sin))
+
+
+def apply_rotary(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
+    """transformers' rotary embedding of q [T, Hq, D] and k [T, Hkv, D] by cos, sin [T, D'] (D' <= D: the first D'
+    features rotate, as in partial-rotary models), in float32 (or wider) and rounded once, as its compiled form
+    rounds."""
+    import torch
+
+    def rotate(x: Any) -> Any:
+        n, wide = cos.shape[-1], torch.promote_types(x.dtype, torch.float32)
+        r, rest = x[..., :n].to(wide), x[..., n:]
+        half = torch.cat((-r[..., n // 2:], r[..., : n // 2]), dim=-1)
+        out = (r * cos[:, None].to(wide) + half * sin[:, None].to(wide)).to(x.dtype)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+    return rotate(q), rotate(k)
+
+
 _ACTIVE: list[AttentionContext] = []
 _OP: Any = None
+_ROTARY_OP: Any = None
 
 
 def activate(ctx: AttentionContext, attention_modules: list[Any]) -> None:
@@ -85,7 +120,8 @@ def activate(ctx: AttentionContext, attention_modules: list[Any]) -> None:
     """
     import torch
 
-    _paged_attention_op()  # register the op here: creating it inside a compiled region would break the graph
+    _paged_attention_op()  # register the ops here: creating one inside a compiled region would break the graph
+    _rotary_op()
     for layer, module in enumerate(attention_modules):
         if "_asyncbatch_layer" not in module._buffers:
             module.register_buffer("_asyncbatch_layer", torch.tensor(layer), persistent=False)
@@ -127,6 +163,31 @@ def _paged_attention_op() -> Any:
 
     _OP = paged_attention
     return _OP
+
+
+def _rotary_op() -> Any:
+    """`asyncbatch::paged_attention_rotary`: `asyncbatch::paged_attention` for q and k not yet rotated, given the
+    step's cos and sin rows (registered on first use, see `activate`)."""
+    global _ROTARY_OP
+    if _ROTARY_OP is not None:
+        return _ROTARY_OP
+    import torch
+
+    schema = "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor layer, float scale, int window) -> Tensor"
+
+    @torch.library.custom_op("asyncbatch::paged_attention_rotary", mutates_args=(), schema=schema)
+    def paged_attention_rotary(q, k, v, cos, sin, layer, scale, window):  # noqa: ANN001, ANN202
+        ctx = _ACTIVE[0]
+        i = int(layer)
+        return ctx.backend.forward(q, k, v, ctx.k_cache[i], ctx.v_cache[i], ctx.meta, scale=scale,
+                                   sliding_window=window or None, rotary=(cos, sin))
+
+    @paged_attention_rotary.register_fake
+    def _(q, k, v, cos, sin, layer, scale, window):  # noqa: ANN001, ANN202
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    _ROTARY_OP = paged_attention_rotary
+    return _ROTARY_OP
 
 
 def register_with_transformers() -> None:

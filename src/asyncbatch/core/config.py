@@ -70,17 +70,19 @@ class EngineConfig:
     engine on this card (`triton` on an H100 SXM, `tma` on an H200) where steps are captured in CUDA graphs, else
     `torch`.
 
-    `pdl`: `always` launches the decode GEMMs and the Triton attention kernels of steps of at most 64 tokens as
-    programmatic dependent launches, so that each overlaps the end of the kernel before (compute capability
-    >= 9.0); `auto` is what was measured with the card's kernel (on with `triton` on an H100 SXM, off with `tma`
-    on an H200; on with an explicit `triton` where the card supports it), else `never`. Neither key changes a
-    result beyond the chosen kernel's rounding.
+    `pdl`: `always` launches the decode GEMMs and Triton attention kernels of steps of <= 64 tokens as programmatic
+    dependent launches (compute capability >= 9.0); `auto`: as measured with the card's kernel (on with `triton`,
+    off with `tma`), else `never`. Neither key changes a result beyond the chosen kernel's rounding.
 
     `fold_norms`: fold each decoder layer's RMSNorms and residual adds into the epilogues of the decode GEMMs
     around them (the norm's division after the product that follows it), so that steps of few rows run no norm
     or add kernels; needs the `tma` decode GEMM, fused projections and a Llama, Mistral or Qwen2/3 layer, and is
     off under tensor parallelism. `auto` folds wherever those hold; `always` fails where they do not. Rounds
     like any kernel change within bf16.
+
+    `fuse_rotary`: the attention backend rotates q and k where it loads them, so no step runs rotary kernels; needs
+    a backend that applies it (`triton`) and a Llama, Mistral or Qwen2/3 layer, not under tensor parallelism.
+    `auto` fuses wherever those hold, `always` fails where they do not. Rounds as the compiled rotary does.
 
     `batch_invariant`: compute every row of a step with kernels whose reduction order does not depend on the rest
     of the batch (GEMMs with one tile shape and no split-K, RMSNorm per row, one attention path for decode and
@@ -119,6 +121,7 @@ class EngineConfig:
     decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
     fold_norms: Literal["auto", "always", "never"] = "auto"
+    fuse_rotary: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
     serve: ServeConfig = ServeConfig()
@@ -182,6 +185,7 @@ class _EngineScalars:
     decode_gemm: Literal["auto", "triton", "tma", "torch"] = "auto"
     pdl: Literal["auto", "always", "never"] = "auto"
     fold_norms: Literal["auto", "always", "never"] = "auto"
+    fuse_rotary: Literal["auto", "always", "never"] = "auto"
     batch_invariant: bool = False
     parallel: ParallelConfig = ParallelConfig()
     serve: ServeConfig = ServeConfig()

@@ -177,6 +177,10 @@ class AttentionBackend(ABC):
     needs_max_query: bool = True
     #: Rank for `attention: auto` (highest available wins); None never takes part in `auto`.
     auto_priority: int | None = None
+    #: Whether `forward` also takes `rotary=(cos, sin)` ([T, D] rows of the model's rotary embedding) with q and k
+    #: not yet rotated, and then computes what transformers' `apply_rotary_pos_emb` followed by `forward` would,
+    #: rotated keys in the cache included (`engine.fuse_rotary`). Only backends that set it are ever given `rotary`.
+    applies_rotary: bool = False
 
     @abstractmethod
     def forward(self, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float,

@@ -23,6 +23,7 @@ class ModelState:
     decode_gemm: str = "torch"
     pdl: bool = False
     fold_norms: str = "never"  # "auto": where the model allows it; "always": fail where it does not
+    fuse_rotary: str = "never"  # the same choices, for the rotation inside the attention backend
 
 
 def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
@@ -39,7 +40,8 @@ def decide(config: Any, runtime: Any, graph_name: str) -> ModelState:
     compiled = config.compile == "layers" or (config.compile == "auto" and (config.batch_invariant or captured))
     fused = config.fuse_projections == "always" or (config.fuse_projections == "auto" and native)
     gemm, pdl = decode_gemm.decide(config, runtime.device, captured)
-    return ModelState(fused, config.batch_invariant, compiled, gemm, pdl, _fold_norms(config, gemm, fused))
+    return ModelState(fused, config.batch_invariant, compiled, gemm, pdl, _fold_norms(config, gemm, fused),
+                      config.fuse_rotary)
 
 
 def _fold_norms(config: Any, gemm: str, fused: bool) -> str:
@@ -81,17 +83,20 @@ def bind(model: Any, state: ModelState, attention_context: Any) -> None:
     from .invariant import set_batch_invariant
     from .models import prepare_model
     from .norm_fold import set_norm_fold
+    from .rotary_fold import set_rotary_fused
 
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         prepare_model(model)  # released (or switched back by its owner) since the last run
     # Fusion and the invariant swap see plain Linear layers; the twins of both swaps are reused below.
     set_norm_fold(model, False)
+    set_rotary_fused(model, False)
     set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, state.fused)
     set_batch_invariant(model, state.invariant)
     set_decode_gemm(model, state.decode_gemm, state.pdl)
     _fold(model, state)
+    _fuse_rotary(model, state, attention_context.backend)
     set_compiled(model, state.compiled)  # also undoes an earlier engine's compilation of a shared model
     if state.compiled:
         activate(attention_context, attention_modules(model))
@@ -116,6 +121,23 @@ def _fold(model: Any, state: ModelState) -> None:
         logging.getLogger("asyncbatch").info("engine.fold_norms: auto leaves the layers unfolded: %s", reason)
 
 
+def _fuse_rotary(model: Any, state: ModelState, backend: Any) -> None:
+    from .errors import UnsupportedError
+    from .rotary_fold import set_rotary_fused, unsupported_reason
+
+    if state.fuse_rotary == "never":
+        return
+    reason = unsupported_reason(model, backend)
+    if reason is None:
+        set_rotary_fused(model, True)
+    elif state.fuse_rotary == "always":
+        raise UnsupportedError(f"engine.fuse_rotary: 'always' cannot fuse here: {reason} (valid here: auto, never)")
+    else:
+        import logging
+
+        logging.getLogger("asyncbatch").info("engine.fuse_rotary: auto leaves the rotary kernels: %s", reason)
+
+
 def release(model: Any, caller_attention: str | None) -> None:
     """Give `model` back as it was handed over: its own attention, layers not compiled, plain `Linear` and norm
     modules (fused weights stay views of the concatenated ones: no copy)."""
@@ -124,9 +146,11 @@ def release(model: Any, caller_attention: str | None) -> None:
     from .fusion import set_fused
     from .invariant import set_batch_invariant
     from .norm_fold import set_norm_fold
+    from .rotary_fold import set_rotary_fused
 
     set_compiled(model, False)
     set_norm_fold(model, False)
+    set_rotary_fused(model, False)
     set_decode_gemm(model, "torch")
     set_batch_invariant(model, False)
     set_fused(model, False)

@@ -3,8 +3,9 @@
 Three kernels, all launched on grids that depend only on tensor shapes and the step's Python scalars (so a step
 can be captured in a CUDA graph); work beyond a sequence's real length exits inside the kernel:
 
-* `_cache_write`: the step's new K and V into their cache slots, one program per token. Decode steps whose context
-  is split skip it: the split holding a sequence's new position writes that K/V itself (`WRITE_KV`).
+* `_cache_write` (in `triton_rows`): the step's new K and V into their cache slots, one program per token. Decode
+  steps whose context is split skip it: the split holding a sequence's new position writes that K/V itself
+  (`WRITE_KV`).
 * `_paged_attn`: one program per (sequence, tile of query tokens, kv head, kv split). Its rows are the query
   heads of a GQA group times the tile's tokens, so K and V are read once per group and `tl.dot` gets >= 16 rows.
   The context is read in chunks of BLOCK_N positions gathered through the block table, with an online softmax.
@@ -12,6 +13,7 @@ can be captured in a CUDA graph); work beyond a sequence's real length exits ins
   on the tiles any mix needs: sequence s owns tiles from `query_start[s] // BLOCK_Q + s`, and each program finds
   its sequence by binary search over those starts. The launch then depends on the padded counts alone, so one
   captured graph serves every mix of prefill chunks and decodes with the same padded token count.
+  With `ROTARY` it rotates q (and the new K it writes) as it loads them (`engine.fuse_rotary`).
 * `_combine_splits` (in `triton_combine`, with `_combine_rows`): flash-decoding's reduction of the per-split
   partial outputs via their log-sum-exp; it also writes zeros for padding tokens. By default a decode step needs no such second kernel: each split counts its
   finish on a per-(sequence, kv head) counter, and the last to finish reduces the partials (`_combine_rows`) and
@@ -30,27 +32,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .triton_combine import _combine_rows, _combine_splits
-
-
-@triton.jit
-def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-                 sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
-                 HKV: tl.constexpr, HKV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BS: tl.constexpr,
-                 PDL: tl.constexpr):
-    if PDL:  # before any access, and in every program: see `attention`'s `pdl`
-        gdc_wait()
-        gdc_launch_dependents()
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    blk = slot // BS
-    off = slot % BS
-    h = tl.arange(0, HKV_P)[:, None]
-    d = tl.arange(0, D_P)[None, :]
-    m = (h < HKV) & (d < D)
-    k = tl.load(k_ptr + t * sk_t + h * sk_h + d, mask=m)
-    tl.store(kc_ptr + blk * skc_b + off * skc_s + h * skc_h + d, k.to(kc_ptr.dtype.element_ty), mask=m)
-    v = tl.load(v_ptr + t * sv_t + h * sv_h + d, mask=m)
-    tl.store(vc_ptr + blk * svc_b + off * svc_s + h * svc_h + d, v.to(vc_ptr.dtype.element_ty), mask=m)
+from .triton_rows import _own_token, _rope, rotary_args, rotary_fits, write_cache  # noqa: F401
 
 
 @triton.jit
@@ -59,11 +41,12 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
                 scale_log2, window, num_seqs,
                 fin_ptr, cnt_ptr, seq_ptr, sf_t, sf_h, num_tokens,
-                kn_ptr, vn_ptr, slot_ptr, skn_t, skn_h, svn_t, svn_h,
+                kn_ptr, vn_ptr, slot_ptr, skn_t, skn_h, svn_t, svn_h, cos_ptr, sin_ptr, scs,
                 G: tl.constexpr, G_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, EVEN_D: tl.constexpr, BS: tl.constexpr,
                 SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
-                VARLEN: tl.constexpr, FUSE_COMBINE: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr):
+                VARLEN: tl.constexpr, FUSE_COMBINE: tl.constexpr, WRITE_KV: tl.constexpr, ROTARY: tl.constexpr,
+                PDL: tl.constexpr):
     # BLOCK_M = BLOCK_Q * G_P rows: row r is query token r // G_P of the tile, head r % G_P of the group
     if PDL:  # the dependents are let in after the main loop: early, their programs would take the SM slots that
         gdc_wait()  # this grid's later waves need
@@ -130,11 +113,17 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
     dmask = d[None, :] < D
     q_ptrs = q_ptr + tok[:, None] * sq_t + head[:, None] * sq_h + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dmask, other=0.0)
+    if ROTARY:  # q arrives as the product left it; D_P == D here (`rotary_fits`)
+        q = _rope(q, q_ptrs, cos_ptr + tok[:, None] * scs + d[None, :], sin_ptr + tok[:, None] * scs + d[None, :],
+                  d[None, :], row_ok[:, None] & dmask, D)
 
     if WRITE_KV:  # loaded before the loop, so that their latency hides behind it
         own = (hi - 1 >= start) & (hi - 1 < end)
         dmask_own = d < tl.where(own, D, 0)
         k_own = tl.load(kn_ptr + q_begin * skn_t + h * skn_h + d, mask=dmask_own, other=0.0)
+        if ROTARY:
+            k_own = _rope(k_own, kn_ptr + q_begin * skn_t + h * skn_h + d, cos_ptr + q_begin * scs + d,
+                          sin_ptr + q_begin * scs + d, d, dmask_own, D)
         v_own = tl.load(vn_ptr + q_begin * svn_t + h * svn_h + d, mask=dmask_own, other=0.0)
         slot_own = tl.load(slot_ptr + q_begin).to(tl.int64)  # a real token: its slot is always there
     # Finite initial max: rows that see nothing in a chunk keep exp2(-inf - m) = 0 instead of NaN.
@@ -199,45 +188,12 @@ def _paged_attn(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, bt_ptr, qs_ptr, pos_ptr
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask)
 
 
-@triton.jit
-def _own_token(q, k, v, kc_ptr, vc_ptr, slot, skc_b, skc_s, svc_b, svc_s, d, dm, row_ok, m_i, l_i, acc, scale_log2,
-               BS: tl.constexpr):
-    """A decode token's own K/V row of one kv head (`k`, `v`, [D_P]): stored into its cache `slot`, and folded into
-    the rows' online softmax straight from registers, rounded to the cache's dtype as a read of the cache would give
-    it. Returns the updated (m_i, l_i, acc)."""
-    k = k.to(kc_ptr.dtype.element_ty)
-    v = v.to(vc_ptr.dtype.element_ty)
-    tl.store(kc_ptr + (slot // BS) * skc_b + (slot % BS) * skc_s + d, k, mask=dm)
-    tl.store(vc_ptr + (slot // BS) * svc_b + (slot % BS) * svc_s + d, v, mask=dm)
-    score = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale_log2
-    score = tl.where(row_ok, score, float("-inf"))
-    m_new = tl.maximum(m_i, score)
-    alpha = tl.math.exp2(m_i - m_new)
-    prob = tl.math.exp2(score - m_new)
-    l_i = l_i * alpha + prob
-    # rounded as the chunks' probabilities and values enter their dot
-    acc = acc * alpha[:, None] + prob.to(q.dtype).to(tl.float32)[:, None] * v.to(q.dtype).to(tl.float32)[None, :]
-    return m_new, l_i, acc
-
-
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
 def _launch(pdl: bool) -> dict[str, Any]:
     return {"launch_pdl": True} if pdl else {}
-
-
-def write_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any, *, pdl: bool = False) -> None:
-    """k, v [T, Hkv, D] (any strides with a unit last one) -> caches [num_blocks, block_size, Hkv, D]."""
-    num_tokens, kv_heads, head_dim = k.shape
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    _cache_write[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), HKV=kv_heads, HKV_P=_pow2(kv_heads), D=head_dim, D_P=_pow2(head_dim),
-        BS=k_cache.shape[1], PDL=pdl, num_warps=4 if kv_heads * head_dim >= 1024 else 1, **_launch(pdl))
 
 
 # Past this many splits the combining program's serial work outweighs a second kernel's launch (an H100 at batch 1,
@@ -248,7 +204,7 @@ FUSED_COMBINE_MAX_SPLITS = 8
 def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sliding_window: int | None,
               splits: int, block_n: int, num_warps: int, num_stages: int, invariant: bool = False,
               counters: Callable[[int], Any] | None = None, pdl: bool = False,
-              new_kv: tuple[Any, Any] | None = None) -> Any:
+              new_kv: tuple[Any, Any] | None = None, rotary: tuple[Any, Any] | None = None) -> Any:
     """Paged causal attention for every real token of the step (the cache already holds this step's K/V, unless
     `new_kv` is given).
 
@@ -262,7 +218,8 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
     waits for its predecessor first, so early returns and the zeroing of padding rows stay ordered. `new_kv`: the
     step's (k, v) [T, Hkv, D], in decode steps only (one token per sequence): the kernel writes them to their
     `meta.slot_mapping` slots itself (padding tokens write nothing) and reads them from registers, which saves
-    the cache-write launch."""
+    the cache-write launch. `rotary`: (cos, sin) [T, D] that `rotary_fits`, applied to q (and to the new K of
+    `new_kv`) where they are loaded: the cache holds rotated keys, as after transformers' own rotary."""
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
@@ -312,11 +269,11 @@ def attention(q: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float, sl
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), bt.stride(0), scale * 1.4426950408889634, sliding_window or 0, num_seqs,
         final, cnt, meta.token_seq, final.stride(0), final.stride(1), num_tokens,
-        kn, vn, meta.slot_mapping, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        kn, vn, meta.slot_mapping, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), *rotary_args(rotary, q),
         G=group, G_P=g_p, BLOCK_Q=block_q, BLOCK_M=block_q * g_p, BLOCK_N=block_n, D=head_dim, D_P=d_p,
         EVEN_D=d_p == head_dim, BS=k_cache.shape[1], SPLITS=splits, USE_WINDOW=sliding_window is not None,
         PARTIAL=partial, VARLEN=not decode, FUSE_COMBINE=fused, WRITE_KV=new_kv is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # the default; it only affects fp32
+        ROTARY=rotary is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # the default; it only affects fp32
         PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_launch(pdl))
     if not partial or fused:
         return final

@@ -67,6 +67,7 @@ class TritonPaged(AttentionBackend):
     Config = TritonPagedConfig
     needs_kv_blocks = False
     needs_max_query = False  # mixed steps: programs find their sequence on the device
+    applies_rotary = True  # q on load, K on its way into the cache (`triton_rows._rope`)
     auto_priority = 50
 
     def __init__(self, config: TritonPagedConfig | None = None) -> None:
@@ -135,9 +136,14 @@ class TritonPaged(AttentionBackend):
         return self._sm_count[device]
 
     def forward(self, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, meta: Any, *, scale: float,
-                sliding_window: int | None) -> Any:
+                sliding_window: int | None, rotary: tuple[Any, Any] | None = None) -> Any:
         from . import triton_kernels
 
+        if rotary is not None and not triton_kernels.rotary_fits(q.shape[-1], rotary):
+            from ...core.attention_api import apply_rotary
+
+            q, k = apply_rotary(q, k, *rotary)
+            rotary = None
         pdl = self.pdl and q.is_cuda and q.shape[0] <= PDL_MAX_TOKENS
         cfg = self.config
         decode = meta.max_query == 1 and not self.invariant
@@ -148,12 +154,12 @@ class TritonPaged(AttentionBackend):
         fuse_write = decode and (cfg.fuse_cache_write == "always" or
                                  (cfg.fuse_cache_write == "auto" and splits >= FUSE_WRITE_MIN_SPLITS))
         if not fuse_write:
-            triton_kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping, pdl=pdl)
+            triton_kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping, pdl=pdl, rotary=rotary)
         counters = (lambda n: self._counters(q.device, n)) if cfg.fuse_combine else None
         return triton_kernels.attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
                                         splits=splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages, invariant=self.invariant, counters=counters,
-                                        pdl=pdl, new_kv=(k, v) if fuse_write else None)
+                                        pdl=pdl, new_kv=(k, v) if fuse_write else None, rotary=rotary)
 
     def _counters(self, device: Any, need: int) -> Any:
         """A zeroed int32 buffer of at least `need` split counters on `device` (see `split_counters`)."""
