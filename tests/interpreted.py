@@ -43,3 +43,14 @@ def interpreted_module(package: ModuleType, name: str) -> Iterator[ModuleType]:
         mp.setitem(sys.modules, full, module)
         mp.setattr(package, name, module, raising=False)
         yield module
+
+
+@contextmanager
+def interpreted_attention_kernels() -> Iterator[ModuleType]:
+    """The `triton` attention backend's kernel modules under the interpreter; yields `triton_kernels`. Its helpers
+    load first, so that the kernel module imports the interpreted ones."""
+    from asyncbatch.strategies import attention
+
+    with (interpreted_module(attention, "triton_combine"), interpreted_module(attention, "triton_rows"),
+          interpreted_module(attention, "triton_kernels") as module):
+        yield module

@@ -14,21 +14,19 @@ import sys
 import attrs
 import pytest
 import torch
-from interpreted import import_triton_interpreted, interpreted_module
+from interpreted import import_triton_interpreted, interpreted_attention_kernels
 
 import_triton_interpreted()
 
 from asyncbatch.core.attention_api import AttentionMetadata  # noqa: E402
 from asyncbatch.core.errors import UnsupportedError  # noqa: E402
-from asyncbatch.strategies import attention as attention_pkg  # noqa: E402
 from asyncbatch.strategies.attention.sdpa import Sdpa  # noqa: E402
 from asyncbatch.strategies.attention.triton_paged import TritonPaged, TritonPagedConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted_kernels():
-    with (interpreted_module(attention_pkg, "triton_combine"), interpreted_module(attention_pkg, "triton_rows"),
-          interpreted_module(attention_pkg, "triton_kernels") as module):
+    with interpreted_attention_kernels() as module:
         yield module
 
 

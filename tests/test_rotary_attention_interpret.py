@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreted import import_triton_interpreted, interpreted_module
+from interpreted import import_triton_interpreted, interpreted_attention_kernels
 
 import_triton_interpreted()
 
 from test_attention_triton_interpret import DECODE, MIXED, make_step  # noqa: E402
 
 from asyncbatch.core.attention_api import apply_rotary  # noqa: E402
-from asyncbatch.strategies import attention as attention_pkg  # noqa: E402
 from asyncbatch.strategies.attention.triton_paged import TritonPaged, TritonPagedConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted_kernels():
-    with (interpreted_module(attention_pkg, "triton_combine"), interpreted_module(attention_pkg, "triton_rows"),
-          interpreted_module(attention_pkg, "triton_kernels") as module):
+    with interpreted_attention_kernels() as module:
         yield module
 
 

@@ -141,3 +141,15 @@ def test_tensor_parallel_layers_keep_their_rotary(rotating_sdpa):
     attn = model.model.layers[0].self_attn
     attn.o_proj = type("RowParallelLinear", (torch.nn.Module,), {})()
     assert "tensor parallelism" in unsupported_reason(model, Sdpa())
+
+
+def test_qwen2s_per_layer_windows_reach_the_backend(rotating_sdpa):
+    """Qwen2 with sliding windows from its second layer on: each layer passes its own window (or none)."""
+    model, _ = build_model(ModelConfig(preset="tiny-qwen2", dtype="float64", device="cpu", overrides={
+        "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}), get_plugin_host())
+    assert ["full_attention", "sliding_attention"] == model.config.layer_types
+    prompts = [[(5 * i + j) % 300 + 1 for j in range(30 + 7 * i)] for i in range(3)]
+    reference, _ = _tokens(model, "never", "none", prompts)
+    tokens, _ = _tokens(model, "always", "none", prompts)
+    assert reference == tokens
+    assert {None, 16} == set(rotating_sdpa)
