@@ -18,17 +18,55 @@ Axes = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
 
 
 def yaml_loader() -> Any:
-    """PyYAML's safe loader, reading `1e-3` and `5E+2` as numbers, as YAML 1.2 and JSON do: YAML 1.1 wants a dot in
-    the mantissa (`1.0e-3`) and reads the rest as strings, which then fail as "expected a number, got str"."""
+    """PyYAML's safe loader, reading numbers as YAML 1.2 and JSON do: `1e-3` and `5E+2` are numbers (YAML 1.1 wants
+    a dot in the mantissa and reads the rest as strings, which then fail as "expected a number, got str"); `010` is
+    ten, not YAML 1.1's octal eight, and `1:30` is text, not its base-60 ninety (either would silently run another
+    experiment). A key given twice in one mapping is an error (`DuplicateKey`), not the last one silently kept."""
     global _LOADER
     if _LOADER is None:
         import re
 
         import yaml
 
-        class Loader(yaml.SafeLoader):
+        class DuplicateKeyError(yaml.constructor.ConstructorError):
             pass
 
+        class Loader(yaml.SafeLoader):
+            DuplicateKey = DuplicateKeyError
+
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                # PyYAML keeps the last of two equal keys: a second `engine:` section (or `buffers:` line)
+                # would silently drop the first. Merge keys (`<<: *base`) may still be overridden.
+                if isinstance(node, yaml.MappingNode):
+                    seen: dict[Any, Any] = {}
+                    for key_node, _ in node.value:
+                        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                            continue
+                        key = (key_node.tag, key_node.value)
+                        if key in seen:
+                            exc = DuplicateKeyError(f"found the key {key_node.value!r} here", seen[key],
+                                                    "and again here (a key given twice in one mapping would "
+                                                    "silently replace the first)", key_node.start_mark)
+                            exc.key = key_node.value
+                            raise exc
+                        seen[key] = key_node.start_mark
+                return super().construct_mapping(node, deep=deep)
+
+            def construct_yaml_int(self, node: Any) -> Any:
+                text = self.construct_scalar(node)
+                digits = text.replace("_", "").lstrip("+-")
+                if ":" in text:  # base 60
+                    return text
+                if len(digits) > 1 and digits[0] == "0" and digits.isdigit():  # a leading zero, not octal
+                    return int(text.replace("_", ""), 10)
+                return super().construct_yaml_int(node)
+
+            def construct_yaml_float(self, node: Any) -> Any:
+                text = self.construct_scalar(node)
+                return text if ":" in text else super().construct_yaml_float(node)  # base 60 (`1:30.5`)
+
+        Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+        Loader.add_constructor("tag:yaml.org,2002:float", Loader.construct_yaml_float)
         Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                      re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                      list("-+0123456789"))
@@ -36,14 +74,22 @@ def yaml_loader() -> Any:
     return _LOADER
 
 
-def parse_value(text: str) -> Any:
-    """`--set` values are YAML scalars/lists: `3`, `0.5`, `1e-3`, `true`, `[1, 2]`, `double`."""
+def parse_value(text: str, key: str = "") -> Any:
+    """`--set` values are YAML scalars/lists: `3`, `0.5`, `1e-3`, `true`, `[1, 2]`, `double`. Text that is not YAML
+    stays text; a value that cannot be read at all (a key given twice in a mapping, an int Python refuses) is a
+    `ConfigError` naming `key` (the dotted key, or the flag, that the value was given for)."""
     import yaml
 
+    loader = yaml_loader()
     try:
-        return yaml.load(text, Loader=yaml_loader())  # noqa: S506  (a safe loader)
+        return yaml.load(text, Loader=loader)  # noqa: S506  (a safe loader)
+    except loader.DuplicateKey as exc:
+        raise ConfigError(key, f"cannot read the value {text!r}: it gives the key {exc.key!r} twice (the second "
+                               "would silently replace the first)") from None
     except yaml.YAMLError:
         return text
+    except ValueError as exc:  # e.g. an int of more than 4300 digits, which Python refuses to read
+        raise ConfigError(key, f"cannot read the value: {exc}") from None
 
 
 def apply_override(data: dict[str, Any], item: str, defaults: dict[str, Any] | None = None) -> None:
@@ -52,15 +98,16 @@ def apply_override(data: dict[str, Any], item: str, defaults: dict[str, Any] | N
     if "=" not in item:
         raise ConfigError(item, "overrides look like dotted.key=value")
     key, text = item.split("=", 1)
-    try:
-        value = parse_value(text)
-    except ValueError as exc:  # e.g. an int of more than 4300 digits, which Python refuses to read
-        raise ConfigError(key.strip(), f"cannot read the value: {exc}") from exc
-    set_path(data, key.strip(), value, defaults)
+    set_path(data, key.strip(), parse_value(text, key.strip()), defaults)
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any, defaults: dict[str, Any] | None = None) -> None:
     parts = dotted.split(".")
+    if parts[0] == "sweep" and len(parts) > 2:
+        # A sweep's keys are dotted keys themselves: `--set sweep.engine.buffers=[single]` sets the axis
+        # `engine.buffers` (in `sweep.zip.KEY`, a zip group's), not a mapping `engine: {buffers: ...}`.
+        head = 2 if parts[1] == "zip" else 1
+        parts = parts[:head] + [".".join(parts[head:])]
     node, default = data, defaults
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

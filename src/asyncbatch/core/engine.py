@@ -29,7 +29,7 @@ from .models import build_model, eos_token_ids, model_geometry, prepare_model
 from .pipeline import Pipeline, PipelineDebug
 from .plugin_host import PluginHost, get_plugin_host
 from .runtime.base import Runtime
-from .startup import Warmup, use_compile_cache
+from .startup import MODES, Warmup, use_compile_cache
 from .stats import RunContext, RunResult
 from .step import StepBody
 from .streaming import stream_events
@@ -79,6 +79,7 @@ class Engine:
         if self.compiled:
             use_compile_cache(config.startup.compile_cache)
         model_state.settle(model, self.model_state)
+        model_state.check_rotary(model, self.model_state, self.backend)
 
         bs = config.cache.block_size
         num_blocks = kv_cache_blocks(config.cache, device, dtype, geo, self.runtime.free_memory())
@@ -159,6 +160,9 @@ class Engine:
             context: RunContext | None = None) -> RunResult:
         """Serve `requests` (arrival times honoured) until all end. Outputs come back in input order.
 
+        `requests` must be `Request`s with distinct string ids (else `TypeError` / `ValueError`, nothing run); a
+        bad value inside one request fails that request alone.
+
         `on_token` gets every token as the host learns it, and one event with `token_id == -1` for a request that
         ends without a token (cancelled, or failed with an error). Calling back into this engine from `on_token` or
         a lifecycle hook raises `RuntimeError` (the run holds the engine). `context` is what the run-level
@@ -171,6 +175,7 @@ class Engine:
         holds this run's result where the run completed (`result.races` is the same report).
         """
         self._check_not_reentrant()
+        self.intake.check_requests(requests)  # a call-level mistake raises here, before the run holds anything
         if context is None:
             context = RunContext(config={"engine": self.config.to_dict()}, num_requests=len(requests))
         with self._lock:
@@ -254,6 +259,10 @@ class Engine:
         `sizes`: the decode buckets of those batch sizes only. Returns how many (shape, slot) pairs ran.
         """
         self._check_not_reentrant()
+        # A bare string would be read letter by letter, and an unknown path failed deep in the planner
+        # ("tuple.index(x): x not in tuple"): name the valid ones instead.
+        if isinstance(modes, str) or not all(isinstance(m, str) and m in MODES for m in modes):
+            raise ValueError(f"modes must be a list of sampling paths among {', '.join(MODES)}; got {modes!r}")
         with self._lock:
             self._bind_model()
             try:

@@ -62,7 +62,10 @@ class Intake:
         for i, p in enumerate(plist):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params {i} must be a SamplingParams, got {type(p).__name__}")
+        if isinstance(request_ids, (str, bytes)):  # a str is a sequence too: "ab" would name two prompts a and b
+            raise TypeError(f"request_ids must be a list of strings, one per prompt, got the string {request_ids!r}")
         ids = list(request_ids) if request_ids is not None else [str(next(self._next_id)) for _ in range(n)]
+        _check_ids(ids)
         if len(ids) != n or len(set(ids)) != n:
             raise ValueError("request_ids must be unique, one per prompt")
         times = list(arrival_times) if arrival_times is not None else [0.0] * n
@@ -76,6 +79,23 @@ class Intake:
                 raise TypeError(f"prompt {i} must be a list of token ids or a string, got {type(p).__name__}")
             out.append(Request(ids[i], prompt, plist[i], times[i]))
         return out
+
+    @staticmethod
+    def check_requests(requests: Any) -> None:
+        """`Engine.run`'s call-level checks, as `make_requests` makes them: a list of `Request`s with distinct str
+        ids. A duplicate id would otherwise run silently, and `cancel(id)`, the derived seed and a stream's events
+        could not tell the two requests apart."""
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+            raise TypeError(f"requests must be a list of asyncbatch Requests, got {type(requests).__name__}")
+        seen: set[str] = set()
+        for i, r in enumerate(requests):
+            if not isinstance(r, Request):
+                raise TypeError(f"request {i} must be an asyncbatch Request (Engine.make_requests builds them from "
+                                f"prompts), got {type(r).__name__}")
+            _check_ids([r.request_id])
+            if r.request_id in seen:
+                raise ValueError(f"request id {r.request_id!r} is used by more than one request (request {i})")
+            seen.add(r.request_id)
 
     def _encode(self, prompt: Any) -> Any:
         if isinstance(prompt, str):
@@ -114,6 +134,8 @@ class Intake:
                                    f"(token ids are Python ints)")
             if not 0 <= t < vocab:
                 raise RequestError(f"prompt token {t!r} at position {i} is outside the vocabulary [0, {vocab})")
+        if not isinstance(request.params, SamplingParams):  # a Request is built unchecked: not an AttributeError
+            raise RequestError(f"params must be a SamplingParams, got {type(request.params).__name__}")
         request.params.validate()
         validate_arrival(request.arrival_time)
         for t in request.params.stop_token_ids:
@@ -122,3 +144,10 @@ class Intake:
         if len(ids) >= self.max_len:
             raise RequestError(f"prompt of {len(ids)} tokens leaves no room to generate: at most {self.max_len - 1} "
                                f"prompt tokens fit ({self.limits})")
+
+
+def _check_ids(ids: list[Any]) -> None:
+    # Ids are strings: `cancel("5")` must find the request, and results are keyed (and written) by id.
+    for rid in ids:
+        if not isinstance(rid, str):
+            raise TypeError(f"request ids must be strings, got {type(rid).__name__} {rid!r}")

@@ -121,8 +121,24 @@ def _fold(model: Any, state: ModelState) -> None:
         logging.getLogger("asyncbatch").info("engine.fold_norms: auto leaves the layers unfolded: %s", reason)
 
 
-def _fuse_rotary(model: Any, state: ModelState, backend: Any) -> None:
+def check_rotary(model: Any, state: ModelState, backend: Any) -> None:
+    """Refuse `fuse_rotary: always` where it cannot be when the engine is built, as `fold_norms: always` is
+    (`decide`): `bind` finds out only at the first run, which in `asyncbatch serve` is in the step loop, after the
+    HTTP side has started (a traceback per process instead of one line)."""
+    from .rotary_fold import unsupported_reason
+
+    if state.fuse_rotary == "always":
+        _refuse_rotary(unsupported_reason(model, backend))
+
+
+def _refuse_rotary(reason: str | None) -> None:
     from .errors import UnsupportedError
+
+    if reason is not None:
+        raise UnsupportedError(f"engine.fuse_rotary: 'always' cannot fuse here: {reason} (valid here: auto, never)")
+
+
+def _fuse_rotary(model: Any, state: ModelState, backend: Any) -> None:
     from .rotary_fold import set_rotary_fused, unsupported_reason
 
     if state.fuse_rotary == "never":
@@ -131,7 +147,7 @@ def _fuse_rotary(model: Any, state: ModelState, backend: Any) -> None:
     if reason is None:
         set_rotary_fused(model, True)
     elif state.fuse_rotary == "always":
-        raise UnsupportedError(f"engine.fuse_rotary: 'always' cannot fuse here: {reason} (valid here: auto, never)")
+        _refuse_rotary(reason)
     else:
         import logging
 

@@ -85,7 +85,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"expected a number, got {show(value)}: too large for a float") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {type(value).__name__} {show(value)}")
+            # `name: 2026-11-28`, `1.0` or `no` reach here as a date, a number or a bool: say how to pass text
+            hint = "" if value is None or isinstance(value, (list, dict)) else (
+                " (in YAML an unquoted date, number or on/off/yes/no is not text: quote it)")
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {show(value)}{hint}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {show(value)}")

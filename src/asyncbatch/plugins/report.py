@@ -82,8 +82,23 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
 
+def short_names(keys: Any) -> list[str]:
+    """Each dotted key by its last part, or by as many trailing parts as tell it from the others: a sweep of
+    `engine.seed` and `seed` is labelled `engine.seed=1, seed=3`, not `seed=1, seed=3`."""
+    keys = list(keys)
+    out = []
+    for k in keys:
+        parts = k.split(".")
+        n = 1
+        while n < len(parts) and any(o != k and (o == ".".join(parts[-n:]) or o.endswith("." + ".".join(parts[-n:])))
+                                     for o in keys):
+            n += 1
+        out.append(".".join(parts[-n:]))
+    return out
+
+
 def cell_label(assignment: dict[str, Any], sep: str = ", ") -> str:
-    return sep.join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in assignment.items()) or "run"
+    return sep.join(f"{k}={fmt(v)}" for k, v in zip(short_names(assignment), assignment.values())) or "run"
 
 
 def _spread(s: RunSummary, name: str) -> str:

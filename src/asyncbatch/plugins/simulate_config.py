@@ -203,14 +203,14 @@ def _parse_entry(text: str, flag: str) -> Any:
         if "=" not in p:
             raise ConfigError(flag, f"parameters look like name:key=value, got {text!r}")
         k, v = p.split("=", 1)
-        out[k.strip()] = parse_value(v.strip())
+        out[k.strip()] = parse_value(v.strip(), flag)
     return {"name": name.strip(), **out} if out else name.strip()
 
 
 def parse_axis(text: str, flag: str) -> list[Any]:
     """A comma list of entries, or a YAML flow list (`[single, {name: n_slot, num_slots: 4}]`)."""
     if text.lstrip().startswith("["):
-        value = parse_value(text)
+        value = parse_value(text, flag)
         if not isinstance(value, list):
             raise ConfigError(flag, f"not a YAML list: {text!r}")
         return value
@@ -230,7 +230,7 @@ def _parse_flag(flag: str, value: Any) -> Any:
     if flag in ("--buffers", "--streams", "--graphs"):
         return parse_axis(value, flag)
     if flag == "--scheduler":
-        return parse_value(value) if value.lstrip().startswith("{") else _parse_entry(value, flag)
+        return parse_value(value, flag) if value.lstrip().startswith("{") else _parse_entry(value, flag)
     return value
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from ..core.config import unstructure
-from .report import fmt, format_table, ms, prefix_cache_on, summary_table, write_csv, write_json
+from .report import fmt, format_table, ms, prefix_cache_on, short_names, summary_table, write_csv, write_json
 
 LATENCY_COLUMNS = tuple(f"{name}_{q}_ms" for name in ("ttft", "itl", "e2e") for q in ("p50", "p90", "p95", "p99", "mean"))
 METRIC_COLUMNS = ("tok_s", "generated_tokens", "wall_s", *LATENCY_COLUMNS, "busy_fraction", "host_ms_step",
@@ -100,7 +100,7 @@ def sweep_table(keys: Sequence[str], rows: Sequence[dict[str, Any]], *, prefix_c
         cols += ["prefix_cache_hit_rate", "prefill_tokens_saved"]
         names += ["cache hit", "prefill saved"]
     three = ("busy_fraction", "prefix_cache_hit_rate")
-    headers = [k.split(".")[-1] for k in keys] + (["rep"] if reps else []) + names
+    headers = short_names(keys) + (["rep"] if reps else []) + names
     body = [[fmt(r[k]) for k in keys] + ([r["rep"]] if reps else [])
             + [fmt(r.get(c), 3) if c in three and r.get(c) is not None else r.get(c) for c in cols] for r in rows]
     return format_table(headers, body) + "\n(latencies in ms)"
@@ -156,7 +156,7 @@ def aggregate_table(keys: Sequence[str], rows: Sequence[dict[str, Any]], *, pref
             ("e2e p50", "e2e_p50_ms"), ("busy", "busy_fraction")]
     if _show_prefix_cache(keys, rows, prefix_cache, "prefix_cache_hit_rate_mean"):
         cols.append(("cache hit", "prefix_cache_hit_rate"))
-    headers = [k.split(".")[-1] for k in by] + ["n"] + [h for h, _ in cols]
+    headers = short_names(by) + ["n"] + [h for h, _ in cols]
     body = [[fmt(r[k]) for k in by] + [r["n"]]
             + [_pm(r, c, 3 if c in ("busy_fraction", "prefix_cache_hit_rate") else 2) for _, c in cols] for r in rows]
     return format_table(headers, body) + "\n(mean ± 95% confidence half-width over replicates; latencies in ms)"

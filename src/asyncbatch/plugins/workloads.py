@@ -210,6 +210,7 @@ class JsonlPrompts:
         rows = self._rows()
         times = self.config.arrival.times(len(rows), seeded_random(self.seed))
         out = []
+        lines: dict[str, str] = {}  # request id -> where it was given, to name both lines of a duplicate
         for i, (where, row) in enumerate(rows):
             if "prompt_ids" in row:
                 if not isinstance(row["prompt_ids"], list):
@@ -229,7 +230,13 @@ class JsonlPrompts:
             if "max_new_tokens" in row:  # a bad value fails this request alone, as any bad request value does
                 params = attrs.evolve(sampling, max_new_tokens=row["max_new_tokens"])
             rid = row.get("id")  # null is no id, as in JSON APIs: not the request "None"
-            out.append(Request(f"req-{i}" if rid is None else str(rid), prompt, params, times[i]))
+            rid = f"req-{i}" if rid is None else str(rid)
+            if rid in lines:  # results are keyed by id; say where, not only which workload (a row without an
+                # id is `req-<n>`, which an explicit id can also be)
+                raise ConfigError("workload.path", f"{where}: request id {rid!r} is also the id of {lines[rid]} "
+                                                   f"(ids must be distinct; a row without one is named req-<n>, n counting rows from 0)")
+            lines[rid] = where
+            out.append(Request(rid, prompt, params, times[i]))
         return out
 
     def _rows(self) -> list[tuple[str, dict]]:
