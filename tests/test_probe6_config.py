@@ -92,3 +92,18 @@ def test_a_name_yaml_reads_as_no_text_says_to_quote_it(value, shown):
 
     assert ("name", f"expected a string, got {shown} (in YAML an unquoted date, number or on/off/yes/no is not "
             "text: quote it)") == (info.value.key, info.value.message)
+
+
+@pytest.mark.parametrize("item", ["=3", " =3", "engine..seed=3", "engine.seed.=3"])
+def test_an_override_with_an_empty_key_part_says_so(item):
+    from asyncbatch.core.dotted import apply_override
+
+    with pytest.raises(ConfigError, match="the key or one of its dotted parts is empty"):
+        apply_override({}, item)
+
+
+def test_a_directory_given_as_the_config_file_is_named_a_directory(tmp_path):
+    from asyncbatch import EngineConfig
+
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        EngineConfig.from_yaml(tmp_path)

@@ -15,7 +15,7 @@ from asyncbatch.cli import main
 from asyncbatch.core.errors import UnsupportedError
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-MESSAGE = ("engine.fuse_rotary: 'always' cannot fuse here: the attention backend Sdpa does not apply the rotary "
+MESSAGE = ("engine.fuse_rotary: 'always' cannot fuse here: the attention backend 'sdpa' does not apply the rotary "
            "embedding itself (engine.attention: triton does) (valid here: auto, never)")
 
 

@@ -104,7 +104,7 @@ def test_auto_keeps_the_models_rotary_where_the_backend_does_not_rotate():
     tokens, seen = _tokens(model, "auto", "none")
     assert [0] == seen
     with pytest.raises(UnsupportedError, match=r"engine.fuse_rotary: 'always' cannot fuse here: the attention "
-                                               r"backend Sdpa does not apply the rotary embedding itself .*"
+                                               r"backend 'sdpa' does not apply the rotary embedding itself .*"
                                                r"valid here: auto, never"):
         _tokens(model, "always", "none")
 

@@ -18,6 +18,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():  # not "not found": it is there, and it is not a file
+        raise ConfigError("", f"{path} is a directory, not a config file (an experiment or engine YAML file)")
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     with path.open() as fh:

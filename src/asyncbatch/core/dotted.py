@@ -98,6 +98,8 @@ def apply_override(data: dict[str, Any], item: str, defaults: dict[str, Any] | N
     if "=" not in item:
         raise ConfigError(item, "overrides look like dotted.key=value")
     key, text = item.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):  # `=3`, `engine..seed=3`: not "unknown key ''"
+        raise ConfigError(item, "overrides look like dotted.key=value: the key or one of its dotted parts is empty")
     set_path(data, key.strip(), parse_value(text, key.strip()), defaults)
 
 

@@ -79,7 +79,7 @@ class Engine:
         if self.compiled:
             use_compile_cache(config.startup.compile_cache)
         model_state.settle(model, self.model_state)
-        model_state.check_rotary(model, self.model_state, self.backend)
+        model_state.check_rotary(model, self.model_state, self.backend, self.attention_name)
 
         bs = config.cache.block_size
         num_blocks = kv_cache_blocks(config.cache, device, dtype, geo, self.runtime.free_memory())

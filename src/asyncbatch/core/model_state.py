@@ -121,14 +121,14 @@ def _fold(model: Any, state: ModelState) -> None:
         logging.getLogger("asyncbatch").info("engine.fold_norms: auto leaves the layers unfolded: %s", reason)
 
 
-def check_rotary(model: Any, state: ModelState, backend: Any) -> None:
+def check_rotary(model: Any, state: ModelState, backend: Any, name: str | None = None) -> None:
     """Refuse `fuse_rotary: always` where it cannot be when the engine is built, as `fold_norms: always` is
     (`decide`): `bind` finds out only at the first run, which in `asyncbatch serve` is in the step loop, after the
     HTTP side has started (a traceback per process instead of one line)."""
     from .rotary_fold import unsupported_reason
 
     if state.fuse_rotary == "always":
-        _refuse_rotary(unsupported_reason(model, backend))
+        _refuse_rotary(unsupported_reason(model, backend, name))
 
 
 def _refuse_rotary(reason: str | None) -> None:

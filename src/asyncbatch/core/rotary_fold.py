@@ -57,14 +57,15 @@ def rotary_forward(self: Any, hidden_states: Any, position_embeddings: Any = Non
     return self.o_proj(out.reshape(*lead, -1)), None
 
 
-def unsupported_reason(model: Any, backend: Any) -> str | None:
-    """Why the rotation of `model`'s layers cannot move into `backend`; None when it can."""
+def unsupported_reason(model: Any, backend: Any, name: str | None = None) -> str | None:
+    """Why the rotation of `model`'s layers cannot move into `backend` (`name`: as the configuration names it);
+    None when it can."""
     from .compile import attention_modules
     from .errors import UnsupportedError
 
     if not getattr(backend, "applies_rotary", False):
-        return f"the attention backend {type(backend).__name__} does not apply the rotary embedding itself " \
-               "(engine.attention: triton does)"
+        return f"the attention backend {name or type(backend).__name__!r} does not apply the rotary embedding " \
+               "itself (engine.attention: triton does)"
     try:
         modules = attention_modules(model)
     except UnsupportedError as exc:
