@@ -49,9 +49,7 @@ class AttentionContext:
 def asyncbatch_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                          scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
     """The function registered as ``"asyncbatch"``: query [1, Hq, T, D] -> output [1, T, Hq, D]."""
-    ctx: AttentionContext | None = kwargs.get(CONTEXT_KWARG) or (_ACTIVE[0] if _ACTIVE else None)
-    if ctx is None:
-        raise RuntimeError("the asyncbatch attention implementation runs only inside an asyncbatch engine step")
+    ctx = _context(kwargs)
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by asyncbatch backends")
     if kwargs.get("s_aux") is not None:  # refused when the model is prepared; a layer added later still fails here
@@ -81,15 +79,21 @@ def rotary_attention(module: Any, q: Any, k: Any, v: Any, rotary: tuple[Any, Any
     `applies_rotary` (`rotary_fold`): `rotary` = (cos, sin) [T, D]. Returns [T, Hq, D]."""
     import torch
 
-    ctx: AttentionContext | None = kwargs.get(CONTEXT_KWARG) or (_ACTIVE[0] if _ACTIVE else None)
-    if ctx is None:
-        raise RuntimeError("the asyncbatch attention implementation runs only inside an asyncbatch engine step")
+    ctx = _context(kwargs)
     cos, sin = rotary
     if torch.compiler.is_compiling():  # see `asyncbatch_attention`
         return _rotary_op()(q, k, v, cos, sin, module._asyncbatch_layer, scaling, window or 0)
     layer = module.layer_idx
     return ctx.backend.forward(q, k, v, ctx.k_cache[layer], ctx.v_cache[layer], ctx.meta, scale=scaling,
                                sliding_window=window, rotary=(cos, sin))
+
+
+def _context(kwargs: dict[str, Any]) -> AttentionContext:
+    """The step's context: passed through the forward kwargs, else the engine's active one."""
+    ctx: AttentionContext | None = kwargs.get(CONTEXT_KWARG) or (_ACTIVE[0] if _ACTIVE else None)
+    if ctx is None:
+        raise RuntimeError("the asyncbatch attention implementation runs only inside an asyncbatch engine step")
+    return ctx
 
 
 def apply_rotary(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
