@@ -37,6 +37,7 @@ from asyncbatch import Engine, EngineConfig, SamplingParams
 from asyncbatch.core.config import ModelConfig
 from asyncbatch.core.models import build_model
 from asyncbatch.core.plugin_host import get_plugin_host
+from asyncbatch.plugins.report import format_table
 from asyncbatch.plugins.trace import write_chrome_trace
 
 ENGINES = {
@@ -299,10 +300,7 @@ def print_tables(results: dict) -> None:
 
 
 def _table(head, rows) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    for row in (head, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    print()
+    print(format_table(head, rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,12 @@ an error, so it is refused with the reason, from its config where possible (befo
 * layers that are not attention: recurrent, convolutional or linear-attention layers (`layer_types` such as
   `linear_attention`, `conv`, `mamba`), whose state would be lost between steps; a model with no attention heads;
 * attention the backends do not compute: logit soft-capping (Gemma 2), chunked local attention (Llama 4),
-  multi-head latent attention (DeepSeek V2/V3: keys and values of other widths than `head_dim`), and attention
-  sinks (GPT-OSS, found on the loaded modules).
+  multi-head latent attention (DeepSeek V2/V3: keys and values of other widths than `head_dim`), attention
+  sinks (GPT-OSS, found on the loaded modules), and bidirectional attention (an encoder such as BERT or RoBERTa
+  loaded as a causal LM without `is_decoder: true`, found on the loaded modules);
+* layers that call attention more than once per step for one KV cache: differential attention (DiffLlama: two
+  calls over halves of the values) and looped layers (Dory: the recurrent block runs several times per token,
+  each loop with a cache of its own).
 
 `max_positions` gives the longest sequence a model computes the same way whatever shares its batch: LongRoPE
 (Phi-3 and Phi-4 long-context checkpoints) picks its rotary frequencies from the longest position in the packed
@@ -51,20 +55,41 @@ def config_unsupported(config: Any) -> str | None:
         return f"{name} soft-caps its attention logits (attn_logit_softcapping), which the backends do not compute"
     if getattr(c, "kv_lora_rank", None):
         return f"{name} uses multi-head latent attention (kv_lora_rank), which the paged KV cache does not hold"
+    if getattr(c, "lambda_std_dev", None) is not None:
+        return (f"{name} uses differential attention (lambda_std_dev): two attention calls per layer over halves of "
+                "the values, which the one paged KV cache of a layer does not hold")
+    if getattr(c, "n_recurrent_loops", None):
+        return (f"{name} runs its recurrent layers several times per token (n_recurrent_loops), each loop with a KV "
+                "cache of its own, which the one paged KV cache of a layer does not hold")
     return None
 
 
 def module_unsupported(model: Any) -> str | None:
-    """What only the built modules show: attention sinks, and stateful layers the config does not name."""
+    """What only the built modules show: attention sinks, bidirectional attention in the language model, and
+    stateful layers the config does not name."""
     name = type(model).__name__
     for path, _ in model.named_parameters():
         if path.rsplit(".", 1)[-1] == "sinks":
             return f"{name} has attention sinks ({path}), which the backends do not compute"
+    text = {id(m) for m in _text_model(model).modules()}
+    for path, module in model.named_modules():
+        if (id(module) in text and module.__dict__.get("is_causal") is False
+                and not getattr(module, "is_cross_attention", False)):
+            return (f"{name}'s attention is bidirectional ({path}.is_causal is false: an encoder, or a config without "
+                    "is_decoder: true), which the engine's causal attention does not compute")
     for path, module in model.named_modules():
         if any(fragment in type(module).__name__ for fragment in _STATEFUL_MODULES):
             return (f"{name} has a {type(module).__name__} layer ({path}); the engine keeps only a KV cache "
                     "between steps, so its state would be lost")
     return None
+
+
+def _text_model(model: Any) -> Any:
+    """The module holding the language model's layers (not a multimodal checkpoint's encoders, which may attend
+    both ways): `compile._text_model`, else the model."""
+    from .compile import _text_model as text_model
+
+    return text_model(model) or model
 
 
 def _rope_parameters(c: Any) -> list[dict]:

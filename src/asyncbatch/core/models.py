@@ -155,11 +155,19 @@ def model_geometry(model: Any) -> dict[str, int]:
     shards = getattr(model, "_asyncbatch_tensor_parallel", 1)  # set by asyncbatch.parallel.tensor.shard
     return {
         "layers": c.num_hidden_layers,
-        "kv_heads": (getattr(c, "num_key_value_heads", None) or heads) // shards,
+        "kv_heads": _attention_kv_heads(c, heads) // shards,
         "head_dim": head_dim,
         "vocab": _vocab(model.get_output_embeddings()),
         "max_positions": max_positions(model.config),
     }
+
+
+def _attention_kv_heads(c: Any, heads: int) -> int:
+    """The KV heads a layer hands the attention function, which the cache holds: `num_key_value_heads`, except in
+    JetMoE, whose layers tile their keys and values `num_experts_per_tok` times to all `num_attention_heads` first."""
+    if getattr(c, "model_type", None) == "jetmoe":
+        return heads
+    return getattr(c, "num_key_value_heads", None) or heads
 
 
 def _vocab(head: Any) -> int:
