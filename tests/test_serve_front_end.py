@@ -325,8 +325,10 @@ def test_tokens_are_the_same_when_every_step_goes_by_the_pipe(tiny32, monkeypatc
             link.core.ring.enabled = False
             streams = [link.remote.add_request(p, params, request_id=i) for p, i in zip(prompts, ["a", "b"])]
             got = [await _streamed(s) for s in streams]
-            return got, link.core._pipe_steps
+            return got, link.core._pipe_steps, link.core._steps_sent
 
-    got, pipe_steps = asyncio.run(main())
+    got, pipe_steps, steps_sent = asyncio.run(main())
     assert expected == got
-    assert pipe_steps >= 7
+    # How many messages there are depends on how the steps fall (a message carries every token since the last
+    # one); that every one of them went by the pipe does not.
+    assert 0 < steps_sent == pipe_steps
