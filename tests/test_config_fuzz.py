@@ -57,6 +57,13 @@ def _cases() -> list[tuple[str, dict, str]]:
             data = copy.deepcopy(base)
             _set_path(data, place, {"name": component.name, **params})
             cases.extend((f"{family}:{component.name}", data, f"{place}.{k}") for k in _dotted(params))
+    # The saved form of a length holds the fields its `dist` reads: walk each distribution's.
+    for dist in ({"dist": "fixed", "value": 8}, {"dist": "lognormal", "median": 40.0, "sigma": 0.5}):
+        data = copy.deepcopy(base)
+        _set_path(data, "workload.prompt_len", dist)
+        data = ExperimentConfig.from_dict(data).to_dict()
+        cases.extend((f"length:{dist['dist']}", data, f"workload.prompt_len.{k}") for k in data["workload"]
+                     ["prompt_len"])
     return cases
 
 

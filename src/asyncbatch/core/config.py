@@ -28,6 +28,7 @@ from .engine_parts import (
     threads_validator,
 )
 from .errors import ConfigError
+from .replicates import replica
 from .structure import structure, unstructure
 from .sweep_cells import cell_key, expand_sweep
 from .types import SamplingParams, show
@@ -216,7 +217,8 @@ class ExperimentConfig:
     `sweep` maps dotted keys to lists of values; every combination is one cell. Its `zip` entry, a mapping of
     dotted keys to lists of equal length, varies those keys together (one cell per position, not their product).
     Two cells that would be the same run (a value listed twice, or two read alike: `1` and `1.0`) are refused.
-    `repeat: N` runs every cell N times; repetition i adds i to the workload `seed` and to `engine.seed`.
+    `repeat: N` runs every cell N times (`replicates`: repetition i adds i to the seeds; swept seeds that would
+    meet are refused).
     """
 
     name: str = "experiment"
@@ -275,20 +277,14 @@ class ExperimentConfig:
             return [({}, self)]
         base = self.to_dict()
         base.pop("sweep")
-        return expand_sweep(base, self.sweep, lambda data: ExperimentConfig.from_dict(data, host=host), host)
+        return expand_sweep(base, self.sweep, lambda data: ExperimentConfig.from_dict(data, host=host), host,
+                            self.repeat)
 
     def replica(self, index: int) -> ExperimentConfig:
         """Repetition `index` of this experiment as a single run (`repeat: 1`); repetition 0 is the experiment.
-
         Repetition i adds i to the workload `seed` (prompts, lengths, arrivals), to `workload.seed` where the
-        workload sets its own, and to `engine.seed` (per-request sampling seeds). The model is the same in every
-        repetition: `engine.model.seed` is not changed."""
-        workload = self.workload
-        own = getattr(workload.config, "seed", None)
-        if isinstance(own, int) and not isinstance(own, bool) and attrs.has(type(workload.config)):
-            workload = attrs.evolve(workload, config=attrs.evolve(workload.config, seed=own + index))
-        return attrs.evolve(self, repeat=1, seed=self.seed + index, workload=workload,
-                            engine=attrs.evolve(self.engine, seed=self.engine.seed + index))
+        workload sets its own, and to `engine.seed` (per-request sampling seeds); see `replicates.replica`."""
+        return replica(self, index)
 
 
 @attrs.frozen

@@ -27,6 +27,10 @@ PREP_SHARE = 0.75
 # 0.5% of the whole run's busy fraction (0.33% at 96 x 28 ms), short enough for the default grid in ~15 s on 2 cores.
 DEFAULT_STEPS = 96
 MAX_LEN = 2048  # the tiny model's context: prompt plus generated tokens must fit
+# The study runs the tiny model on the CPU over every request, in every step of every combination (time grows
+# linearly: about 1 s per 100 requests on the default grid), while the cost model charges per step, so more
+# requests measure nothing new: beyond this many the study would only run for hours.
+MAX_REQUESTS = 1024
 DEFAULT_SLOTS = (1, 2, 3)
 DEFAULT_STREAMS = ("one", "two", "three")
 DEFAULT_GRAPHS = ("eager", "per_slot")
@@ -84,6 +88,13 @@ class StudyWorkload:
 
     requests: int = attrs.field(default=8, validator=_at_least(1))
     prompt_len: int = attrs.field(default=4, validator=_at_least(1))
+
+    def __attrs_post_init__(self) -> None:
+        if self.requests > MAX_REQUESTS:
+            raise ConfigError("requests", f"must be at most {MAX_REQUESTS}, got {self.requests}: the study runs "
+                                          "the tiny model on the CPU over every request of every step and "
+                                          "combination, and its costs are per step, so more requests only take "
+                                          "longer (all of them share one batch)")
 
 
 @attrs.frozen

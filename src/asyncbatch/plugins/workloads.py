@@ -29,10 +29,14 @@ def _finite(owner: object, names: tuple[str, ...]) -> None:
 class LengthDist:
     """A token-length distribution: `fixed` (value), `uniform` (min..max), `lognormal` (`mean` or `median`, not
     both; a mean of 64 with neither; and sigma of the underlying normal; clipped to min..max). Lengths are at most
-    2**31 - 1 (int32)."""
+    2**31 - 1 (int32). A field that the chosen `dist` does not read (`value` beside `dist: uniform`) is refused
+    unless it holds its default, what a config.yaml saved by an older version wrote; the saved form holds `dist`
+    and the fields it reads."""
 
-    # Not a field: `mean` stays None when left out, so that giving it with `median` is seen (and refused).
+    # Not fields: `mean` stays None when left out, so that giving it with `median` is seen (and refused).
     default_mean = 64.0
+    #: The fields each distribution reads; any other field would be silently ignored, so it is refused.
+    reads = {"fixed": ("value",), "uniform": ("min", "max"), "lognormal": ("mean", "median", "sigma", "min", "max")}
 
     dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
     value: int = 32
@@ -50,8 +54,21 @@ class LengthDist:
                                   f"got {type(value).__name__} {show(value)}")
         return cls(dist="fixed", value=value)
 
+    def __unstructure__(self) -> dict[str, object]:
+        """The YAML form: `dist` and the fields it reads (an unset mean or median left out)."""
+        return {"dist": self.dist, **{name: getattr(self, name) for name in self.reads.get(self.dist, ())
+                                      if getattr(self, name) is not None}}
+
     def __attrs_post_init__(self) -> None:
         # Errors name the field; structuring prefixes the path (`workload.prompt_len.min`).
+        reads = self.reads.get(self.dist)
+        for field in attrs.fields(LengthDist) if reads is not None else ():
+            if field.name != "dist" and field.name not in reads and getattr(self, field.name) != field.default:
+                which = next(d for d, names in self.reads.items() if field.name in names)
+                raise ConfigError(field.name, f"`dist: {self.dist}` does not read {field.name} (it reads "
+                                              f"{', '.join(reads)}), so {show(getattr(self, field.name))} would "
+                                              f"be silently ignored: remove it, or use the dist that reads it "
+                                              f"(`dist: {which}`)")
         for name in ("value", "min", "max"):
             v = getattr(self, name)
             if not 1 <= v <= INT32_MAX:
