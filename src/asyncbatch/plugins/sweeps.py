@@ -18,13 +18,13 @@ from typing import Any
 import attrs
 
 from ..core.config import unstructure
+from ..core.replicates import SEED_KEYS
 from .report import fmt, format_table, ms, prefix_cache_on, short_names, summary_table, write_csv, write_json
 
 LATENCY_COLUMNS = tuple(f"{name}_{q}_ms" for name in ("ttft", "itl", "e2e") for q in ("p50", "p90", "p95", "p99", "mean"))
 METRIC_COLUMNS = ("tok_s", "generated_tokens", "wall_s", *LATENCY_COLUMNS, "busy_fraction", "host_ms_step",
                   "compute_ms_step", "steps", "preemptions", "startup_s", "prefix_cache_hit_rate",
                   "prefill_tokens_saved")
-SEED_KEYS = ("seed", "engine.seed", "workload.seed")
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom, then 40, 60 and 120. Between tabulated
 # values the smaller df's quantile is used, so an interval is never narrower than the exact one (and at most 1%
 # wider past df 30).
